@@ -1,0 +1,92 @@
+"""A converted checkpoint on disk: Orbax params, the model config, the tokenizer and metadata.
+
+    DIR/params/        Orbax PyTree checkpoint of the param tree
+    DIR/config.json    `ModelConfig` (this project's, not Hugging Face's)
+    DIR/metadata.json  source, architecture, dtype, parameter count
+    DIR/tokenizer*     `AutoTokenizer.save_pretrained`
+
+Written into a temporary sibling directory and renamed into place at the end, so an
+interrupted write never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.params import Params, abstract_params, count_params
+
+DEFAULT_CHECKPOINT = Path(os.environ.get("COREINFER_HOME", Path.home() / ".cache" / "coreinfer_jax")) / "smollm2-135m"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or inconsistent."""
+
+
+def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenizer: Any,
+                     metadata: dict[str, Any], dtype: str) -> Path:
+    """Write atomically: everything goes to a temp dir next to `out`, renamed when complete."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise CheckpointError(f"output directory {out} already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        (tmp / "config.json").write_text(cfg.to_json())
+        tokenizer.save_pretrained(tmp)
+        meta = dict(metadata, dtype=dtype, parameter_count=count_params(params), architecture=cfg.architecture)
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "metadata.json").read_text())
+
+
+def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None) -> Params:
+    path = Path(path).absolute()
+    stored = load_metadata(path)["dtype"]
+    target = abstract_params(cfg, stored)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", target)
+    if dtype is not None and dtype != stored:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return params
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {path} does not exist; create it with `python -m convert`"
+        )
+    for name in ("config.json", "metadata.json", "params"):
+        if not (path / name).exists():
+            raise CheckpointError(f"{path} is not a converted checkpoint: {name} is missing")
+    return path
+
+
+def load_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params, Any]:
+    """Load (config, params, tokenizer) from a directory written by `python -m convert`."""
+    from transformers import AutoTokenizer
+
+    path = check_checkpoint_dir(path)
+    cfg = ModelConfig.load(path / "config.json")
+    params = load_params(path, cfg, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return cfg, params, tokenizer

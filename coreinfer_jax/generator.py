@@ -1,0 +1,146 @@
+"""The Python API: load a converted checkpoint, generate from strings or token ids.
+
+    from coreinfer_jax import Generator, Stability
+    gen = Generator.load()                       # the default SmolLM2 checkpoint
+    out = gen.generate("The capital of France is", max_new_tokens=32, method=Stability(keep=0.4))
+    out.texts[0], out.tokens[0], out.decode_tokens_per_s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coreinfer_jax import engine
+from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.methods import Dense, Method
+from coreinfer_jax.params import Params
+from coreinfer_jax.sampling import Sampling
+
+MIN_BUCKET = 16
+CACHE_ROUND = 64
+
+
+class InputError(ValueError):
+    """A prompt or generation setting this model cannot serve."""
+
+
+def prompt_bucket(length: int, context: int) -> int:
+    """Padded pre-fill length: the next power of two >= `length` (at least 16, at most `context`)."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, context)
+
+
+def cache_length(bucket: int, max_new_tokens: int) -> int:
+    """KV-cache slots, rounded up so nearby `max_new_tokens` values share a compile."""
+    need = bucket + max_new_tokens
+    return -(-need // CACHE_ROUND) * CACHE_ROUND
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]
+    prompt_tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    method: Method
+    core_neurons: np.ndarray | None = None  # [B, n_sparse, n_keep]
+    logits: np.ndarray | None = None  # [B, max_new_tokens, V] with return_logits
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by the decode loop per second, summed over the batch."""
+        return len(self.tokens) * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Generator:
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any):
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+
+    @classmethod
+    def load(cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, dtype: str | None = None) -> Generator:
+        return cls(*load_checkpoint(checkpoint, dtype))
+
+    def encode(self, prompts: str | Sequence[str], chat: bool = False) -> list[list[int]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("no prompt given")
+        ids = []
+        for p in prompts:
+            if not p.strip():
+                raise InputError("prompt is empty")
+            if chat:
+                ids.append(list(self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                    return_dict=False)))
+            else:
+                ids.append(self.tokenizer(p)["input_ids"])
+        return ids
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, method: Method = Dense(),
+                 sampling: Sampling = Sampling(), seed: int = 0, chat: bool = False,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        ids = self.encode(prompts, chat)
+        result = self.generate_ids(ids, max_new_tokens, method, sampling, seed, stop_at_eos)
+        result.texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+        return result
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                     method: Method = Dense(), sampling: Sampling = Sampling(), seed: int = 0,
+                     stop_at_eos: bool = True, return_logits: bool = False) -> GenerationResult:
+        """Generate from token-id prompts of any lengths (batched, right-padded to a bucket)."""
+        cfg = self.cfg
+        method = method.validate(cfg)
+        tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
+        eos = jnp.asarray(cfg.eos_token_ids if stop_at_eos else (), jnp.int32)
+
+        t0 = time.perf_counter()
+        first_logits, cache, core = engine.prefill(self.params, tokens, lengths, cfg=cfg, method=method,
+                                                   cache_len=cache_len)
+        jax.block_until_ready((first_logits, cache, core))
+        t1 = time.perf_counter()
+        out = engine.decode(self.params, first_logits, cache, lengths, core, jnp.int32(max_new_tokens), eos,
+                            jax.random.key(seed), cfg=cfg, method=method, sampling=sampling,
+                            max_steps=cache_len - tokens.shape[1], return_logits=return_logits)
+        out = jax.block_until_ready(out)
+        t2 = time.perf_counter()
+
+        steps = int(out["steps"])
+        generated = np.asarray(out["tokens"])[:, :max_new_tokens]
+        token_lists = [[int(t) for t in row if t >= 0] for row in generated]
+        return GenerationResult(
+            texts=[], tokens=token_lists, prompt_tokens=[len(p) for p in prompts],
+            prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, method=method,
+            core_neurons=None if core is None else np.asarray(core),
+            logits=np.asarray(out["logits"])[:, :max_new_tokens] if return_logits else None,
+        )
+
+    def _pack(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[jnp.ndarray, jnp.ndarray, int]:
+        context = self.cfg.max_position_embeddings
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InputError("prompt is empty")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > context:
+            raise InputError(
+                f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                f"context of {context} tokens"
+            )
+        bucket = prompt_bucket(longest, context)
+        tokens = np.zeros((len(prompts), bucket), np.int32)
+        for row, p in zip(tokens, prompts):
+            row[: len(p)] = p
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        return jnp.asarray(tokens), jnp.asarray(lengths), cache_length(bucket, max_new_tokens)

@@ -1,0 +1,184 @@
+"""Decoder-only transformer forward over a KV cache, as pure functions of the param tree.
+
+One function, `forward`, serves pre-fill (a right-padded `[B, T]` chunk written at slot 0),
+single-token decode (`T = 1` at each row's own position) and teacher-forced chunks: every
+row writes its keys/values at `start[b] + t` and attends to cache slots `s <= position`.
+Padding after a row's real tokens is written too, and overwritten by the decode step
+that reaches that slot before any real query can see it.
+
+A layer's FFN params are either the full `[F, D]` matrices or, in sparse decode, the
+per-sequence gathered core neurons `[B, K, D]`; `ffn` handles both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.params import Params
+from coreinfer_jax.rope import apply_rotary, inverse_frequencies, rotary_tables
+
+Cache = list[dict[str, jnp.ndarray]]
+# Called as select(layer_index, activation [B, T, F]) in pre-fill; its results are collected.
+Selector = Callable[[int, jnp.ndarray], jnp.ndarray]
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation_fn(cfg: ModelConfig) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    if cfg.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {cfg.hidden_act!r}; supported: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[cfg.hidden_act]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Cache:
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def norm(p: dict[str, jnp.ndarray], x: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+    """RMSNorm (Llama family) or LayerNorm (OPT), computed in float32 like Transformers."""
+    h = x.astype(jnp.float32)
+    if cfg.family == "opt":
+        h = h - h.mean(-1, keepdims=True)
+        h = h * lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
+        return (h * p["scale"] + p["bias"]).astype(x.dtype)
+    h = h * lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
+    return p["scale"] * h.astype(x.dtype)
+
+
+def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """Write `new` `[B, T, Hkv, hd]` into `cache` `[B, S, Hkv, hd]` at each row's `start[b]`."""
+    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache, new, start)
+
+
+def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
+              kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
+              cfg: ModelConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    B, T, _ = x.shape
+    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = x @ p["w_q"]  # [B, T, H*hd]
+    k = x @ p["w_k"]  # [B, T, Hkv*hd]
+    v = x @ p["w_v"]
+    if cfg.qkv_bias:
+        q, k, v = q + p["b_q"], k + p["b_k"], v + p["b_v"]
+    q = q.reshape(B, T, H, hd)
+    k = k.reshape(B, T, Hkv, hd)
+    v = v.reshape(B, T, Hkv, hd)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    kv = {"k": _write(kv["k"], k, start), "v": _write(kv["v"], v, start)}
+    S = kv["k"].shape[1]
+    q = q.reshape(B, T, Hkv, H // Hkv, hd) * jnp.asarray(hd**-0.5, x.dtype)  # [B, T, Hkv, G, hd]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
+    slots = jnp.arange(S)
+    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    if cfg.sliding_window is not None:
+        visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, kv["v"]).reshape(B, T, H * hd)  # [B, T, H*hd]
+    out = out @ p["w_o"]
+    if cfg.o_bias:
+        out = out + p["b_o"]
+    return out, kv
+
+
+def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """FFN output and the activation CoreInfer ranks neurons by.
+
+    The activation is the input of the down projection for gated models and the `fc1`
+    output before ReLU for OPT. Weights are `[F, D]` (shared) or `[B, K, D]` (per-row core
+    neurons); the contraction is the same either way.
+    """
+    per_row = p["w_up"].ndim == 3
+    up_eq, down_eq = ("btd,bfd->btf", "btf,bfd->btd") if per_row else ("btd,fd->btf", "btf,fd->btd")
+    act = activation_fn(cfg)
+    up = jnp.einsum(up_eq, x, p["w_up"])  # [B, T, F or K]
+    if "b_up" in p:
+        up = up + (p["b_up"][:, None] if per_row else p["b_up"])
+    if cfg.family == "opt":
+        score, hidden = up, act(up)
+    else:
+        gate = jnp.einsum(up_eq, x, p["w_gate"])  # [B, T, F or K]
+        if "b_gate" in p:
+            gate = gate + (p["b_gate"][:, None] if per_row else p["b_gate"])
+        hidden = act(gate) * up
+        score = hidden
+    out = jnp.einsum(down_eq, hidden, p["w_down"])  # [B, T, D]
+    if "b_down" in p:
+        out = out + p["b_down"]
+    return out, score
+
+
+def block(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
+          kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
+          cfg: ModelConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
+    pre = cfg.family != "opt" or cfg.do_layer_norm_before
+    with jax.named_scope("attention"):
+        h, kv = attention(p["attn"], norm(p["attn_norm"], x, cfg) if pre else x, positions, start, kv, rope, cfg)
+        x = x + h
+        if not pre:
+            x = norm(p["attn_norm"], x, cfg)
+    with jax.named_scope("ffn"):
+        h, score = ffn(p["ffn"], norm(p["ffn_norm"], x, cfg) if pre else x, cfg)
+        x = x + h
+        if not pre:
+            x = norm(p["ffn_norm"], x, cfg)
+    return x, kv, score
+
+
+def embed(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, E]
+    if cfg.has_projections:
+        x = x @ params["project_in"]  # [B, T, D]
+    if cfg.family == "opt":
+        # Padding positions past the table only occur in bucket padding; clip them.
+        x = x + jnp.take(params["pos_embed"], positions + cfg.position_offset, axis=0, mode="clip")
+    return x
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.ndarray, cache: Cache,
+            select: Selector | None = None) -> tuple[jnp.ndarray, Cache, list[jnp.ndarray]]:
+    """Run `tokens` `[B, T]` at positions `start[b] + t`; return hidden states `[B, T, D]`
+    (after the final norm), the updated cache, and `select(layer, activation)` for each layer
+    where it returns non-None."""
+    T = tokens.shape[1]
+    positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
+    with jax.named_scope("embed"):
+        x = embed(params, tokens, positions, cfg)
+    rope = None
+    if cfg.family == "llama":
+        rope = rotary_tables(jnp.asarray(inverse_frequencies(cfg)), positions)
+    new_cache, selected = [], []
+    for i, (p, kv) in enumerate(zip(params["layers"], cache)):
+        with jax.named_scope(f"layer_{i}"):
+            x, kv, score = block(p, x, positions, start, kv, rope, cfg)
+            if select is not None:
+                with jax.named_scope("select_core_neurons"):
+                    chosen = select(i, score)
+                if chosen is not None:
+                    selected.append(chosen)
+        new_cache.append(kv)
+    if "final_norm" in params:
+        x = norm(params["final_norm"], x, cfg)
+    return x, new_cache, selected
+
+
+def logits(params: Params, cfg: ModelConfig, h: jnp.ndarray) -> jnp.ndarray:
+    """Vocabulary logits `[..., V]` in float32 from final hidden states `[..., D]`."""
+    with jax.named_scope("lm_head"):
+        if cfg.has_projections:
+            h = h @ params["project_out"]  # [..., E]
+        head = params.get("lm_head", params["embed"])  # [V, E]
+        return jnp.einsum("...e,ve->...v", h, head).astype(jnp.float32)
