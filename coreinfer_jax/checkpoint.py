@@ -3,10 +3,13 @@
     DIR/params/        Orbax PyTree checkpoint of the param tree
     DIR/config.json    `ModelConfig` (this project's, not Hugging Face's)
     DIR/metadata.json  source, architecture, dtype, parameter count
-    DIR/tokenizer*     `AutoTokenizer.save_pretrained`
+    DIR/hf_config.json the source's Hugging Face config (to rebuild it in Transformers)
+    DIR/tokenizer/     `AutoTokenizer.save_pretrained` (a subdirectory, so that Transformers
+                       never mistakes our config.json for one of its own)
 
 Written into a temporary sibling directory and renamed into place at the end, so an
-interrupted write never leaves a directory that loads.
+interrupted write never leaves a directory that loads (nor, when overwriting, destroys the
+old one before the new one is complete).
 """
 
 from __future__ import annotations
@@ -31,27 +34,50 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or inconsistent."""
 
 
-def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenizer: Any,
-                     metadata: dict[str, Any], dtype: str) -> Path:
-    """Write atomically: everything goes to a temp dir next to `out`, renamed when complete."""
+def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenizer: Any, hf_config: dict[str, Any],
+                     metadata: dict[str, Any], dtype: str, overwrite: bool = False) -> Path:
+    """Write atomically: everything goes to a temp dir next to `out`, renamed when complete.
+
+    With `overwrite`, an existing `out` is replaced only once the new checkpoint is complete.
+    """
     out = Path(out).absolute()
-    if out.exists():
+    if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared directory
     try:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
         (tmp / "config.json").write_text(cfg.to_json())
-        tokenizer.save_pretrained(tmp)
+        (tmp / "hf_config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+        tokenizer.save_pretrained(tmp / "tokenizer")
         meta = dict(metadata, dtype=dtype, parameter_count=count_params(params), architecture=cfg.architecture)
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.rename(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is renamed away first and deleted only after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
@@ -75,7 +101,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(
             f"checkpoint directory {path} does not exist; create it with `python -m convert`"
         )
-    for name in ("config.json", "metadata.json", "params"):
+    for name in ("config.json", "metadata.json", "params", "tokenizer"):
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a converted checkpoint: {name} is missing")
     return path
@@ -88,5 +114,5 @@ def load_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[ModelCo
     path = check_checkpoint_dir(path)
     cfg = ModelConfig.load(path / "config.json")
     params = load_params(path, cfg, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return cfg, params, tokenizer

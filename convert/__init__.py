@@ -1,0 +1,9 @@
+"""`python -m convert`: Hugging Face / GGUF checkpoints -> this project's Orbax checkpoints."""
+
+from convert.core import DTYPES, convert_checkpoint, convert_tensors
+from convert.errors import ConversionError
+from convert.export import torch_model_from_checkpoint, torch_state_dict
+from convert.sources import BUNDLED
+
+__all__ = ["BUNDLED", "DTYPES", "ConversionError", "convert_checkpoint", "convert_tensors", "torch_model_from_checkpoint",
+           "torch_state_dict"]

@@ -1,0 +1,93 @@
+"""Streaming conversion: map each source tensor through the key table, cast it, write one checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from convert import keymap
+from convert.errors import ConversionError
+from convert.sources import BUNDLED, open_source
+from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.params import flat_shapes, unflatten
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def convert_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
+                    dtype: str) -> dict[str, np.ndarray]:
+    """Map, check and cast every (HF name, array) into a flat {param path: array} dict.
+
+    Raises ConversionError on an unmapped, duplicate, misshapen or missing tensor.
+    """
+    expected = flat_shapes(cfg)
+    target_dtype = jnp.dtype(dtype)
+    out: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for name, array in tensors:
+        target = keymap.lookup(cfg, name)
+        if target is None:
+            continue
+        if target.path not in expected:
+            raise ConversionError(f"unexpected tensor {name!r}: it would be {target.path}, "
+                                  f"which this {cfg.architecture} config does not have")
+        if target.path in out:
+            raise ConversionError(f"duplicate tensor {name!r}: {target.path} was already read "
+                                  f"from {origin[target.path]!r}")
+        converted = keymap.transform(name, array, target, expected[target.path])
+        # A copy, so that nothing keeps the source tensor (or its memory-mapped file) alive.
+        out[target.path] = np.array(converted, dtype=target_dtype, order="C", copy=True)
+        origin[target.path] = name
+    missing = [keymap.hf_name(cfg.family, path) for path in expected if path not in out]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ConversionError(f"missing {len(missing)} tensor(s): {shown}")
+    return out
+
+
+def default_out(source: str | Path) -> Path:
+    """The output directory when none is given: only the bundled model has one."""
+    if str(source) != BUNDLED:
+        raise ConversionError(f"--out is required when converting {source} (only {BUNDLED} has a default)")
+    return DEFAULT_CHECKPOINT
+
+
+def is_converted(out: str | Path, source: str, dtype: str) -> bool:
+    """Whether `out` is a complete checkpoint converted from `source` (its metadata label) to `dtype`."""
+    try:
+        meta = load_metadata(check_checkpoint_dir(out))
+    except (ValueError, OSError):
+        return False
+    return meta.get("source") == source and meta.get("dtype") == dtype
+
+
+def convert_checkpoint(source: str | Path, out: str | Path | None = None, dtype: str = "float32",
+                       force: bool = False) -> Path:
+    """Convert `source` (HF directory, .gguf file or "smollm2-135m") into a checkpoint at `out`.
+
+    `out` defaults to DEFAULT_CHECKPOINT for "smollm2-135m" and is required otherwise; an
+    existing `out` is replaced only with `force`. Returns the absolute output path.
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    src = open_source(source)
+    out = Path(default_out(source) if out is None else out).absolute()
+    if str(out) == src.label:
+        raise ConversionError(f"--out {out} is the source itself")
+    if out.exists() and not force:
+        raise ConversionError(f"output directory {out} already exists; use --force to replace it")
+    hf_config = src.hf_config()
+    cfg = ModelConfig.from_hf(hf_config)
+    tokenizer = src.tokenizer()
+    bar = tqdm(src.tensors(), total=src.tensor_count(), desc=f"converting {out.name}", unit="tensor",
+               disable=None)  # None: no bar when stderr is not a terminal (logs, subprocesses)
+    with bar:
+        flat = convert_tensors(cfg, bar, dtype)
+    metadata = {"source": src.label, "source_format": src.format}
+    return write_checkpoint(out, cfg, unflatten(cfg, flat), tokenizer, hf_config, metadata, dtype,
+                            overwrite=force)

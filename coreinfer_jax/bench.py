@@ -1,0 +1,158 @@
+"""`python -m coreinfer_jax bench`: decode speed of Transformers PyTorch, this project dense,
+and this project sparse, measured side by side in one run, next to the bytes-per-token bound.
+
+Every row decodes the same prompt greedily for the same number of new tokens. Warm-up runs
+(compilation) are excluded; repetitions are interleaved across rows so drift in machine
+speed hits every row alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from coreinfer_jax.generator import Generator
+from coreinfer_jax.methods import Dense, Method, make_method
+from coreinfer_jax.profiling import maybe_profile
+from coreinfer_jax.roofline import bytes_per_token, measure_bandwidth, median
+
+BENCH_PROMPT = (
+    "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
+    "and continuing through the republic, the age of the emperors, and the eventual division of the "
+    "empire into eastern and western halves. In this essay we describe"
+)
+
+
+@dataclass
+class Row:
+    name: str
+    decode_tokens_per_s: float
+    prefill_ms: float | None
+    bytes_per_token: int | None
+    bound_tokens_per_s: float | None
+    fraction_of_bound: float | None
+    vs_torch: float | None = None
+    vs_dense: float | None = None
+    speedup_bound: float | None = None
+    fraction_of_speedup_bound: float | None = None
+
+
+class TorchRunner:
+    """Transformers `generate` (greedy, eager PyTorch) on the checkpoint's exact weights."""
+
+    def __init__(self, checkpoint: Path, dtype: str | None):
+        import torch
+
+        from convert import torch_model_from_checkpoint
+
+        self.torch = torch
+        self.model = torch_model_from_checkpoint(checkpoint, dtype)
+
+    def run(self, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+        """(pre-fill seconds, decode tokens/s); decode time = full generate minus a 1-token generate."""
+        torch = self.torch
+        x = torch.tensor([prompt_ids])
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model.generate(x, max_new_tokens=1, **kw)
+            t1 = time.perf_counter()
+            self.model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            t2 = time.perf_counter()
+        prefill = t1 - t0
+        return prefill, (new_tokens - 1) / ((t2 - t1) - prefill)
+
+
+def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
+              torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT) -> dict[str, Any]:
+    gen = Generator.load(checkpoint, dtype)
+    cfg, params = gen.cfg, gen.params
+    prompt_ids = gen.encode(prompt)[0]
+    methods = [m.validate(cfg) for m in methods]
+    torch_runner = TorchRunner(checkpoint, dtype) if torch_baseline else None
+
+    def jax_run(m: Method) -> tuple[float, float]:
+        r = gen.generate_ids([prompt_ids], new_tokens, method=m, stop_at_eos=False)
+        return r.prefill_s, r.decode_tokens_per_s
+
+    names = [("transformers-pytorch", None)] if torch_runner else []
+    names += [(label(m), m) for m in methods]
+    runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda: torch_runner.run(prompt_ids, new_tokens))
+               for n, m in names}
+    samples: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in names}
+    for n, _ in names:
+        runners[n]()  # warm-up: compilation, first-touch allocation
+    for _ in tqdm(range(reps), desc="bench", file=sys.stderr):
+        for n, _ in names:
+            samples[n].append(runners[n]())
+
+    bandwidth = measure_bandwidth()
+    context = len(prompt_ids) + new_tokens // 2
+    dense_bytes = bytes_per_token(cfg, params, Dense(), context)
+    rows = []
+    for n, m in names:
+        tps = median([s[1] for s in samples[n]])
+        prefill_ms = median([s[0] for s in samples[n]]) * 1e3
+        b = bytes_per_token(cfg, params, m or Dense(), context)
+        bound = bandwidth / b
+        rows.append(Row(n, tps, prefill_ms, b, bound, tps / bound))
+    torch_tps = rows[0].decode_tokens_per_s if torch_runner else None
+    dense_row = next((r for r in rows if r.name == "jax-dense"), None)
+    for r in rows:
+        if torch_tps:
+            r.vs_torch = r.decode_tokens_per_s / torch_tps
+        if dense_row and r.name.startswith("jax-"):
+            r.vs_dense = r.decode_tokens_per_s / dense_row.decode_tokens_per_s
+            r.speedup_bound = dense_bytes / r.bytes_per_token
+            r.fraction_of_speedup_bound = r.vs_dense / r.speedup_bound
+    return {
+        "checkpoint": str(checkpoint), "dtype": str(params["embed"].dtype), "prompt_tokens": len(prompt_ids),
+        "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def label(m: Method) -> str:
+    if isinstance(m, Dense):
+        return "jax-dense"
+    return f"jax-{m.name}-keep{m.keep:g}"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"decode, batch 1, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, greedy, "
+        f"{report['dtype']}, median of {report['reps']}; copy bandwidth {report['bandwidth_gb_s']:.1f} GB/s",
+        "",
+        "| row | decode tok/s | vs torch | vs jax dense | speed-up bound | of bound | MB/token "
+        "| tok/s bound | of bandwidth | pre-fill ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['decode_tokens_per_s']:.1f} | {_fmt(r['vs_torch'], '.2f')} "
+            f"| {_fmt(r['vs_dense'], '.2f')} | {_fmt(r['speedup_bound'], '.2f')} "
+            f"| {_fmt(r['fraction_of_speedup_bound'], '.0%')} | {r['bytes_per_token'] / 1e6:.1f} "
+            f"| {r['bound_tokens_per_s']:.1f} | {r['fraction_of_bound']:.0%} | {r['prefill_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    methods: list[Method] = [Dense()]
+    if args.method != "dense":
+        methods += [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers) for k in args.keep]
+    with maybe_profile(args.profile):
+        report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype)
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    return 0

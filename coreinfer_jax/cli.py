@@ -1,0 +1,132 @@
+"""`python -m coreinfer_jax {generate,bench}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from coreinfer_jax.bench import bench_main
+from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from coreinfer_jax.config import ConfigError
+from coreinfer_jax.generator import GenerationResult, Generator, InputError
+from coreinfer_jax.methods import METHODS, Method, make_method, parse_layers
+from coreinfer_jax.profiling import maybe_profile
+from coreinfer_jax.sampling import Sampling
+from coreinfer_jax.tasks import TEMPLATES, format_prompt
+
+USER_ERRORS = (InputError, CheckpointError, ConfigError, ValueError, FileNotFoundError)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"converted checkpoint directory (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the checkpoint's)")
+
+
+def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_keeps: bool = False) -> None:
+    p.add_argument("--method", choices=list(METHODS), default=default)
+    if several_keeps:
+        p.add_argument("--keep", type=float, nargs="+", default=[0.2, 0.4, 0.6],
+                       help="keep values of the sparse rows (the dense rows are always measured)")
+    else:
+        p.add_argument("--keep", type=float, default=0.4, help="fraction of FFN neurons kept per sparse layer")
+    p.add_argument("--token-keep", type=float, default=0.2,
+                   help="token-wise core fraction, relative to the mean positive count")
+    p.add_argument("--layers", type=layers_arg, default=None,
+                   help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
+
+
+def layers_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def method_from_args(args: argparse.Namespace) -> Method:
+    return make_method(args.method, keep=args.keep, token_keep=args.token_keep, layers=args.layers)
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    gen = Generator.load(args.checkpoint, args.dtype)
+    method = method_from_args(args).validate(gen.cfg)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    prompt = format_prompt(args.task, args.prompt)
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, method=method, sampling=sampling,
+                                  seed=args.seed, chat=args.chat)
+    # The first call compiles (pre-fill and decode for this bucket); the second is timed.
+    warm = gen.generate(prompt, **kwargs)
+    with maybe_profile(args.profile):
+        out = gen.generate(prompt, **kwargs)
+    compile_s = max(0.0, (warm.prefill_s + warm.decode_s) - (out.prefill_s + out.decode_s))
+    if args.json:
+        print(json.dumps(result_json(out, compile_s)))
+    else:
+        print(out.texts[0])
+        print(f"[{method.name}] prompt {out.prompt_tokens[0]} tokens, {len(out.tokens[0])} new; "
+              f"compile {compile_s:.2f}s, pre-fill {out.prefill_s * 1e3:.1f} ms, "
+              f"decode {out.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def result_json(out: GenerationResult, compile_s: float) -> dict[str, Any]:
+    m = out.method
+    return {
+        "text": out.texts[0],
+        "tokens": out.tokens[0],
+        "prompt_tokens": out.prompt_tokens[0],
+        "compile_s": compile_s,
+        "prefill_s": out.prefill_s,
+        "decode_s": out.decode_s,
+        "decode_tokens_per_s": out.decode_tokens_per_s,
+        "method": m.name,
+        "keep": getattr(m, "keep", 1.0),
+        "token_keep": getattr(m, "token_keep", None),
+        "layers": list(m.layers) if getattr(m, "layers", None) else None,
+        "core_neurons": None if out.core_neurons is None else out.core_neurons[0].tolist(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m coreinfer_jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_args(g)
+    add_method_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--task", choices=list(TEMPLATES), default="none",
+                   help="wrap the prompt in a few-shot task template (qa, summarize, translate)")
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace here")
+    g.set_defaults(func=generate_main)
+
+    b = sub.add_parser("bench", help="decode speed: Transformers PyTorch vs this project, dense and sparse")
+    add_model_args(b)
+    add_method_args(b, default="stability", several_keeps=True)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--no-torch", action="store_true", help="skip the Transformers PyTorch row")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace of the whole run")
+    b.set_defaults(func=bench_main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

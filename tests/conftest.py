@@ -1,0 +1,198 @@
+"""Shared fixtures: a tiny in-process tokenizer and tiny random Hugging Face models of every family.
+
+Nothing here touches a model hub. Each tiny model is built from `TINY_CONFIGS` with a fixed
+seed, saved with `save_pretrained` (safetensors) plus the tiny tokenizer, and converted with
+our converter on demand; every factory caches per name for the whole session.
+
+    tiny_tokenizer                  PreTrainedTokenizerFast (ByteLevel BPE, ~320 tokens)
+    tiny_hf_dir(name) -> Path       HF checkpoint directory
+    tiny_checkpoint(name) -> Path   converted checkpoint directory (float32)
+    tiny_torch_model(name)          the HF torch model, float32, eval mode, eager attention
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config)
+
+from convert import convert_checkpoint
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: needs the real SmolLM2-135M model (tens of seconds)")
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The cat sat on the mat and looked out of the window.",
+    "She sells sea shells by the sea shore.",
+    "Machine learning models learn patterns from data.",
+    "Large language models predict the next token in a sequence.",
+    "The sun rises in the east and sets in the west.",
+    "Reading books is a good way to learn new words.",
+    "He walked to the market to buy apples, bread and milk.",
+    "The train leaves the station at seven o'clock every morning.",
+    "Mountains are covered with snow during the winter months.",
+    "Please write a short story about a friendly robot.",
+    "What is the tallest mountain in the world?",
+    "How many legs does a spider have?",
+    "The answer to the question is forty two.",
+    "Photosynthesis turns sunlight, water and carbon dioxide into sugar.",
+    "The library opens at nine and closes at five.",
+    "Birds build nests in the spring to lay their eggs.",
+    "The ocean is deep, blue and full of life.",
+    "Translate the following sentence into French.",
+    "Summarize the main idea of the paragraph in one sentence.",
+    "The meeting was moved from Monday to Wednesday afternoon.",
+    "Numbers like 1, 2, 3 and 100 appear in many texts.",
+    "Once upon a time there was a little girl who lived in a village.",
+    "The scientist measured the temperature of the liquid twice.",
+    "Children played football in the park until it got dark.",
+    "Good morning! How are you today?",
+    "Thank you very much for your help yesterday.",
+    "The computer program printed hello world on the screen.",
+    "Rain is expected tomorrow, so bring an umbrella.",
+]
+
+# A plain-text chat template, so that `apply_chat_template` works with the tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A ByteLevel BPE trained on `SENTENCES`: ids 0, 1, 2 are <pad>, <s>, </s>; no BOS is added."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", chat_template=CHAT_TEMPLATE)
+
+
+_LLAMA: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+_OPT: dict[str, Any] = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=128, dropout=0.0, attention_dropout=0.0)
+
+# name -> (HF config class, kwargs); vocab size and special token ids come from the tiny tokenizer.
+TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "llama": (LlamaConfig, dict(_LLAMA, tie_word_embeddings=False)),
+    "llama_tied": (LlamaConfig, dict(_LLAMA, num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama3_rope": (LlamaConfig, dict(_LLAMA, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))),
+    # head_dim 32 != hidden/heads, and a window shorter than the test sequences.
+    "mistral": (MistralConfig, dict(_LLAMA, head_dim=32, sliding_window=16, tie_word_embeddings=False)),
+    "qwen2": (Qwen2Config, dict(_LLAMA, tie_word_embeddings=False)),
+    "opt": (OPTConfig, dict(_OPT, word_embed_proj_dim=64, do_layer_norm_before=True, tie_word_embeddings=True)),
+    # Like facebook/opt-350m: embeddings narrower than the model (project_in/out), post-LN.
+    "opt_350m_like": (OPTConfig, dict(_OPT, word_embed_proj_dim=32, do_layer_norm_before=False,
+                                      tie_word_embeddings=True)),
+}
+
+
+def tiny_hf_config(name: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    cls, kwargs = TINY_CONFIGS[name]
+    return cls(**kwargs, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def _randomise(model: PreTrainedModel, seed: int) -> None:
+    # HF init leaves norm scales at 1 and biases at 0, which would hide a swapped or dropped
+    # tensor, and its 0.02 weights give near-uniform logits: draw every parameter afresh.
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if name.endswith(".bias"):
+            p.copy_(0.1 * noise)
+        elif "norm" in name:
+            p.copy_(1.0 + 0.1 * noise)
+        else:
+            p.copy_(0.1 * noise)
+
+
+def build_tiny_model(name: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised float32 HF model for `TINY_CONFIGS[name]`, in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(name, tokenizer), dtype=torch.float32)
+    _randomise(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory,
+                tiny_tokenizer: PreTrainedTokenizerFast) -> Callable[[str], Path]:
+    """Factory: name in TINY_CONFIGS -> HF checkpoint directory (single safetensors file + tokenizer)."""
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"hf_{name}")
+            build_tiny_model(name, tiny_tokenizer).save_pretrained(path, safe_serialization=True)
+            tiny_tokenizer.save_pretrained(path)
+            cache[name] = path
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory,
+                    tiny_hf_dir: Callable[[str], Path]) -> Callable[[str], Path]:
+    """Factory: name in TINY_CONFIGS -> checkpoint directory converted by `convert` (float32)."""
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            cache[name] = convert_checkpoint(tiny_hf_dir(name), tmp_path_factory.mktemp("ckpt") / name)
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_model(tiny_hf_dir: Callable[[str], Path]) -> Callable[[str], PreTrainedModel]:
+    """Factory: name in TINY_CONFIGS -> the saved HF model loaded back (float32, eval, eager attention)."""
+    cache: dict[str, PreTrainedModel] = {}
+
+    def make(name: str) -> PreTrainedModel:
+        if name not in cache:
+            cache[name] = AutoModelForCausalLM.from_pretrained(
+                tiny_hf_dir(name), dtype=torch.float32, attn_implementation="eager").eval()
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF converted to float32 (slow tests only)."""
+    return convert_checkpoint("smollm2-135m", tmp_path_factory.mktemp("smollm2") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch_model() -> PreTrainedModel:
+    """Transformers' own dequantisation of the same GGUF, float32, eval mode."""
+    from convert.sources import bundled_gguf
+
+    gguf = bundled_gguf()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

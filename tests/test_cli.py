@@ -1,0 +1,80 @@
+"""`python -m coreinfer_jax generate`: JSON output, profiling, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coreinfer_jax import Generator, Stability
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coreinfer_jax", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+def test_generate_json_dense(ckpt: Path) -> None:
+    r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "The cat sat on the", "--max-new-tokens", "12",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = Generator.load(ckpt).generate("The cat sat on the", max_new_tokens=12)
+    assert out["tokens"] == want.tokens[0] and out["text"] == want.texts[0]
+    assert out["prompt_tokens"] == want.prompt_tokens[0]
+    assert out["method"] == "dense" and out["core_neurons"] is None
+    for key in ("compile_s", "prefill_s", "decode_s", "decode_tokens_per_s"):
+        assert out[key] >= 0
+    assert out["decode_tokens_per_s"] > 0 and out["prefill_s"] > 0
+
+
+def test_generate_json_stability(ckpt: Path) -> None:
+    r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "Water boils at one hundred degrees",
+            "--max-new-tokens", "8", "--method", "stability", "--keep", "0.5", "--token-keep", "0.3",
+            "--layers", "1:2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    gen = Generator.load(ckpt)
+    want = gen.generate("Water boils at one hundred degrees", max_new_tokens=8,
+                        method=Stability(keep=0.5, token_keep=0.3, layers=(1, 2)))
+    assert (out["method"], out["keep"], out["token_keep"], out["layers"]) == ("stability", 0.5, 0.3, [1, 2])
+    assert out["tokens"] == want.tokens[0]
+    assert out["core_neurons"] == want.core_neurons[0].tolist()
+    assert len(out["core_neurons"]) == 1 and len(out["core_neurons"][0]) == int(gen.cfg.intermediate_size * 0.5)
+
+
+def test_profile_writes_a_trace(ckpt: Path, tmp_path: Path) -> None:
+    r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "Hello there", "--max-new-tokens", "4",
+            "--method", "stability", "--profile", str(tmp_path / "trace"))
+    assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no XProf trace written"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", "word " * 200], "exceeds the model's context"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--prompt", "hi", "--method", "stability", "--keep", "1.5"], "keep must be in (0, 1]"),
+    (["--prompt", "hi", "--method", "stability", "--token-keep", "0"], "token_keep must be in (0, 1]"),
+    (["--prompt", "hi", "--method", "stability", "--layers", "0:99"], "outside the model"),
+    (["--prompt", "hi", "--method", "stability", "--layers", "three"], "START:END"),
+    (["--prompt", "hi", "--method", "magic"], "invalid choice: 'magic'"),
+])
+def test_bad_input_is_one_clear_line(ckpt: Path, args: list[str], words: str) -> None:
+    r = cli("generate", "--checkpoint", str(ckpt), *args)
+    assert r.returncode == 2
+    assert words in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    r = cli("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,48 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax.sampling import Sampling, sample
+
+LOGITS = jnp.log(jnp.array([[0.05, 0.5, 0.3, 0.15]], jnp.float32))
+
+
+def draws(sampling: Sampling, n: int = 4000) -> np.ndarray:
+    keys = jax.random.split(jax.random.key(0), n)
+    return np.asarray(jax.vmap(lambda k: sample(LOGITS, k, sampling)[0])(keys))
+
+
+def test_greedy_is_argmax() -> None:
+    logits = jax.random.normal(jax.random.key(1), (5, 100))
+    np.testing.assert_array_equal(sample(logits, jax.random.key(2), Sampling()), np.argmax(logits, -1))
+
+
+def test_temperature_one_follows_the_distribution() -> None:
+    freq = np.bincount(draws(Sampling(temperature=1.0)), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.05, 0.5, 0.3, 0.15], atol=0.03)
+
+
+def test_top_k_and_top_p_cut_the_tail() -> None:
+    assert set(draws(Sampling(temperature=1.0, top_k=2))) == {1, 2}
+    # Nucleus 0.7: tokens 1 (0.5) and 2 (0.3) reach it; 3 and 0 are cut.
+    freq = np.bincount(draws(Sampling(temperature=1.0, top_p=0.7)), minlength=4) / 4000
+    assert freq[0] == 0 and freq[3] == 0
+    np.testing.assert_allclose(freq[1:3], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+    assert set(draws(Sampling(temperature=2.0, top_p=0.01))) == {1}
+
+
+def test_same_key_same_tokens() -> None:
+    s = Sampling(temperature=0.8, top_k=3)
+    assert (draws(s, 50) == draws(s, 50)).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_bad_settings_are_rejected(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        Sampling(**kwargs)

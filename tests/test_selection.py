@@ -1,0 +1,102 @@
+"""Stability-guided selection against a plain NumPy restatement of the method page."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax import select_core_neurons
+from method_reference import reference_select
+
+
+def check_same_selection(got: np.ndarray, acts: np.ndarray, keep: float, token_keep: float) -> None:
+    want, counts = reference_select(acts, keep, token_keep)
+    assert got.shape == want.shape
+    assert len(set(got.tolist())) == len(got), "duplicate neuron ids"
+    # Ties at the cut-off may be broken either way: the counts of the kept sets must agree
+    # as multisets, and every neuron strictly above the cut-off count must be kept.
+    np.testing.assert_array_equal(np.sort(counts[got]), np.sort(counts[want]))
+    cutoff = counts[want].min() if len(want) else 0
+    assert set(np.flatnonzero(counts > cutoff)) <= set(got.tolist())
+
+
+def run(acts: np.ndarray, valid: np.ndarray, keep: float, token_keep: float) -> np.ndarray:
+    return np.asarray(select_core_neurons(jnp.asarray(acts), jnp.asarray(valid), keep, token_keep))
+
+
+def distinct_activations(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random activations with all values distinct (a permutation, centred, scaled)."""
+    n = int(np.prod(shape))
+    return ((rng.permutation(n) - n * 0.6) / n).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("keep,token_keep", [(0.4, 0.2), (0.2, 0.2), (0.6, 0.5), (1.0, 1.0),
+                                             (0.01, 0.01), (1.0, 0.05), (0.05, 1.0)])
+def test_matches_numpy_restatement(keep: float, token_keep: float) -> None:
+    rng = np.random.default_rng(0)
+    acts = distinct_activations(rng, (2, 23, 96))
+    valid = np.ones((2, 23), bool)
+    got = run(acts, valid, keep, token_keep)
+    assert got.dtype == np.int32 and got.shape == (2, int(96 * keep))
+    for b in range(2):
+        check_same_selection(got[b], acts[b], keep, token_keep)
+
+
+def test_distinct_counts_give_identical_sets() -> None:
+    # Neurons with a graded bias are core for graded numbers of tokens; search for a seed
+    # where the counts around the cut-off are all distinct, so the kept set is unique.
+    F, T, keep, token_keep = 40, 30, 0.25, 0.3
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        acts = (rng.standard_normal((T, F)) + np.linspace(2.0, -2.0, F)).astype(np.float32)
+        want, counts = reference_select(acts, keep, token_keep)
+        top = np.sort(counts)[::-1][: len(want) + 1]
+        if len(set(top.tolist())) == len(top):
+            break
+    else:
+        pytest.fail("no instance with distinct counts found")
+    got = run(acts[None], np.ones((1, T), bool), keep, token_keep)[0]
+    assert set(got.tolist()) == set(want.tolist())
+
+
+def test_padding_and_batch_rows_of_different_lengths() -> None:
+    rng = np.random.default_rng(1)
+    acts = distinct_activations(rng, (3, 17, 64))
+    lengths = [17, 5, 1]
+    valid = np.arange(17)[None, :] < np.array(lengths)[:, None]
+    got = run(acts, valid, 0.4, 0.2)
+    for b, n in enumerate(lengths):
+        check_same_selection(got[b], acts[b, :n], 0.4, 0.2)
+    # Garbage in padding positions must not change anything.
+    noisy = acts.copy()
+    noisy[~valid] = 100.0
+    np.testing.assert_array_equal(run(noisy, valid, 0.4, 0.2), got)
+    # Nor may another row of the batch.
+    np.testing.assert_array_equal(run(acts[1:2], valid[1:2], 0.4, 0.2)[0], got[1])
+
+
+def test_ties_at_the_cutoff() -> None:
+    # Integer-valued activations: many equal counts around the cut-off.
+    rng = np.random.default_rng(2)
+    acts = rng.integers(-3, 4, size=(1, 12, 50)).astype(np.float32) + rng.permutation(600).reshape(1, 12, 50) * 1e-4
+    got = run(acts, np.ones((1, 12), bool), 0.3, 0.3)[0]
+    check_same_selection(got, acts[0], 0.3, 0.3)
+
+
+def test_no_positive_activation_still_returns_n_keep() -> None:
+    acts = -np.abs(distinct_activations(np.random.default_rng(3), (1, 4, 20))) - 0.1
+    got = run(acts, np.ones((1, 4), bool), 0.5, 0.2)[0]
+    assert sorted(got.tolist()) == list(range(10))  # limit 0: every count is 0, filled by index
+
+
+def test_limit_is_data_dependent_without_recompiling() -> None:
+    f = jax.jit(select_core_neurons, static_argnames=("keep", "token_keep"))
+    rng = np.random.default_rng(4)
+    for shift in (0.0, 0.3, -0.3):
+        acts = distinct_activations(rng, (1, 16, 32)) + shift  # different positive counts
+        got = np.asarray(f(jnp.asarray(acts), jnp.ones((1, 16), bool), keep=0.4, token_keep=0.2))[0]
+        check_same_selection(got, acts[0], 0.4, 0.2)
+    assert f._cache_size() == 1
