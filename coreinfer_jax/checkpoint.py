@@ -85,9 +85,14 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None) -> Params:
+    """The param tree as arrays on the default device.
+
+    Restoring with a sharding matters: without one Orbax returns host NumPy arrays, which
+    every jitted call would copy to the device again.
+    """
     path = Path(path).absolute()
     stored = load_metadata(path)["dtype"]
-    target = abstract_params(cfg, stored)
+    target = abstract_params(cfg, stored, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     if dtype is not None and dtype != stored:

@@ -81,9 +81,10 @@ def _is_shape(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def abstract_params(cfg: ModelConfig, dtype: Any) -> Params:
+def abstract_params(cfg: ModelConfig, dtype: Any, sharding: jax.sharding.Sharding | None = None) -> Params:
     """`param_shapes` as `jax.ShapeDtypeStruct`s, e.g. as an Orbax restore target."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), param_shapes(cfg), is_leaf=_is_shape)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sharding), param_shapes(cfg),
+                        is_leaf=_is_shape)
 
 
 def flat_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
