@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ModuleNotFoundError as e:  # Transformers dequantises GGUF and reads .bin files with PyTorch
+    raise ModuleNotFoundError("converting checkpoints needs PyTorch: pip install 'coreinfer-jax[torch]'") from e
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from coreinfer_jax.config import ModelConfig
@@ -84,19 +85,20 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "metadata.json").read_text())
 
 
-def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None) -> Params:
-    """The param tree as arrays on the default device.
+def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on_device: bool = True) -> Params:
+    """The param tree as arrays on the default device, or as host NumPy arrays.
 
-    Restoring with a sharding matters: without one Orbax returns host NumPy arrays, which
+    On-device restores need the sharding: without one Orbax returns host NumPy arrays, which
     every jitted call would copy to the device again.
     """
     path = Path(path).absolute()
     stored = load_metadata(path)["dtype"]
-    target = abstract_params(cfg, stored, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if on_device else None
+    target = abstract_params(cfg, stored, sharding)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     if dtype is not None and dtype != stored:
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     return params
 
 
@@ -112,12 +114,13 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params, Any]:
+def load_checkpoint(path: str | Path, dtype: str | None = None,
+                    on_device: bool = True) -> tuple[ModelConfig, Params, Any]:
     """Load (config, params, tokenizer) from a directory written by `python -m convert`."""
     from transformers import AutoTokenizer
 
     path = check_checkpoint_dir(path)
     cfg = ModelConfig.load(path / "config.json")
-    params = load_params(path, cfg, dtype)
+    params = load_params(path, cfg, dtype, on_device)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return cfg, params, tokenizer

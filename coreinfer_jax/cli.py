@@ -52,7 +52,7 @@ def method_from_args(args: argparse.Namespace) -> Method:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    gen = Generator.load(args.checkpoint, args.dtype)
+    gen = Generator.load(args.checkpoint, args.dtype, offload=args.offload)
     method = method_from_args(args).validate(gen.cfg)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     prompt = format_prompt(args.task, args.prompt)
@@ -64,7 +64,7 @@ def generate_main(args: argparse.Namespace) -> int:
         out = gen.generate(prompt, **kwargs)
     compile_s = max(0.0, (warm.prefill_s + warm.decode_s) - (out.prefill_s + out.decode_s))
     if args.json:
-        print(json.dumps(result_json(out, compile_s)))
+        print(json.dumps(result_json(out, compile_s, args.offload)))
     else:
         print(out.texts[0])
         print(f"[{method.name}] prompt {out.prompt_tokens[0]} tokens, {len(out.tokens[0])} new; "
@@ -73,9 +73,10 @@ def generate_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def result_json(out: GenerationResult, compile_s: float) -> dict[str, Any]:
+def result_json(out: GenerationResult, compile_s: float, offload: bool = False) -> dict[str, Any]:
     m = out.method
     return {
+        "offload": offload,
         "text": out.texts[0],
         "tokens": out.tokens[0],
         "prompt_tokens": out.prompt_tokens[0],
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace here")
+    g.add_argument("--offload", action="store_true",
+                   help="memory-limited mode: FFN weights stay in host memory, only core neurons go to the device")
     g.set_defaults(func=generate_main)
 
     b = sub.add_parser("bench", help="decode speed: Transformers PyTorch vs this project, dense and sparse")

@@ -23,7 +23,7 @@ from coreinfer_jax.params import Params
 from coreinfer_jax.sampling import Sampling, sample
 from coreinfer_jax.selection import select_core_neurons
 
-_GATHERED_ROWS = ("w_gate", "w_up", "w_down", "b_gate", "b_up")
+GATHERED_ROWS = ("w_gate", "w_up", "w_down", "b_gate", "b_up")
 
 
 def _selector(method: Method, valid: jnp.ndarray):
@@ -64,7 +64,7 @@ def gather_core_weights(ffn: Params, idx: jnp.ndarray) -> Params:
 
     `w_*` `[F, D]` -> `[B, K, D]`, `b_gate`/`b_up` `[F]` -> `[B, K]`; `b_down` stays whole.
     """
-    return {name: jnp.take(w, idx, axis=0) if name in _GATHERED_ROWS else w for name, w in ffn.items()}
+    return {name: jnp.take(w, idx, axis=0) if name in GATHERED_ROWS else w for name, w in ffn.items()}
 
 
 def sparse_params(params: Params, core: jnp.ndarray | None, method: Method) -> Params:

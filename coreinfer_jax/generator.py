@@ -21,6 +21,7 @@ from coreinfer_jax import engine
 from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.methods import Dense, Method
+from coreinfer_jax.offload import place_core_weights, prefill_streamed, split_params
 from coreinfer_jax.params import Params
 from coreinfer_jax.sampling import Sampling
 
@@ -65,12 +66,25 @@ class GenerationResult:
 
 
 class Generator:
-    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any):
+    """Generation from one model.
+
+    With `offload=True` (memory-limited mode, see `offload`) only the non-FFN weights live on
+    the accelerator; FFN weights stay in host memory (`host_memory`: "auto", "numpy" or
+    "pinned_host"), pre-fill streams them layer by layer and decoding uses the core neurons
+    placed on the device. It needs a sparse method.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any, offload: bool = False,
+                 host_memory: str = "auto"):
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.offloaded = split_params(params, cfg, host_memory) if offload else None
 
     @classmethod
-    def load(cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, dtype: str | None = None) -> Generator:
-        return cls(*load_checkpoint(checkpoint, dtype))
+    def load(cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, dtype: str | None = None, offload: bool = False,
+             host_memory: str = "auto") -> Generator:
+        # Offloaded: restore to host memory, so the full model never has to fit the device.
+        return cls(*load_checkpoint(checkpoint, dtype, on_device=not offload), offload=offload,
+                   host_memory=host_memory)
 
     def encode(self, prompts: str | Sequence[str], chat: bool = False) -> list[list[int]]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -102,16 +116,28 @@ class Generator:
         """Generate from token-id prompts of any lengths (batched, right-padded to a bucket)."""
         cfg = self.cfg
         method = method.validate(cfg)
+        if self.offloaded is not None and isinstance(method, Dense):
+            raise ValueError("offload mode needs a sparse method (stability): a dense decode would stream "
+                             "every FFN weight for every token")
         tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
         eos = jnp.asarray(cfg.eos_token_ids if stop_at_eos else (), jnp.int32)
 
         t0 = time.perf_counter()
-        first_logits, cache, core = engine.prefill(self.params, tokens, lengths, cfg=cfg, method=method,
-                                                   cache_len=cache_len)
-        jax.block_until_ready((first_logits, cache, core))
+        if self.offloaded is None:
+            first_logits, cache, core = engine.prefill(self.params, tokens, lengths, cfg=cfg, method=method,
+                                                       cache_len=cache_len)
+            weights, decode_core, decode_method = self.params, core, method
+        else:
+            device_params, host_ffn = self.offloaded
+            first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, cfg=cfg,
+                                                                 method=method, cache_len=cache_len)
+            # Already the gathered core rows: decode must not gather again.
+            weights = place_core_weights(device_params, host_ffn, core, method)
+            decode_core, decode_method = None, Dense()
+        jax.block_until_ready((first_logits, cache, core, weights))
         t1 = time.perf_counter()
-        out = engine.decode(self.params, first_logits, cache, lengths, core, jnp.int32(max_new_tokens), eos,
-                            jax.random.key(seed), cfg=cfg, method=method, sampling=sampling,
+        out = engine.decode(weights, first_logits, cache, lengths, decode_core, jnp.int32(max_new_tokens), eos,
+                            jax.random.key(seed), cfg=cfg, method=decode_method, sampling=sampling,
                             max_steps=cache_len - tokens.shape[1], return_logits=return_logits)
         out = jax.block_until_ready(out)
         t2 = time.perf_counter()

@@ -78,3 +78,14 @@ def test_bad_input_is_one_clear_line(ckpt: Path, args: list[str], words: str) ->
 def test_missing_checkpoint(tmp_path: Path) -> None:
     r = cli("generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_offload_gives_the_same_tokens(ckpt: Path) -> None:
+    args = ["generate", "--checkpoint", str(ckpt), "--prompt", "The sun rises in the east", "--max-new-tokens", "8",
+            "--method", "stability", "--keep", "0.5", "--layers", "0:2", "--json"]
+    on_device, offloaded = json.loads(cli(*args).stdout), json.loads(cli(*args, "--offload").stdout)
+    assert offloaded["offload"] and not on_device["offload"]
+    assert offloaded["tokens"] == on_device["tokens"]
+    assert offloaded["core_neurons"] == on_device["core_neurons"]
+    r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "hi", "--offload")
+    assert r.returncode == 2 and "offload mode needs a sparse method" in r.stderr
