@@ -41,8 +41,15 @@ def activation_fn(cfg: ModelConfig) -> Callable[[jnp.ndarray], jnp.ndarray]:
     return _ACTIVATIONS[cfg.hidden_act]
 
 
+def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
+    """One layer's K (or V) cache, `[B, Hkv, hd, S]`: slots minor, the layout XLA's CPU dot
+    wants for both attention contractions; any other layout costs a copy of the whole
+    cache in every decode step."""
+    return batch, cfg.num_kv_heads, cfg.head_dim, length
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Cache:
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = cache_shape(cfg, batch, length)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
 
 
@@ -58,8 +65,8 @@ def norm(p: dict[str, jnp.ndarray], x: jnp.ndarray, cfg: ModelConfig) -> jnp.nda
 
 
 def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """Write `new` `[B, T, Hkv, hd]` into `cache` `[B, S, Hkv, hd]` at each row's `start[b]`."""
-    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache, new, start)
+    """Write `new` `[B, Hkv, hd, T]` into `cache` `[B, Hkv, hd, S]` at each row's `start[b]`."""
+    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (0, 0, s)))(cache, new, start)
 
 
 def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
@@ -77,17 +84,19 @@ def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndar
     v = v.reshape(B, T, Hkv, hd)
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    kv = {"k": _write(kv["k"], k, start), "v": _write(kv["v"], v, start)}
-    S = kv["k"].shape[1]
-    q = q.reshape(B, T, Hkv, H // Hkv, hd) * jnp.asarray(hd**-0.5, x.dtype)  # [B, T, Hkv, G, hd]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
+    kv = {"k": _write(kv["k"], k.transpose(0, 2, 3, 1), start),  # [B, Hkv, hd, S]
+          "v": _write(kv["v"], v.transpose(0, 2, 3, 1), start)}
+    S = kv["k"].shape[3]
+    q = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
+    q = q * jnp.asarray(hd**-0.5, x.dtype)
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
     slots = jnp.arange(S)
     visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
     if cfg.sliding_window is not None:
         visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, kv["v"]).reshape(B, T, H * hd)  # [B, T, H*hd]
+    out = jnp.einsum("bkgts,bkds->btkgd", probs, kv["v"]).reshape(B, T, H * hd)  # [B, T, H*hd]
     out = out @ p["w_o"]
     if cfg.o_bias:
         out = out + p["b_o"]

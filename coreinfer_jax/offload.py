@@ -33,7 +33,7 @@ from jax.sharding import SingleDeviceSharding
 from coreinfer_jax import engine
 from coreinfer_jax.config import ModelConfig
 from coreinfer_jax.methods import Method, Stability
-from coreinfer_jax.model import Cache, block, embed, logits, norm
+from coreinfer_jax.model import Cache, block, cache_shape, embed, logits, norm
 from coreinfer_jax.params import Params
 from coreinfer_jax.rope import inverse_frequencies, rotary_tables
 from coreinfer_jax.selection import select_core_neurons
@@ -112,8 +112,8 @@ def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.nd
     variant (selecting or not): at most two compiles per prompt bucket.
     """
     B = x.shape[0]
-    shape = (B, cache_len, cfg.num_kv_heads, cfg.head_dim)
-    kv = {"k": jnp.zeros(shape, x.dtype), "v": jnp.zeros(shape, x.dtype)}  # [B, S, Hkv, hd]
+    shape = cache_shape(cfg, B, cache_len)
+    kv = {"k": jnp.zeros(shape, x.dtype), "v": jnp.zeros(shape, x.dtype)}  # [B, Hkv, S, hd]
     with jax.named_scope("prefill/layer"):
         x, kv, score = block(p, x, positions, jnp.zeros((B,), jnp.int32), kv, rope, cfg)  # score [B, T, F]
         core = None
