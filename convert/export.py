@@ -42,7 +42,7 @@ def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None
     config = AutoConfig.for_model(**hf)
     torch_dtype = getattr(torch, dtype or str(params["embed"].dtype))
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    state = {k: torch.from_numpy(v).to(torch_dtype) for k, v in torch_state_dict(cfg, params).items()}
+    state = {k: torch.tensor(v, dtype=torch_dtype) for k, v in torch_state_dict(cfg, params).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:

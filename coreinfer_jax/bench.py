@@ -132,7 +132,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"decode, batch 1, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, greedy, "
-        f"{report['dtype']}, median of {report['reps']}; copy bandwidth {report['bandwidth_gb_s']:.1f} GB/s",
+        f"{report['dtype']}, median of {report['reps']}; read bandwidth {report['bandwidth_gb_s']:.1f} GB/s",
         "",
         "| row | decode tok/s | vs torch | vs jax dense | speed-up bound | of bound | MB/token "
         "| tok/s bound | of bandwidth | pre-fill ms |",

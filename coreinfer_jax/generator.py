@@ -49,6 +49,10 @@ def cache_length(bucket: int, max_new_tokens: int) -> int:
 
 @dataclasses.dataclass
 class GenerationResult:
+    """Generated texts and ids, and honest timings (`block_until_ready` at each boundary):
+    `prefill_s` covers pre-fill, core-neuron selection and gathering the core weights;
+    `decode_s` the decode loop, which ran `decode_steps` forward passes."""
+
     texts: list[str]
     tokens: list[list[int]]
     prompt_tokens: list[int]
@@ -126,18 +130,16 @@ class Generator:
         if self.offloaded is None:
             first_logits, cache, core = engine.prefill(self.params, tokens, lengths, cfg=cfg, method=method,
                                                        cache_len=cache_len)
-            weights, decode_core, decode_method = self.params, core, method
+            weights = self.params if core is None else engine.sparse_params(self.params, core, method=method)
         else:
             device_params, host_ffn = self.offloaded
             first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, cfg=cfg,
-                                                                 method=method, cache_len=cache_len)
-            # Already the gathered core rows: decode must not gather again.
+                                                         method=method, cache_len=cache_len)
             weights = place_core_weights(device_params, host_ffn, core, method)
-            decode_core, decode_method = None, Dense()
         jax.block_until_ready((first_logits, cache, core, weights))
         t1 = time.perf_counter()
-        out = engine.decode(weights, first_logits, cache, lengths, decode_core, jnp.int32(max_new_tokens), eos,
-                            jax.random.key(seed), cfg=cfg, method=decode_method, sampling=sampling,
+        out = engine.decode(weights, first_logits, cache, lengths, jnp.int32(max_new_tokens), eos,
+                            jax.random.key(seed), cfg=cfg, sampling=sampling,
                             max_steps=cache_len - tokens.shape[1], return_logits=return_logits)
         out = jax.block_until_ready(out)
         t2 = time.perf_counter()

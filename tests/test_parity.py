@@ -111,9 +111,10 @@ def test_same_bucket_does_not_recompile(tiny_checkpoint) -> None:
     gen = Generator.load(tiny_checkpoint("llama"))
     for method in (Stability(keep=0.5), Stability(keep=0.5, token_keep=0.9)):
         gen.generate_ids([[1, 2, 3, 4, 5]], max_new_tokens=8, method=method)
-        sizes = engine.prefill._cache_size(), engine.decode._cache_size()
+        programs = engine.prefill, engine.sparse_params, engine.decode
+        sizes = [f._cache_size() for f in programs]
         # 9 and 14 tokens share the 16-token bucket; their positive counts (and so
         # `limit`) differ, which must not matter either.
         gen.generate_ids([[9, 8, 7, 6, 5, 4, 3, 2, 1]], max_new_tokens=8, method=method)
         gen.generate_ids([list(range(20, 34))], max_new_tokens=8, method=method)
-        assert (engine.prefill._cache_size(), engine.decode._cache_size()) == sizes
+        assert [f._cache_size() for f in programs] == sizes
