@@ -29,8 +29,10 @@ def torch_state_dict(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     return state
 
 
-def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None) -> Any:
-    """A Transformers `AutoModelForCausalLM` (eval mode) holding the checkpoint's weights."""
+def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None,
+                                attn_implementation: str | None = None) -> Any:
+    """A Transformers `AutoModelForCausalLM` (eval mode) holding the checkpoint's weights;
+    `attn_implementation` as Transformers names them ("eager", "sdpa"; None: its default)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -41,7 +43,7 @@ def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None
     hf.pop("quantization_config", None)  # GGUF sources: the weights are already dequantised
     config = AutoConfig.for_model(**hf)
     torch_dtype = getattr(torch, dtype or str(params["embed"].dtype))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
     state = {k: torch.tensor(v, dtype=torch_dtype) for k, v in torch_state_dict(cfg, params).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()

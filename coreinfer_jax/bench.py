@@ -45,15 +45,16 @@ class Row:
 
 
 class TorchRunner:
-    """Transformers `generate` (greedy, eager PyTorch) on the checkpoint's exact weights."""
+    """Transformers `generate` (greedy, eager-mode PyTorch) on the checkpoint's exact weights,
+    with Transformers' `attention` implementation ("eager" or "sdpa")."""
 
-    def __init__(self, checkpoint: Path, dtype: str | None):
+    def __init__(self, checkpoint: Path, dtype: str | None, attention: str):
         import torch
 
         from convert import torch_model_from_checkpoint
 
         self.torch = torch
-        self.model = torch_model_from_checkpoint(checkpoint, dtype)
+        self.model = torch_model_from_checkpoint(checkpoint, dtype, attention)
 
     def run(self, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
         """(pre-fill seconds, decode tokens/s); decode time = full generate minus a 1-token generate."""
@@ -71,18 +72,19 @@ class TorchRunner:
 
 
 def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
-              torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT) -> dict[str, Any]:
+              torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT,
+              torch_attention: str = "eager") -> dict[str, Any]:
     gen = Generator.load(checkpoint, dtype)
     cfg, params = gen.cfg, gen.params
     prompt_ids = gen.encode(prompt)[0]
     methods = [m.validate(cfg) for m in methods]
-    torch_runner = TorchRunner(checkpoint, dtype) if torch_baseline else None
+    torch_runner = TorchRunner(checkpoint, dtype, torch_attention) if torch_baseline else None
 
     def jax_run(m: Method) -> tuple[float, float]:
         r = gen.generate_ids([prompt_ids], new_tokens, method=m, stop_at_eos=False)
         return r.prefill_s, r.decode_tokens_per_s
 
-    names = [("transformers-pytorch", None)] if torch_runner else []
+    names = [(f"transformers-pytorch-{torch_attention}", None)] if torch_runner else []
     names += [(label(m), m) for m in methods]
     runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda: torch_runner.run(prompt_ids, new_tokens))
                for n, m in names}
@@ -153,6 +155,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.method != "dense":
         methods += [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers) for k in args.keep]
     with maybe_profile(args.profile):
-        report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype)
+        report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
+                           torch_attention=args.torch_attention)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

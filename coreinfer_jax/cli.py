@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--no-torch", action="store_true", help="skip the Transformers PyTorch row")
+    b.add_argument("--torch-attention", choices=["eager", "sdpa"], default="eager",
+                   help="Transformers' attention implementation for the baseline row")
     b.add_argument("--json", action="store_true")
     b.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace of the whole run")
     b.set_defaults(func=bench_main)

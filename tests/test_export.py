@@ -25,7 +25,7 @@ def test_bench_reports_every_row_side_by_side(tiny_checkpoint) -> None:
     report = run_bench(tiny_checkpoint("llama"), [Dense(), Stability(keep=0.5, layers=(1, 2))], new_tokens=8, reps=2,
                        prompt="The cat sat on the mat.")
     names = [r["name"] for r in report["rows"]]
-    assert names == ["transformers-pytorch", "jax-dense", "jax-stability-keep0.5"]
+    assert names == ["transformers-pytorch-eager", "jax-dense", "jax-stability-keep0.5"]
     torch_row, dense, sparse = report["rows"]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in report["rows"])
     assert dense["vs_torch"] == pytest.approx(dense["decode_tokens_per_s"] / torch_row["decode_tokens_per_s"])
@@ -34,4 +34,4 @@ def test_bench_reports_every_row_side_by_side(tiny_checkpoint) -> None:
     assert sparse["bytes_per_token"] < dense["bytes_per_token"]
     assert report["bandwidth_gb_s"] > 0
     table = markdown(report)
-    assert "jax-stability-keep0.5" in table and "transformers-pytorch" in table
+    assert "jax-stability-keep0.5" in table and "transformers-pytorch-eager" in table
