@@ -57,7 +57,8 @@ def generate_main(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     prompt = format_prompt(args.task, args.prompt)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, method=method, sampling=sampling,
-                                  seed=args.seed, chat=args.chat)
+                                  seed=args.seed, chat=args.chat,
+                                  stop_at_newline=args.stop_at_newline or args.task == "qa")
     # The first call compiles (pre-fill and decode for this bucket); the second is timed.
     warm = gen.generate(prompt, **kwargs)
     with maybe_profile(args.profile):
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", choices=list(TEMPLATES), default="none",
                    help="wrap the prompt in a few-shot task template (qa, summarize, translate)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    g.add_argument("--stop-at-newline", action="store_true",
+                   help="end the answer at its first newline (always on with --task qa)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)

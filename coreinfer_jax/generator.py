@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -90,6 +91,11 @@ class Generator:
         return cls(*load_checkpoint(checkpoint, dtype, on_device=not offload), offload=offload,
                    host_memory=host_memory)
 
+    @functools.cached_property
+    def newline_tokens(self) -> frozenset[int]:
+        """Ids of every token whose text contains a newline."""
+        return frozenset(i for i in self.tokenizer.get_vocab().values() if "\n" in self.tokenizer.decode([i]))
+
     def encode(self, prompts: str | Sequence[str], chat: bool = False) -> list[list[int]]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -108,23 +114,33 @@ class Generator:
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, method: Method = Dense(),
                  sampling: Sampling = Sampling(), seed: int = 0, chat: bool = False,
-                 stop_at_eos: bool = True) -> GenerationResult:
+                 stop_at_eos: bool = True, stop_at_newline: bool = False) -> GenerationResult:
+        """Generate from text. `stop_at_newline` ends a row at the first token containing a
+        newline (one-line answers, as in the paper's QA runs); that token is dropped from the text."""
         ids = self.encode(prompts, chat)
-        result = self.generate_ids(ids, max_new_tokens, method, sampling, seed, stop_at_eos)
+        stops = self.newline_tokens if stop_at_newline else ()
+        result = self.generate_ids(ids, max_new_tokens, method, sampling, seed, stop_at_eos, stop_tokens=stops)
+        if stop_at_newline:
+            result.tokens = [t[:-1] if t and t[-1] in stops else t for t in result.tokens]
         result.texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
         return result
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                      method: Method = Dense(), sampling: Sampling = Sampling(), seed: int = 0,
-                     stop_at_eos: bool = True, return_logits: bool = False) -> GenerationResult:
-        """Generate from token-id prompts of any lengths (batched, right-padded to a bucket)."""
+                     stop_at_eos: bool = True, return_logits: bool = False,
+                     stop_tokens: Sequence[int] = ()) -> GenerationResult:
+        """Generate from token-id prompts of any lengths (batched, right-padded to a bucket).
+
+        A row ends at EOS (with `stop_at_eos`), at any of `stop_tokens`, or after
+        `max_new_tokens`; the stopping token is part of `tokens`.
+        """
         cfg = self.cfg
         method = method.validate(cfg)
         if self.offloaded is not None and isinstance(method, Dense):
             raise ValueError("offload mode needs a sparse method (stability): a dense decode would stream "
                              "every FFN weight for every token")
         tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
-        eos = jnp.asarray(cfg.eos_token_ids if stop_at_eos else (), jnp.int32)
+        eos = jnp.asarray((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), jnp.int32)
 
         t0 = time.perf_counter()
         if self.offloaded is None:

@@ -89,3 +89,18 @@ def test_offload_gives_the_same_tokens(ckpt: Path) -> None:
     assert offloaded["core_neurons"] == on_device["core_neurons"]
     r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "hi", "--offload")
     assert r.returncode == 2 and "offload mode needs a sparse method" in r.stderr
+
+
+def test_stop_at_newline_ends_the_answer(ckpt: Path) -> None:
+    gen = Generator.load(ckpt)
+    newline = gen.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert set(newline) <= gen.newline_tokens
+    assert all("\n" in gen.tokenizer.decode([t]) for t in gen.newline_tokens)
+    full = gen.generate("The cat sat on the", max_new_tokens=30, stop_at_eos=False)
+    # The random tiny model rarely writes a newline: let its 6th token stand for one.
+    stand_in = full.tokens[0][5]
+    first = full.tokens[0].index(stand_in)
+    gen.__dict__["newline_tokens"] = frozenset({stand_in})
+    cut = gen.generate("The cat sat on the", max_new_tokens=30, stop_at_eos=False, stop_at_newline=True)
+    assert cut.tokens[0] == full.tokens[0][:first]
+    assert cut.texts[0] == gen.tokenizer.decode(full.tokens[0][:first], skip_special_tokens=True)
