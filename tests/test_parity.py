@@ -107,14 +107,25 @@ def test_sparse_keep_one_equals_dense(pair) -> None:
     assert sparse.core_neurons.shape == (len(PROMPTS), gen.cfg.num_layers, gen.cfg.intermediate_size)
 
 
+def limits(gen: Generator, ids: list[int], layer: int, token_keep: float) -> int:
+    """The method's `limit` for `ids` at `layer`, from our own pre-fill activations."""
+    acts: dict[int, np.ndarray] = {}
+    cache = init_cache(gen.cfg, 1, len(ids), jnp.float32)
+    forward(gen.params, gen.cfg, jnp.asarray([ids]), jnp.zeros((1,), jnp.int32), cache,
+            select=lambda i, a: acts.__setitem__(i, np.asarray(a)[0]))
+    return int(token_keep * (acts[layer] > 0).sum() / len(ids))
+
+
 def test_same_bucket_does_not_recompile(tiny_checkpoint) -> None:
     gen = Generator.load(tiny_checkpoint("llama"))
+    first, second, third = [1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1], list(range(20, 34))
     for method in (Stability(keep=0.5), Stability(keep=0.5, token_keep=0.9)):
-        gen.generate_ids([[1, 2, 3, 4, 5]], max_new_tokens=8, method=method)
+        layer = method.validate(gen.cfg).sparse_layers()[0]
+        gen.generate_ids([first], max_new_tokens=8, method=method)
         programs = engine.prefill, engine.sparse_params, engine.decode
         sizes = [f._cache_size() for f in programs]
-        # 9 and 14 tokens share the 16-token bucket; their positive counts (and so
-        # `limit`) differ, which must not matter either.
-        gen.generate_ids([[9, 8, 7, 6, 5, 4, 3, 2, 1]], max_new_tokens=8, method=method)
-        gen.generate_ids([list(range(20, 34))], max_new_tokens=8, method=method)
+        # 9 and 14 tokens share the 16-token bucket with 5, and their `limit`s differ.
+        assert len({limits(gen, p, layer, method.token_keep) for p in (first, second, third)}) > 1
+        gen.generate_ids([second], max_new_tokens=8, method=method)
+        gen.generate_ids([third], max_new_tokens=8, method=method)
         assert [f._cache_size() for f in programs] == sizes
