@@ -71,13 +71,24 @@ def gather_core_weights(ffn: Params, idx: jnp.ndarray) -> Params:
     return {name: jnp.take(w, idx, axis=0) if name in GATHERED_ROWS else w for name, w in ffn.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
-def sparse_params(params: Params, core: jnp.ndarray, *, method: Stability) -> Params:
-    """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`."""
-    layers = list(params["layers"])
+@jax.jit
+def _gather_layers(ffns: list[Params], core: jnp.ndarray) -> list[Params]:
+    """`gather_core_weights` of each sparse layer's FFN with its indices `core[:, j]`."""
     with jax.named_scope("gather_core_neurons"):
-        for j, i in enumerate(method.sparse_layers()):
-            layers[i] = dict(layers[i], ffn=gather_core_weights(layers[i]["ffn"], core[:, j]))
+        return [gather_core_weights(ffn, core[:, j]) for j, ffn in enumerate(ffns)]
+
+
+def sparse_params(params: Params, core: jnp.ndarray, method: Stability) -> Params:
+    """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`.
+
+    Only the FFNs of sparse layers enter the jitted gather: a jitted function returning the
+    other weights would copy them (the whole model) on every generation.
+    """
+    sparse = method.sparse_layers()
+    gathered = _gather_layers([params["layers"][i]["ffn"] for i in sparse], core)
+    layers = list(params["layers"])
+    for i, ffn in zip(sparse, gathered):
+        layers[i] = dict(layers[i], ffn=ffn)
     return dict(params, layers=layers)
 
 

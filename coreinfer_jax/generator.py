@@ -146,7 +146,7 @@ class Generator:
         if self.offloaded is None:
             first_logits, cache, core = engine.prefill(self.params, tokens, lengths, cfg=cfg, method=method,
                                                        cache_len=cache_len)
-            weights = self.params if core is None else engine.sparse_params(self.params, core, method=method)
+            weights = self.params if core is None else engine.sparse_params(self.params, core, method)
         else:
             device_params, host_ffn = self.offloaded
             first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, cfg=cfg,

@@ -122,7 +122,7 @@ def test_same_bucket_does_not_recompile(tiny_checkpoint) -> None:
     for method in (Stability(keep=0.5), Stability(keep=0.5, token_keep=0.9)):
         layer = method.validate(gen.cfg).sparse_layers()[0]
         gen.generate_ids([first], max_new_tokens=8, method=method)
-        programs = engine.prefill, engine.sparse_params, engine.decode
+        programs = engine.prefill, engine._gather_layers, engine.decode
         sizes = [f._cache_size() for f in programs]
         # 9 and 14 tokens share the 16-token bucket with 5, and their `limit`s differ.
         assert len({limits(gen, p, layer, method.token_keep) for p in (first, second, third)}) > 1
