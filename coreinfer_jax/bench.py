@@ -57,18 +57,26 @@ class TorchRunner:
         self.model = torch_model_from_checkpoint(checkpoint, dtype, attention)
 
     def run(self, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
-        """(pre-fill seconds, decode tokens/s); decode time = full generate minus a 1-token generate."""
+        """(pre-fill seconds, decode tokens/s), from timestamps Transformers' own loop gives us
+        after each generated token (a stopping criterion that never stops): pre-fill ends with
+        the first token, decode covers the remaining `new_tokens - 1`."""
         torch = self.torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stamps: list[float] = []
+
+        class Clock(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                stamps.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
         x = torch.tensor([prompt_ids])
-        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            self.model.generate(x, max_new_tokens=1, **kw)
-            t1 = time.perf_counter()
-            self.model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            t2 = time.perf_counter()
-        prefill = t1 - t0
-        return prefill, (new_tokens - 1) / ((t2 - t1) - prefill)
+            self.model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([Clock()]))
+        assert len(stamps) == new_tokens, (len(stamps), new_tokens)
+        return stamps[0] - t0, (new_tokens - 1) / (stamps[-1] - stamps[0])
 
 
 def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
