@@ -18,8 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from coreinfer_jax.budget import methods_from_args
 from coreinfer_jax.generator import Generator
-from coreinfer_jax.methods import Dense, Method, make_method
+from coreinfer_jax.methods import Dense, Method, variant
 from coreinfer_jax.profiling import maybe_profile
 from coreinfer_jax.roofline import bytes_per_token, measure_bandwidth, median
 
@@ -132,7 +133,8 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
 def label(m: Method) -> str:
     if isinstance(m, Dense):
         return "jax-dense"
-    return f"jax-{m.name}-keep{m.keep:g}"
+    suffix = variant(m)
+    return f"jax-{m.name}-keep{m.keep:g}" + (f"-{suffix}" if suffix else "")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -161,7 +163,7 @@ def markdown(report: dict[str, Any]) -> str:
 def bench_main(args: argparse.Namespace) -> int:
     methods: list[Method] = [Dense()]
     if args.method != "dense":
-        methods += [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers) for k in args.keep]
+        methods += methods_from_args(args, args.keep)
     with maybe_profile(args.profile):
         report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
                            torch_attention=args.torch_attention)

@@ -56,14 +56,14 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenize
         tokenizer.save_pretrained(tmp / "tokenizer")
         meta = dict(metadata, dtype=dtype, parameter_count=count_params(params), architecture=cfg.architecture)
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`; an existing `out` is renamed away first and deleted only after."""
     if not out.exists():
         os.rename(tmp, out)

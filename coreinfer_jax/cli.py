@@ -1,4 +1,4 @@
-"""`python -m coreinfer_jax {generate,bench}`."""
+"""`python -m coreinfer_jax {generate,bench,eval,calibrate,budget,sweep}`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from coreinfer_jax import budget, calibration, evaluate, sweep
 from coreinfer_jax.bench import bench_main
 from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from coreinfer_jax.config import ConfigError
 from coreinfer_jax.generator import GenerationResult, Generator, InputError
-from coreinfer_jax.methods import METHODS, Method, make_method, parse_layers
+from coreinfer_jax.methods import METHODS, Method, parse_layers
 from coreinfer_jax.profiling import maybe_profile
+from coreinfer_jax.rules import RULES
 from coreinfer_jax.sampling import Sampling
 from coreinfer_jax.tasks import TEMPLATES, format_prompt
 
@@ -38,6 +40,14 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
                    help="token-wise core fraction, relative to the mean positive count")
     p.add_argument("--layers", type=layers_arg, default=None,
                    help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration directory of --method similarity (made by the calibrate command)")
+    p.add_argument("--rule", choices=list(RULES), default="paper",
+                   help="stability's selection rule: paper (CoreInfer's), magnitude, normalized_magnitude")
+    p.add_argument("--layer-neurons", default=None,
+                   help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
+    p.add_argument("--budget", type=Path, default=None,
+                   help="per-layer budget JSON made by the budget command (allocated for each --keep)")
 
 
 def layers_arg(text: str) -> tuple[int, int]:
@@ -48,7 +58,7 @@ def layers_arg(text: str) -> tuple[int, int]:
 
 
 def method_from_args(args: argparse.Namespace) -> Method:
-    return make_method(args.method, keep=args.keep, token_keep=args.token_keep, layers=args.layers)
+    return budget.methods_from_args(args, [args.keep])[0]
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -89,6 +99,8 @@ def result_json(out: GenerationResult, compile_s: float, offload: bool = False) 
         "keep": getattr(m, "keep", 1.0),
         "token_keep": getattr(m, "token_keep", None),
         "layers": list(m.layers) if getattr(m, "layers", None) else None,
+        "rule": getattr(m, "rule", None),
+        "layer_neurons": list(m.layer_keep) if getattr(m, "layer_keep", None) else None,
         "core_neurons": None if out.core_neurons is None else out.core_neurons[0].tolist(),
     }
 
@@ -102,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--task", choices=list(TEMPLATES), default="none",
-                   help="wrap the prompt in a few-shot task template (qa, summarize, translate)")
+                   help="wrap the prompt in a task template (qa, summarize, translate: few-shot; "
+                        "question: the similarity method's format)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     g.add_argument("--stop-at-newline", action="store_true",
                    help="end the answer at its first newline (always on with --task qa)")
@@ -128,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace of the whole run")
     b.set_defaults(func=bench_main)
+
+    evaluate.add_parser(sub, add_model_args, add_method_args)
+    add_model_args(calibration.add_parser(sub))
+    add_model_args(budget.add_parser(sub))
+    sweep.add_parser(sub, add_model_args)
     return parser
 
 

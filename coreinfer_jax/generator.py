@@ -21,7 +21,7 @@ import numpy as np
 from coreinfer_jax import engine
 from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.methods import Dense, Method
+from coreinfer_jax.methods import Dense, Method, method_tables
 from coreinfer_jax.offload import place_core_weights, prefill_streamed, split_params
 from coreinfer_jax.params import Params
 from coreinfer_jax.sampling import Sampling
@@ -143,15 +143,7 @@ class Generator:
         eos = jnp.asarray((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), jnp.int32)
 
         t0 = time.perf_counter()
-        if self.offloaded is None:
-            first_logits, cache, core = engine.prefill(self.params, tokens, lengths, cfg=cfg, method=method,
-                                                       cache_len=cache_len)
-            weights = self.params if core is None else engine.sparse_params(self.params, core, method)
-        else:
-            device_params, host_ffn = self.offloaded
-            first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, cfg=cfg,
-                                                         method=method, cache_len=cache_len)
-            weights = place_core_weights(device_params, host_ffn, core, method)
+        first_logits, cache, core, weights = self._prefill(tokens, lengths, cache_len, method)
         jax.block_until_ready((first_logits, cache, core, weights))
         t1 = time.perf_counter()
         out = engine.decode(weights, first_logits, cache, lengths, jnp.int32(max_new_tokens), eos,
@@ -169,6 +161,50 @@ class Generator:
             core_neurons=None if core is None else np.asarray(core),
             logits=np.asarray(out["logits"])[:, :max_new_tokens] if return_logits else None,
         )
+
+    def score_ids(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                  method: Method = Dense()) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Teacher-forced log-probabilities of each continuation after its context.
+
+        The context is pre-filled densely and chooses the core neurons (as in generation);
+        the continuation is then run as one jitted chunk through the decode-time weights
+        (sparse FFN in the sparse layers), which is exactly teacher-forced sparse decoding.
+        Returns, per row, the log-probability of each continuation token `[C]` and whether
+        it was the greedy choice `[C]`.
+        """
+        method = method.validate(self.cfg)
+        if len(contexts) != len(continuations):
+            raise InputError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        if any(len(c) == 0 for c in continuations):
+            raise InputError("continuation is empty")
+        longest = max(len(c) for c in continuations)
+        tokens, lengths, _ = self._pack(contexts, longest)
+        # Padded to a bucket so nearby continuation lengths share a compile.
+        chunk = prompt_bucket(longest, self.cfg.max_position_embeddings)
+        targets = np.zeros((len(contexts), chunk), np.int32)
+        for row, c in zip(targets, continuations):
+            row[: len(c)] = c
+        first_logits, cache, _, weights = self._prefill(tokens, lengths, cache_length(tokens.shape[1], chunk),
+                                                        method)
+        logprobs, greedy = engine.score_continuation(weights, first_logits, cache, lengths, jnp.asarray(targets),
+                                                     cfg=self.cfg)
+        logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
+        return [(logprobs[i, : len(c)], greedy[i, : len(c)]) for i, c in enumerate(continuations)]
+
+    def _prefill(self, tokens: jnp.ndarray, lengths: jnp.ndarray, cache_len: int, method: Method):
+        """Pre-fill (streamed in offload mode): first logits, cache, core neurons (None for
+        dense) and the decode-time weights (core neurons gathered in the sparse layers)."""
+        tables = method_tables(method)
+        if self.offloaded is None:
+            first_logits, cache, core = engine.prefill(self.params, tokens, lengths, tables, cfg=self.cfg,
+                                                       method=method, cache_len=cache_len)
+            weights = self.params if core is None else engine.sparse_params(self.params, core, method)
+        else:
+            device_params, host_ffn = self.offloaded
+            first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, tables,
+                                                         cfg=self.cfg, method=method, cache_len=cache_len)
+            weights = place_core_weights(device_params, host_ffn, core, method)
+        return first_logits, cache, core, weights
 
     def _pack(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[jnp.ndarray, jnp.ndarray, int]:
         context = self.cfg.max_position_embeddings

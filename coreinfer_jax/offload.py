@@ -2,10 +2,11 @@
 
 Only the non-FFN weights (embeddings, attention, norms, LM head) stay on the accelerator.
 Pre-fill streams each layer's full FFN to the device, runs that layer, selects its core
-neurons and drops the copy (the next layer's transfer is issued first, so it overlaps the
-current layer's compute and at most two layers' FFN are resident at once). Then only the
-core neurons' rows are gathered on the host and placed on the device, and the ordinary
-`engine.decode` loop runs on them: decoding never touches host memory again.
+neurons (similarity-guided: assigns the prompt's cluster at its layer) and drops the copy
+(the next layer's transfer is issued first, so it overlaps the current layer's compute and
+at most two layers' FFN are resident at once). Then only the core neurons' rows are
+gathered on the host and placed on the device, and the ordinary `engine.decode` loop runs
+on them: decoding never touches host memory again.
 `Generator(..., offload=True)` (CLI `--offload`) runs generation this way; only sparse
 methods can, since a dense decode would stream every FFN weight for every token.
 
@@ -32,11 +33,10 @@ from jax.sharding import SingleDeviceSharding
 
 from coreinfer_jax import engine
 from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.methods import Method, Stability
+from coreinfer_jax.methods import Method, SparseMethod
 from coreinfer_jax.model import Cache, block, cache_shape, embed, logits, norm
 from coreinfer_jax.params import Params
 from coreinfer_jax.rope import inverse_frequencies, rotary_tables
-from coreinfer_jax.selection import select_core_neurons
 
 PINNED = "pinned_host"
 HOST_KINDS = ("auto", "numpy", PINNED)
@@ -101,12 +101,12 @@ def _embed(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, *, cfg: Mo
     return x, positions, rope, valid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "selection"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "method"))
 def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-           valid: jnp.ndarray, *, cfg: ModelConfig, cache_len: int, selection: tuple[float, float] | None
-           ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray | None]:
-    """One pre-fill layer with a fresh KV cache; core neurons `[B, n_keep]` when `selection`
-    is `(keep, token_keep)`, else None.
+           valid: jnp.ndarray, tables: Params | None, *, cfg: ModelConfig, cache_len: int,
+           method: SparseMethod | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray | None]:
+    """One pre-fill layer with a fresh KV cache; with `method` (a selecting layer), what
+    `engine.select_in_layer` takes from it (`tables`: the method's arrays), else None.
 
     The layer index never enters the computation, so every layer shares one compile per
     variant (selecting or not): at most two compiles per prompt bucket.
@@ -116,11 +116,11 @@ def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.nd
     kv = {"k": jnp.zeros(shape, x.dtype), "v": jnp.zeros(shape, x.dtype)}  # [B, Hkv, S, hd]
     with jax.named_scope("prefill/layer"):
         x, kv, score = block(p, x, positions, jnp.zeros((B,), jnp.int32), kv, rope, cfg)  # score [B, T, F]
-        core = None
-        if selection is not None:
+        chosen = None
+        if method is not None:
             with jax.named_scope("select_core_neurons"):
-                core = select_core_neurons(score, valid, *selection)  # [B, n_keep]
-    return x, kv, core
+                chosen = engine.select_in_layer(method, score, valid, tables)  # [B, n_keep] or cluster [B]
+    return x, kv, chosen
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -134,14 +134,13 @@ def _head(params: Params, x: jnp.ndarray, lengths: jnp.ndarray, *, cfg: ModelCon
         return logits(params, cfg, last)
 
 
-def prefill_streamed(device_params: Params, host_ffn: list[Params], tokens: jnp.ndarray, lengths: jnp.ndarray, *,
-                     cfg: ModelConfig, method: Method,
+def prefill_streamed(device_params: Params, host_ffn: list[Params], tokens: jnp.ndarray, lengths: jnp.ndarray,
+                     tables: Params | None = None, *, cfg: ModelConfig, method: Method,
                      cache_len: int) -> tuple[jnp.ndarray, Cache, jnp.ndarray | None]:
     """`engine.prefill` with each layer's FFN streamed from host memory; same results."""
     device = _device_memory(jax.devices()[0])
     top = {k: v for k, v in device_params.items() if k != "layers"}
-    sparse = set(method.sparse_layers()) if isinstance(method, Stability) else set()
-    selection = (method.keep, method.token_keep) if isinstance(method, Stability) else None
+    selecting = engine.selecting_layers(method)
     x, positions, rope, valid = _embed(top, tokens, lengths, cfg=cfg)
     cache, selected = [], []
     upcoming = jax.device_put(host_ffn[0], device)
@@ -151,15 +150,16 @@ def prefill_streamed(device_params: Params, host_ffn: list[Params], tokens: jnp.
             if i + 1 < cfg.num_layers:
                 # Issued before layer i is dispatched, so the copy overlaps its compute.
                 upcoming = jax.device_put(host_ffn[i + 1], device)
-            x, kv, core = _layer(dict(layer, ffn=ffn), x, positions, rope, valid, cfg=cfg, cache_len=cache_len,
-                                 selection=selection if i in sparse else None)
+            picked = i in selecting
+            x, kv, chosen = _layer(dict(layer, ffn=ffn), x, positions, rope, valid, tables if picked else None,
+                                   cfg=cfg, cache_len=cache_len, method=method if picked else None)
             # Dropping the last reference frees the device copy as soon as layer i has run.
             del ffn
         cache.append(kv)
-        if core is not None:
-            selected.append(core)
+        if chosen is not None:
+            selected.append(chosen)
     out = _head(top, x, lengths, cfg=cfg)
-    return out, cache, jnp.stack(selected, axis=1) if selected else None  # core [B, n_sparse, n_keep]
+    return out, cache, engine.core_neurons(method, selected, tables)  # core [B, n_sparse, n_keep]
 
 
 @jax.jit
@@ -173,7 +173,8 @@ def _gather_on_host(ffn: Params, idx: jnp.ndarray) -> Params:
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
-def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.ndarray, method: Stability) -> Params:
+def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.ndarray,
+                       method: SparseMethod) -> Params:
     """The decode param tree: `device_params` plus, per layer, the FFN on the device: for sparse
     layers only the rows `core` `[B, n_sparse, n_keep]` (gathered on the host, like
     `engine.gather_core_weights`), for the others the whole FFN.

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.methods import Method, Stability
+from coreinfer_jax.methods import Method, SparseMethod, layer_neurons
 from coreinfer_jax.params import Params
-from coreinfer_jax.selection import n_keep_for
 
 _FFN_NEURON_ROWS = ("w_gate", "w_up", "w_down", "b_gate", "b_up")
 
@@ -20,17 +19,15 @@ def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, context: i
     """Bytes one decode step reads: every weight it touches, plus the KV cache at `context`.
 
     The token embedding contributes one row unless it is also the (tied) LM head, which
-    reads all of it; sparse layers read only `n_keep` of their `F` FFN neurons.
+    reads all of it; sparse layers read only their kept neurons (`n_keep`, or the layer's
+    count of a per-layer budget) of their `F` FFN neurons.
     """
     itemsize = jnp.dtype(params["embed"].dtype).itemsize
-    sparse = set(method.sparse_layers()) if isinstance(method, Stability) else set()
-    frac = n_keep_for(cfg.intermediate_size, method.keep) / cfg.intermediate_size if sparse else 1.0
-    total = 0
-    for i, layer in enumerate(params["layers"]):
+    total = ffn_bytes_per_token(cfg, params, method)
+    for layer in params["layers"]:
         for group, tensors in layer.items():
-            for name, w in tensors.items():
-                share = frac if (i in sparse and group == "ffn" and name in _FFN_NEURON_ROWS) else 1.0
-                total += int(w.size * share) * itemsize
+            if group != "ffn":
+                total += sum(w.size for w in tensors.values()) * itemsize
     embed_row = cfg.embed_dim * itemsize
     head = params["embed"].size * itemsize if cfg.tie_word_embeddings else params["lm_head"].size * itemsize + embed_row
     total += head
@@ -41,6 +38,22 @@ def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, context: i
         total += cfg.hidden_size * itemsize
     kv = 2 * cfg.num_layers * context * cfg.num_kv_heads * cfg.head_dim * itemsize
     return total + kv
+
+
+def ffn_bytes_per_token(cfg: ModelConfig, params: Params, method: Method) -> int:
+    """Bytes of FFN weights one decode step reads (every layer; sparse ones only their kept neurons)."""
+    return sum(_ffn_elements(cfg, params, method)) * jnp.dtype(params["embed"].dtype).itemsize
+
+
+def _ffn_elements(cfg: ModelConfig, params: Params, method: Method) -> list[int]:
+    """Per layer, the FFN weight elements a decode step reads: a sparse layer's neuron-major
+    matrices only their kept rows (integer arithmetic, so equal neuron totals give equal bytes)."""
+    F = cfg.intermediate_size
+    kept = {}
+    if isinstance(method, SparseMethod):
+        kept = dict(zip(method.sparse_layers(), layer_neurons(method, F)))
+    return [sum(w.size * kept.get(i, F) // F if name in _FFN_NEURON_ROWS else w.size
+                for name, w in layer["ffn"].items()) for i, layer in enumerate(params["layers"])]
 
 
 def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 9) -> float:

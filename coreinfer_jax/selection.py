@@ -7,10 +7,14 @@ Per sparse layer, over a prompt's real tokens only:
   4. the `int(F * keep)` neurons with the largest counts are the sentence's core neurons.
 The data-dependent `limit` only enters as a comparison against ranks, so shapes stay
 static and a new `limit` never recompiles.
+
+Also the device-side parts of similarity-guided selection: sentence signatures, the
+per-token counts its calibration ranks neurons by, and nearest-centroid assignment.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -45,3 +49,53 @@ def select_core_neurons(activations: jnp.ndarray, valid: jnp.ndarray, keep: floa
     counts = jnp.zeros((B, F), jnp.int32).at[rows, order].add(token_core.astype(jnp.int32))  # [B, F]
     _, idx = lax.top_k(counts, n_keep_for(F, keep))  # [B, n_keep]
     return idx.astype(jnp.int32)
+
+
+# Similarity-guided selection: a token's token-wise core neurons are its
+# `round(0.4 * its positives)` largest activations in a sentence signature, and its
+# `floor(0.4 * mean positives)` largest in a cluster's neuron lists.
+SIMILARITY_TOKEN_FRACTION = 0.4
+
+
+def rank_bound(width: int, fraction: float = SIMILARITY_TOKEN_FRACTION) -> int:
+    """A static upper bound of any token limit `fraction * positives` (rounded), positives <= `width`."""
+    return min(width, int(fraction * width) + 1)
+
+
+def token_core_counts(activations: jnp.ndarray, limits: jnp.ndarray, k_max: int) -> jnp.ndarray:
+    """Per neuron, the number of tokens that have it among their `limits` largest activations.
+
+    `activations` `[B, T, F]`, `limits` int32 `[B, T]` (0 for padding), every limit <= the
+    static `k_max`. Returns int32 `[B, F]`; ties in value are taken in index order.
+    """
+    B, _, F = activations.shape
+    _, order = lax.top_k(activations.astype(jnp.float32), k_max)  # [B, T, k_max]
+    token_core = jnp.arange(k_max) < limits[..., None]  # [B, T, k_max]
+    rows = jnp.arange(B)[:, None, None]
+    return jnp.zeros((B, F), jnp.int32).at[rows, order].add(token_core.astype(jnp.int32))  # [B, F]
+
+
+def sentence_signature(activations: jnp.ndarray, valid: jnp.ndarray, size: int) -> jnp.ndarray:
+    """Multi-hot signature `bool [B, F]` of activations `[B, T, F]` over `valid` `[B, T]` tokens.
+
+    Each token's `round(0.4 * its positive count)` largest activations are token-wise core;
+    the `size` neurons core in the most tokens form the signature (ties in index order;
+    neurons core in no token never do, so a short sentence may have fewer).
+    """
+    with jax.named_scope("sentence_signature"):
+        a = activations.astype(jnp.float32)
+        B, _, F = a.shape
+        positives = jnp.sum(a > 0, axis=-1).astype(jnp.float32)  # [B, T]
+        limits = jnp.where(valid, jnp.round(SIMILARITY_TOKEN_FRACTION * positives), 0).astype(jnp.int32)  # [B, T]
+        counts = token_core_counts(a, limits, rank_bound(F))  # [B, F]
+        _, top = lax.top_k(counts, size)  # [B, size]
+        chosen = jnp.zeros((B, F), bool).at[jnp.arange(B)[:, None], top].set(True)  # [B, F]
+        return chosen & (counts > 0)
+
+
+def assign_clusters(signatures: jnp.ndarray, centroids: jnp.ndarray) -> jnp.ndarray:
+    """Nearest centroid (squared Euclidean, ties to the lowest index) `int32 [B]` of multi-hot
+    `signatures` `[B, F]` among `centroids` `[k, F]`, as k-means assigns points."""
+    with jax.named_scope("assign_cluster"):
+        diff = signatures[:, None, :].astype(jnp.float32) - centroids[None].astype(jnp.float32)  # [B, k, F]
+        return jnp.argmin(jnp.sum(diff * diff, axis=-1), axis=-1).astype(jnp.int32)

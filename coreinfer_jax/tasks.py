@@ -43,6 +43,8 @@ TEMPLATES = {
     "qa": QA_PRIMER + "\n\nQ: {text}\nA:",
     "summarize": SUMMARY_PRIMER + "\n\nArticle: {text}\nSummary:",
     "translate": TRANSLATION_PRIMER + "\n\nGerman: {text}\nEnglish:",
+    # The similarity-guided method's format: calibration sentences are "Question:q Answer:a".
+    "question": "Question:{text}Answer:",
 }
 
 
@@ -51,3 +53,17 @@ def format_prompt(task: str, text: str) -> str:
     if task not in TEMPLATES:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TEMPLATES)}")
     return TEMPLATES[task].format(text=text)
+
+
+# A one-shot example (written for this project, not from SQuAD) shows the extractive,
+# one-line answer format; zero-shot, SmolLM2 mostly starts its answer with a newline.
+SQUAD_SHOT = ("Passage: The Amazon is the largest rainforest on Earth. It covers much of northwestern Brazil and "
+              "extends into Colombia, Peru and other South American countries.\n"
+              "Question: Which country contains most of the Amazon rainforest?\nAnswer: Brazil")
+
+
+def squad_prompt(context: str, question: str, one_shot: bool = True) -> str:
+    """Reading-comprehension prompt: a one-shot example (unless `one_shot=False`), the passage,
+    the question; the answer is one line."""
+    prompt = f"Passage: {context.strip()}\nQuestion: {question.strip()}\nAnswer:"
+    return f"{SQUAD_SHOT}\n\n{prompt}" if one_shot else prompt

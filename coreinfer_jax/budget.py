@@ -1,0 +1,239 @@
+"""Per-layer neuron budgets: measure each sparse layer's sensitivity, allocate neurons by it.
+
+Sensitivity of sparse layer j at keep k: the increase of the teacher-forced NLL per token on
+calibration text (WikiText windows: a densely pre-filled context chooses the core neurons,
+the next tokens are scored) when only layer j keeps its `int(F * k)` core neurons (by the
+budget's rule) and every other layer is dense. A layer whose loss grows more gets more
+neurons, in proportion to its sensitivity, with the same total as the uniform keep (so the
+same FFN bytes per token). Each layer stays within [half, twice] the uniform count: the
+sensitivity was measured at the uniform count and says little about a layer cut far below it.
+
+`python -m coreinfer_jax budget --data wikitext.txt --rule normalized_magnitude --keep 0.4 0.6
+--first-window 20 --out budget.json` writes the measurement; `--budget budget.json` on
+generate/bench/eval/sweep turns it into `Stability(layer_keep=...)` for any measured keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from coreinfer_jax import engine
+from coreinfer_jax.evaldata import load_wikitext
+from coreinfer_jax.evaluate import wikitext_windows
+from coreinfer_jax.generator import Generator, cache_length, prompt_bucket
+from coreinfer_jax.methods import Dense, Method, Stability, make_method, parse_layers
+from coreinfer_jax.params import Params
+from coreinfer_jax.rules import RULES, check_rule
+from coreinfer_jax.selection import n_keep_for
+
+
+class BudgetError(ValueError):
+    """A budget file that cannot serve the requested method."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Measured per-layer sensitivities (NLL increase per token) of `layers`, per keep."""
+
+    rule: str
+    layers: tuple[int, int]
+    width: int
+    token_keep: float
+    sensitivity: dict[float, tuple[float, ...]]
+    dense_nll_per_token: float
+    windows: int
+
+    def layer_neurons(self, keep: float) -> tuple[int, ...]:
+        """Neurons per sparse layer at `keep`: proportional to the sensitivity measured at `keep`,
+        totalling the uniform keep's `n_layers * int(F * keep)`."""
+        if keep not in self.sensitivity:
+            measured = ", ".join(f"{k:g}" for k in sorted(self.sensitivity))
+            raise BudgetError(f"the budget was measured at keep {measured}, not {keep:g}; "
+                              f"measure it with `python -m coreinfer_jax budget --keep {keep:g}`")
+        uniform = n_keep_for(self.width, keep)
+        return allocate(self.sensitivity[keep], len(self.sensitivity[keep]) * uniform,
+                        low=max(1, math.ceil(uniform / 2)), high=min(self.width, 2 * uniform))
+
+    def method(self, keep: float) -> Stability:
+        return Stability(keep=keep, token_keep=self.token_keep, layers=self.layers, rule=self.rule,
+                         layer_keep=self.layer_neurons(keep))
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "layers": list(self.layers), "width": self.width, "token_keep": self.token_keep,
+                "windows": self.windows, "dense_nll_per_token": self.dense_nll_per_token,
+                "sensitivity": {f"{k:g}": list(v) for k, v in self.sensitivity.items()},
+                "layer_neurons": {f"{k:g}": list(self.layer_neurons(k)) for k in self.sensitivity}}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Budget:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            budget = cls(rule=check_rule(d["rule"]), layers=tuple(d["layers"]), width=int(d["width"]),
+                         token_keep=float(d["token_keep"]),
+                         sensitivity={float(k): tuple(float(x) for x in v) for k, v in d["sensitivity"].items()},
+                         dense_nll_per_token=float(d["dense_nll_per_token"]), windows=int(d["windows"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise BudgetError(f"{path} is not a budget file made by `python -m coreinfer_jax budget`: {e}") from None
+        n = budget.layers[1] - budget.layers[0]
+        if any(len(v) != n for v in budget.sensitivity.values()):
+            raise BudgetError(f"{path}: every sensitivity list must have {n} entries (layers {budget.layers})")
+        return budget
+
+
+def allocate(weights: Sequence[float], total: int, low: int, high: int) -> tuple[int, ...]:
+    """Integer counts in `[low, high]` summing to `total`, proportional to `weights` where the
+    bounds allow: `clip(s * w, low, high)` with the scale `s` found by bisection (the sum is
+    monotone in `s`), then rounded by largest remainder."""
+    w = np.maximum(np.asarray(weights, np.float64), 0.0) + 1e-12  # [n]
+    if not len(w) * low <= total <= len(w) * high:
+        raise ValueError(f"cannot give {len(w)} layers {low}..{high} neurons each and {total} in all")
+    lo, hi = 0.0, high / w.min()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if np.clip(mid * w, low, high).sum() < total:
+            lo = mid
+        else:
+            hi = mid
+    real = np.clip(hi * w, low, high)  # [n], sums to total up to bisection precision
+    counts = np.floor(real).astype(np.int64)
+    room = np.flatnonzero(counts < high)
+    short = total - int(counts.sum())
+    # Largest remainders first; stable order breaks ties by layer index.
+    for i in room[np.argsort(-(real - counts)[room], kind="stable")][:short]:
+        counts[i] += 1
+    return tuple(int(c) for c in counts)
+
+
+@jax.jit
+def _without_dropped(w_down: jnp.ndarray, core: jnp.ndarray) -> jnp.ndarray:
+    """`w_down` `[F, D]` with every row not in `core` `[K]` zeroed: the layer then computes
+    exactly its core neurons' contribution, in the dense layout (one compile for all layers)."""
+    keep = jnp.zeros(w_down.shape[0], w_down.dtype).at[core].set(1)  # [F]
+    return w_down * keep[:, None]
+
+
+def _with_layer_sparse(params: Params, layer: int, core: jnp.ndarray) -> Params:
+    layers = list(params["layers"])
+    ffn = layers[layer]["ffn"]
+    layers[layer] = dict(layers[layer], ffn=dict(ffn, w_down=_without_dropped(ffn["w_down"], core)))
+    return dict(params, layers=layers)
+
+
+def measure(gen: Generator, windows: Sequence[tuple[list[int], list[int]]], rule: str, keeps: Sequence[float],
+            layers: tuple[int, int] | None = None, token_keep: float = 0.2,
+            progress: Callable[[int], None] = lambda n: None) -> Budget:
+    """Per-layer sensitivities at each of `keeps` on `windows` `(context, scored)` of token ids.
+
+    One window at a time (batch 1): the masked `w_down` is shared by the whole batch, and
+    per-row core neurons would need a different weight tree per layer, i.e. a compile each.
+    """
+    cfg = gen.cfg
+    probe = Stability(keep=keeps[0], token_keep=token_keep, layers=layers, rule=rule).validate(cfg)
+    sparse = probe.sparse_layers()
+    sums = {k: np.zeros(len(sparse)) for k in keeps}
+    dense_nll, tokens = 0.0, 0
+    for context, scored in windows:
+        ids = jnp.asarray([context + [0] * (prompt_bucket(len(context), cfg.max_position_embeddings) - len(context))],
+                          jnp.int32)  # [1, bucket]
+        lengths = jnp.asarray([len(context)], jnp.int32)
+        chunk = prompt_bucket(len(scored), cfg.max_position_embeddings)
+        targets = jnp.asarray([scored + [0] * (chunk - len(scored))], jnp.int32)  # [1, chunk]
+        cache_len = cache_length(ids.shape[1], chunk)
+
+        def nll(weights: Params, first_logits: jnp.ndarray, cache) -> float:
+            logprobs, _ = engine.score_continuation(weights, first_logits, cache, lengths, targets, cfg=cfg)
+            return -float(np.asarray(logprobs)[0, : len(scored)].sum())
+
+        first_logits, cache, _ = engine.prefill(gen.params, ids, lengths, cfg=cfg, method=Dense(),
+                                                cache_len=cache_len)
+        base = nll(gen.params, first_logits, cache)
+        dense_nll, tokens = dense_nll + base, tokens + len(scored)
+        for keep in keeps:
+            method = dataclasses.replace(probe, keep=keep).validate(cfg)
+            # The selecting pre-fill is dense; its logits and cache equal the dense pre-fill's.
+            first_logits, cache, core = engine.prefill(gen.params, ids, lengths, cfg=cfg, method=method,
+                                                       cache_len=cache_len)  # core [1, n_sparse, n_keep]
+            for j, layer in enumerate(sparse):
+                sums[keep][j] += nll(_with_layer_sparse(gen.params, layer, core[0, j]), first_logits, cache) - base
+                progress(1)
+    return Budget(rule=rule, layers=probe.layers, width=cfg.intermediate_size, token_keep=token_keep,
+                  sensitivity={k: tuple(float(s / tokens) for s in sums[k]) for k in keeps},
+                  dense_nll_per_token=dense_nll / tokens, windows=len(windows))
+
+
+def parse_layer_neurons(text: str) -> tuple[int, ...]:
+    """`--layer-neurons 500,520,...` -> `(500, 520, ...)`; `Stability.validate` checks the total."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--layer-neurons must be comma-separated integers, got {text!r}") from None
+
+
+def methods_from_args(args: argparse.Namespace, keeps: Sequence[float]) -> list[Method]:
+    """The sparse methods of the common CLI options (`--method --rule --token-keep --layers
+    --calibration --layer-neurons --budget`), one per keep."""
+    if args.budget is not None:
+        if args.method != "stability" or args.layer_neurons is not None:
+            raise ValueError("--budget needs --method stability and no --layer-neurons")
+        budget = Budget.load(args.budget)
+        if args.rule != "paper" and args.rule != budget.rule:
+            raise BudgetError(f"--rule {args.rule} but the budget {args.budget} was measured for rule {budget.rule}")
+        if args.layers is not None and tuple(args.layers) != budget.layers:
+            raise BudgetError(f"--layers {args.layers[0]}:{args.layers[1]} but the budget {args.budget} is for "
+                              f"{budget.layers[0]}:{budget.layers[1]}")
+        return [dataclasses.replace(budget.method(k), token_keep=args.token_keep) for k in keeps]
+    layer_keep = parse_layer_neurons(args.layer_neurons) if args.layer_neurons is not None else None
+    if layer_keep is not None and len(keeps) > 1:
+        raise ValueError("--layer-neurons fixes one total: give a single --keep")
+    return [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
+                        calibration=args.calibration, rule=args.rule, layer_keep=layer_keep) for k in keeps]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    b = sub.add_parser("budget", help="measure per-layer sensitivities and write a per-layer neuron budget")
+    b.add_argument("--data", type=Path, default=None, help="WikiText raw text (default: the Hugging Face hub)")
+    b.add_argument("--rule", choices=list(RULES), default="paper", help="the selection rule the budget is for")
+    b.add_argument("--keep", type=float, nargs="+", default=[0.4], help="uniform keeps to measure at")
+    b.add_argument("--token-keep", type=float, default=0.2)
+    b.add_argument("--layers", type=str, default=None, help="sparse layers START:END (default: the paper's)")
+    b.add_argument("--windows", type=int, default=8, help="calibration windows")
+    b.add_argument("--first-window", type=int, default=20,
+                   help="skip this many windows (default 20: those `sweep` evaluates on)")
+    b.add_argument("--context-tokens", type=int, default=256)
+    b.add_argument("--scored-tokens", type=int, default=128)
+    b.add_argument("--out", type=Path, required=True, help="budget JSON to write")
+    b.set_defaults(func=main)
+    return b
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.windows < 1 or args.first_window < 0:
+        raise ValueError("--windows must be >= 1 and --first-window >= 0")
+    layers = parse_layers(args.layers) if args.layers else None
+    gen = Generator.load(args.checkpoint, args.dtype)
+    windows = wikitext_windows(gen, load_wikitext(args.data), args.context_tokens, args.scored_tokens,
+                               args.first_window + args.windows)[args.first_window:]
+    if not windows:
+        raise ValueError(f"the text has no windows after the first {args.first_window}")
+    n_sparse = len(Stability(layers=layers).validate(gen.cfg).sparse_layers())
+    with tqdm(total=len(windows) * len(args.keep) * n_sparse, desc="budget", unit="layer") as bar:
+        budget = measure(gen, windows, args.rule, args.keep, layers, args.token_keep, bar.update)
+    budget.save(args.out)
+    for k in args.keep:
+        print(f"keep {k:g}: layers {budget.layers[0]}..{budget.layers[1] - 1} neurons "
+              f"{','.join(map(str, budget.layer_neurons(k)))}")
+    return 0
+

@@ -1,0 +1,467 @@
+"""Similarity-guided calibration: sentence signatures, k-means clusters and, per cluster, the
+core-neuron lists of every layer, saved as plain arrays.
+
+    from coreinfer_jax.calibration import calibrate, read_sentences
+    cal = calibrate(gen, read_sentences("truthfulqa.csv"), clusters="auto")
+    cal.save("calib/")                  # Calibration.load("calib/") reads it back
+    python -m coreinfer_jax calibrate --checkpoint DIR --data truthfulqa.csv --out calib/
+
+The method page's steps, over each sentence's real tokens:
+  1. at one layer (the reference's 25 of 32, scaled to depth), the sentence's signature:
+     per token the `round(0.4 * its positives)` largest activations are token-wise core;
+     the `3000 * F / 16384` neurons core in the most tokens (3000 of OPT-6.7B's 16384, the
+     reference's default model) form it;
+  2. k-means of the multi-hot signatures, k given or `auto` (elbow of k = 1..10, at least 4);
+  3. per cluster and layer, over all tokens of the cluster's OWN sentences (the reference
+     accumulates clusters 0..c by mistake): per token its `floor(0.4 * mean positives)`
+     largest activations, counted; neurons ranked by count. The method keeps the top
+     `int(unique * keep)`; the stored list holds `int(F * keep)`, padded with the next
+     neurons by count (ties in index order), so any inference keep up to `keep` reads its
+     first `n_keep`.
+The data is read twice: step 3's token limit depends on the cluster's mean positive count,
+known only after clustering, and keeping every layer's activations in between would take
+gigabytes.
+
+On disk, DIR/manifest.json (format, model identity, layer, k, keep, data sha256, inertias,
+content digest) and DIR/arrays.npz (centroids, neurons, labels, bit-packed signatures),
+read with `allow_pickle=False`; written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from coreinfer_jax.checkpoint import move_into_place, load_metadata
+from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.kmeans import choose_clusters
+from coreinfer_jax.model import forward, init_cache
+from coreinfer_jax.params import Params
+from coreinfer_jax.selection import (SIMILARITY_TOKEN_FRACTION, n_keep_for, rank_bound, sentence_signature,
+                                     token_core_counts)
+
+FORMAT = "coreinfer-jax-calibration"
+FORMAT_VERSION = 1
+MANIFEST, ARRAYS = "manifest.json", "arrays.npz"
+# The reference clusters at layer 25 of 32 with 3000-neuron signatures of OPT-6.7B (F = 16384).
+_REF_LAYER, _REF_DEPTH = 25, 32
+_REF_SIGNATURE, _REF_WIDTH = 3000, 16384
+# What a calibration must agree on with the model that uses it.
+IDENTITY_FIELDS = ("architecture", "family", "num_layers", "hidden_size", "intermediate_size", "vocab_size")
+
+
+class CalibrationError(ValueError):
+    """A calibration that is missing, corrupted, or made for another model."""
+
+
+def default_calibration_layer(num_layers: int) -> int:
+    """The reference's signature layer 25 of 32, scaled to the model's depth."""
+    return min(num_layers - 1, round(_REF_LAYER * num_layers / _REF_DEPTH))
+
+
+def signature_size(width: int) -> int:
+    """Neurons in a signature: the reference's 3000 of 16384, scaled to the FFN width."""
+    return max(1, round(_REF_SIGNATURE * width / _REF_WIDTH))
+
+
+def model_identity(cfg: ModelConfig, name: str | None = None) -> dict[str, Any]:
+    """The fields a calibration is checked against, plus an informative model name."""
+    return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "name": name}
+
+
+def _describe(model: dict[str, Any]) -> str:
+    name = f"{model['name']}, " if model.get("name") else ""
+    return (f"{name}{model['architecture']}, {model['num_layers']} layers, hidden {model['hidden_size']}, "
+            f"FFN {model['intermediate_size']}, vocab {model['vocab_size']}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Calibration:
+    """A similarity-guided calibration (see the module docstring).
+
+    Equality and hashing are by content (`digest`).
+    """
+
+    model: dict[str, Any]
+    layer: int  # signature layer
+    keep: float  # lists hold int(F * keep) neurons: the largest keep this calibration serves
+    signature_size: int
+    data_sha256: str
+    seed: int
+    inertias: dict[int, float]  # k-means inertia per k fitted (k = 1..10 with "auto")
+    centroids: np.ndarray = dataclasses.field(repr=False)  # float32 [k, F]
+    neurons: np.ndarray = dataclasses.field(repr=False)  # int32 [k, num_layers, int(F * keep)]
+    labels: np.ndarray = dataclasses.field(repr=False)  # int32 [N]: each calibration sentence's cluster
+    signatures: np.ndarray = dataclasses.field(repr=False)  # bool [N, F]
+
+    @property
+    def clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.neurons.shape[1]
+
+    @property
+    def list_length(self) -> int:
+        return self.neurons.shape[2]
+
+    @functools.cached_property
+    def device_tables(self) -> Params:
+        """The arrays the jitted pre-fill takes as traced arguments, placed once."""
+        return {"centroids": jnp.asarray(self.centroids), "neurons": jnp.asarray(self.neurons)}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return _digest(self._manifest_fields(), self._stored_arrays())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Calibration) and self.digest == other.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Raise CalibrationError unless this calibration was made for a model shaped like `cfg`."""
+        mine = {f: self.model.get(f) for f in IDENTITY_FIELDS}
+        if mine != {f: getattr(cfg, f) for f in IDENTITY_FIELDS}:
+            raise CalibrationError(f"this calibration was made for another model ({_describe(self.model)}), "
+                                   f"not for {_describe(model_identity(cfg))}")
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write atomically (a temporary sibling renamed into place); an existing `out` is
+        replaced only with `overwrite`, and only once the new one is complete."""
+        out = Path(out).absolute()
+        if out.exists() and not overwrite:
+            raise CalibrationError(f"{out} already exists; remove it or choose another --out (or --force)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp.chmod(0o755)
+        try:
+            np.savez(tmp / ARRAYS, **self._stored_arrays())
+            manifest = {**self._manifest_fields(), "digest": self.digest}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: ModelConfig | None = None) -> Calibration:
+        """Read a calibration directory; with `cfg`, also check it was made for that model."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CalibrationError(f"calibration directory {path} does not exist; "
+                                   "make one with `python -m coreinfer_jax calibrate`")
+        if not (path / MANIFEST).is_file() or not (path / ARRAYS).is_file():
+            raise CalibrationError(f"{path} is not a calibration: {MANIFEST} or {ARRAYS} is missing")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            if manifest.get("format") != FORMAT:
+                raise CalibrationError(f"{path} is not a calibration: {MANIFEST} has format "
+                                       f"{manifest.get('format')!r}")
+            if manifest.get("format_version") != FORMAT_VERSION:
+                raise CalibrationError(f"{path} has calibration format version {manifest.get('format_version')}; "
+                                       f"this version of coreinfer-jax reads {FORMAT_VERSION}")
+            with np.load(path / ARRAYS, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in ("centroids", "neurons", "labels", "signatures")}
+            cal = cls._from_stored(manifest, arrays)
+        except CalibrationError:
+            raise
+        except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+            raise CalibrationError(f"calibration {path} is corrupted or truncated ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())})") from None
+        if cal.digest != manifest.get("digest"):
+            raise CalibrationError(f"calibration {path} is corrupted: its arrays do not match the digest "
+                                   f"in {MANIFEST}")
+        if cfg is not None:
+            cal.check_model(cfg)
+        return cal
+
+    def _manifest_fields(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model, "layer": self.layer,
+            "clusters": self.clusters, "keep": self.keep, "signature_size": self.signature_size,
+            "token_fraction": SIMILARITY_TOKEN_FRACTION, "list_length": self.list_length,
+            "sentences": len(self.labels), "data_sha256": self.data_sha256, "seed": self.seed,
+            "inertias": {str(k): v for k, v in sorted(self.inertias.items())},
+            "cluster_sizes": np.bincount(self.labels, minlength=self.clusters).tolist(),
+        }
+
+    def _stored_arrays(self) -> dict[str, np.ndarray]:
+        return {"centroids": self.centroids, "neurons": self.neurons, "labels": self.labels,
+                "signatures": np.packbits(self.signatures, axis=-1)}  # uint8 [N, ceil(F / 8)]
+
+    @classmethod
+    def _from_stored(cls, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> Calibration:
+        width = manifest["model"]["intermediate_size"]
+        expected = {
+            "centroids": (np.float32, (manifest["clusters"], width)),
+            "neurons": (np.int32, (manifest["clusters"], manifest["model"]["num_layers"], manifest["list_length"])),
+            "labels": (np.int32, (manifest["sentences"],)),
+            "signatures": (np.uint8, (manifest["sentences"], -(-width // 8))),
+        }
+        for name, (dtype, shape) in expected.items():
+            if arrays[name].dtype != dtype or arrays[name].shape != shape:
+                raise ValueError(f"{name} is {arrays[name].dtype} {arrays[name].shape}, the manifest says "
+                                 f"{np.dtype(dtype)} {shape}")
+        return cls(
+            model=manifest["model"], layer=manifest["layer"], keep=manifest["keep"],
+            signature_size=manifest["signature_size"], data_sha256=manifest["data_sha256"], seed=manifest["seed"],
+            inertias={int(k): v for k, v in sorted(manifest["inertias"].items(), key=lambda kv: int(kv[0]))},
+            centroids=arrays["centroids"], neurons=arrays["neurons"], labels=arrays["labels"],
+            signatures=np.unpackbits(arrays["signatures"], axis=-1, count=width).astype(bool),
+        )
+
+
+def _digest(fields: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# first_pass(rows) -> (signatures bool [B, F], positives [B, L], tokens [B]) of those sentences.
+FirstPass = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# count_pass(rows, limits [B, L]) -> [B, L, F]: per layer, in how many of a sentence's tokens
+# each neuron is among the token's `limits[b, layer]` largest activations.
+CountPass = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def fit(batches: Sequence[np.ndarray], first_pass: FirstPass, count_pass: CountPass, *, model: dict[str, Any],
+        layer: int, signature_size: int, clusters: int | str = "auto", keep: float = 1.0, seed: int = 0,
+        data_sha256: str = "", progress: bool = True) -> Calibration:
+    """Steps 1-3 over sentences served in `batches` (arrays of sentence indices, each index once).
+
+    The passes compute what needs the activations (on the device, for a model); everything
+    else, clustering included, happens here.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    n = sum(len(rows) for rows in batches)
+    stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    with tqdm(total=n, desc="signatures", unit="sentence", disable=not progress, file=sys.stderr) as bar:
+        for rows in batches:
+            stats.append((rows, *first_pass(rows)))
+            bar.update(len(rows))
+    order = np.concatenate([s[0] for s in stats])
+    if not np.array_equal(np.sort(order), np.arange(n)):
+        raise ValueError("batches must cover sentences 0..N-1, each once")
+    signatures, positives, tokens = (np.concatenate([s[i] for s in stats])[np.argsort(order)] for i in (1, 2, 3))
+    signatures = signatures.astype(bool)  # [N, F]
+    positives = positives.astype(np.int64)  # [N, L]
+
+    fitted, inertias = choose_clusters(signatures.astype(np.float64), clusters, seed)
+    labels, k = fitted.labels, len(fitted.centroids)
+    cluster_positives = np.zeros((k, positives.shape[1]), np.int64)
+    np.add.at(cluster_positives, labels, positives)
+    cluster_tokens = np.bincount(labels, weights=tokens, minlength=k)  # [k]
+    # Step 3's token limit, (0.4 * P) / T then floor as the reference's Python floats do.
+    limits = np.floor(SIMILARITY_TOKEN_FRACTION * cluster_positives
+                      / np.maximum(cluster_tokens, 1)[:, None]).astype(np.int32)  # [k, L]
+
+    width = signatures.shape[1]
+    counts = np.zeros((k, positives.shape[1], width), np.int64)  # [k, L, F]
+    with tqdm(total=n, desc="neuron counts", unit="sentence", disable=not progress, file=sys.stderr) as bar:
+        for rows in batches:
+            np.add.at(counts, labels[rows], count_pass(rows, limits[labels[rows]]))
+            bar.update(len(rows))
+    ranked = np.argsort(-counts, axis=-1, kind="stable")  # [k, L, F], ties in index order
+    return Calibration(
+        model=model, layer=layer, keep=keep, signature_size=signature_size, data_sha256=data_sha256, seed=seed,
+        inertias=inertias, centroids=fitted.centroids.astype(np.float32),
+        neurons=ranked[..., : n_keep_for(width, keep)].astype(np.int32), labels=labels.astype(np.int32),
+        signatures=signatures,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "size"))
+def _signature_pass(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, *, cfg: ModelConfig, layer: int,
+                    size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Positive activations per layer over the real tokens `int32 [B, L]`, and the signature at
+    `layer` `bool [B, F]`, of right-padded sentences `tokens` `[B, T]`."""
+    B, T = tokens.shape
+    valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
+
+    def select(i: int, activation: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        positives = jnp.sum((activation > 0) & valid[..., None], axis=(1, 2))  # [B]
+        return positives, sentence_signature(activation, valid, size) if i == layer else None
+
+    _, _, stats = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32),
+                          init_cache(cfg, B, T, params["embed"].dtype), select=select)
+    return jnp.stack([p for p, _ in stats], axis=1), stats[layer][1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _count_pass(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, limits: jnp.ndarray, *,
+                cfg: ModelConfig) -> jnp.ndarray:
+    """Per layer and neuron, in how many real tokens of each sentence it is among the token's
+    `limits[b, layer]` largest activations: `int32 [B, L, F]`."""
+    B, T = tokens.shape
+    valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    k_max = rank_bound(cfg.intermediate_size)
+
+    def select(i: int, activation: jnp.ndarray) -> jnp.ndarray:
+        return token_core_counts(activation, jnp.where(valid, limits[:, i : i + 1], 0), k_max)  # [B, F]
+
+    _, _, counts = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32),
+                           init_cache(cfg, B, T, params["embed"].dtype), select=select)
+    return jnp.stack(counts, axis=1)
+
+
+def calibrate(gen: Any, sentences: Sequence[str], *, layer: int | None = None, clusters: int | str = "auto",
+              keep: float = 1.0, seed: int = 0, batch_size: int = 8, data_sha256: str = "",
+              model_name: str | None = None, progress: bool = True) -> Calibration:
+    """Calibrate the similarity-guided method for `gen` (a `Generator`) on `sentences`.
+
+    `layer`: signature layer (default: the reference's 25 of 32, scaled to depth); `clusters`:
+    k or "auto"; `keep`: the largest inference keep to serve. Sentences are batched by length
+    (`batch_size` rows, each batch padded to a power-of-two length bucket).
+    """
+    # Deferred: the generator imports the methods, which import this module.
+    from coreinfer_jax.generator import InputError, prompt_bucket
+
+    cfg = gen.cfg
+    layer = default_calibration_layer(cfg.num_layers) if layer is None else layer
+    if not 0 <= layer < cfg.num_layers:
+        raise ValueError(f"calibration layer {layer} is outside the model's {cfg.num_layers} layers")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    ids = gen.encode(list(sentences))
+    context = cfg.max_position_embeddings
+    if max(len(i) for i in ids) > context:
+        raise InputError(f"a calibration sentence has {max(len(i) for i in ids)} tokens, more than the "
+                         f"model's context of {context}")
+    by_length = np.argsort([len(i) for i in ids], kind="stable")
+    batches = [by_length[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    size = signature_size(cfg.intermediate_size)
+
+    def pack(rows: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        # Always `batch_size` rows (spare rows: one padding token), so a bucket compiles once.
+        bucket = prompt_bucket(max(len(ids[r]) for r in rows), context)
+        tokens = np.zeros((batch_size, bucket), np.int32)
+        lengths = np.ones(batch_size, np.int32)
+        for j, r in enumerate(rows):
+            tokens[j, : len(ids[r])] = ids[r]
+            lengths[j] = len(ids[r])
+        return jnp.asarray(tokens), jnp.asarray(lengths)
+
+    def first_pass(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        positives, signatures = _signature_pass(gen.params, *pack(rows), cfg=cfg, layer=layer, size=size)
+        n = len(rows)
+        return np.asarray(signatures)[:n], np.asarray(positives)[:n], np.array([len(ids[r]) for r in rows])
+
+    def count_pass(rows: np.ndarray, limits: np.ndarray) -> np.ndarray:
+        padded = np.zeros((batch_size, cfg.num_layers), np.int32)
+        padded[: len(rows)] = limits
+        return np.asarray(_count_pass(gen.params, *pack(rows), jnp.asarray(padded), cfg=cfg))[: len(rows)]
+
+    return fit(batches, first_pass, count_pass, model=model_identity(cfg, model_name), layer=layer,
+               signature_size=size, clusters=clusters, keep=keep, seed=seed, data_sha256=data_sha256,
+               progress=progress)
+
+
+def truthfulqa_sentence(question: str, answer: str) -> str:
+    """A calibration sentence as the reference builds it from TruthfulQA."""
+    return "Question:" + question + "Answer:" + answer
+
+
+def read_sentences(path: str | Path) -> list[str]:
+    """Calibration sentences: a `.csv` with TruthfulQA's `Question` and `Best Answer` columns,
+    or any other file as text, one sentence per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration data {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"Question", "Best Answer"} - set(reader.fieldnames or ())
+            if missing:
+                raise CalibrationError(f"{path}: a CSV needs TruthfulQA's 'Question' and 'Best Answer' columns; "
+                                       f"missing {', '.join(sorted(missing))}")
+            sentences = [truthfulqa_sentence(row["Question"], row["Best Answer"]) for row in reader]
+    else:
+        sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not sentences:
+        raise CalibrationError(f"{path} holds no sentences")
+    return sentences
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def clusters_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clusters must be an integer or 'auto', got {text!r}") from None
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `calibrate` subcommand (the caller adds the model arguments)."""
+    p = sub.add_parser("calibrate", help="similarity-guided calibration: cluster sentence signatures, "
+                                         "per-cluster core neurons")
+    p.add_argument("--data", type=Path, required=True,
+                   help="TruthfulQA CSV (Question, Best Answer) or a text file with one sentence per line")
+    p.add_argument("--out", type=Path, required=True, help="calibration directory to write")
+    p.add_argument("--layer", type=int, default=None,
+                   help="signature layer (default: the reference's 25 of 32, scaled to depth)")
+    p.add_argument("--clusters", type=clusters_arg, default="auto",
+                   help="k, or auto: the elbow of the k-means inertia over k = 1..10, at least 4")
+    p.add_argument("--keep", type=float, default=1.0,
+                   help="largest keep the calibration serves (lists hold int(F * keep) neurons)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    # Deferred: the generator imports the methods, which import this module.
+    from coreinfer_jax.generator import Generator
+
+    if args.out.exists() and not args.force:
+        raise CalibrationError(f"{args.out} already exists; remove it or choose another --out (or --force)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    sentences = read_sentences(args.data)[: args.limit]
+    gen = Generator.load(args.checkpoint, args.dtype)
+    t0 = time.perf_counter()
+    cal = calibrate(gen, sentences, layer=args.layer, clusters=args.clusters, keep=args.keep, seed=args.seed,
+                    batch_size=args.batch_size, data_sha256=file_sha256(args.data),
+                    model_name=load_metadata(args.checkpoint).get("source"))
+    cal.save(args.out, overwrite=args.force)
+    curve = ", ".join(f"{k}: {v:.1f}" for k, v in cal.inertias.items())
+    sizes = np.bincount(cal.labels, minlength=cal.clusters).tolist()
+    print(f"{len(sentences)} sentences, signature layer {cal.layer} ({cal.signature_size} neurons), "
+          f"{cal.clusters} clusters of {sizes}; inertia by k: {curve}; {time.perf_counter() - t0:.1f}s "
+          f"-> {args.out}")
+    return 0

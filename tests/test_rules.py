@@ -1,0 +1,132 @@
+"""Selection rules against plain NumPy restatements; the paper rule is `select_core_neurons`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax import Stability, make_method, select_core_neurons
+from coreinfer_jax.rules import RULES
+
+
+def magnitude_reference(acts: np.ndarray, n_keep: int, token_keep: float) -> np.ndarray:
+    """One prompt's real tokens `acts` `[T, F]`: the paper's counting, tokens voting by |a|."""
+    T, F = acts.shape
+    limit = int(token_keep * int((acts > 0).sum()) / T)
+    counts = np.zeros(F, np.int64)
+    for t in range(T):
+        counts[np.argsort(-np.abs(acts[t]), kind="stable")[:limit]] += 1
+    return np.argsort(-counts, kind="stable")[:n_keep]
+
+
+def normalized_magnitude_scores(acts: np.ndarray) -> np.ndarray:
+    m = np.abs(acts.astype(np.float64))
+    return (m / m.sum(-1, keepdims=True)).sum(0)  # [F]
+
+
+def normalized_magnitude_reference(acts: np.ndarray, n_keep: int) -> np.ndarray:
+    return np.argsort(-normalized_magnitude_scores(acts), kind="stable")[:n_keep]
+
+
+def distinct_magnitudes(rng: np.random.Generator, shape: tuple[int, ...], positive: float = 0.45) -> np.ndarray:
+    """Activations whose magnitudes are all distinct, a fraction `positive` of them positive."""
+    n = int(np.prod(shape))
+    sign = np.where(rng.random(n) < positive, 1.0, -1.0)
+    return (sign * (rng.permutation(n) + 1) / n).reshape(shape).astype(np.float32)
+
+
+def run(rule: str, acts: np.ndarray, valid: np.ndarray, n_keep: int, token_keep: float = 0.2) -> np.ndarray:
+    got = np.asarray(RULES[rule](jnp.asarray(acts), jnp.asarray(valid), n_keep, token_keep))
+    assert got.dtype == np.int32 and got.shape == (acts.shape[0], n_keep)
+    return got
+
+
+LENGTHS = [23, 9, 1]
+
+
+@pytest.mark.parametrize("n_keep,token_keep", [(38, 0.2), (19, 0.5), (96, 0.2), (5, 1.0), (60, 0.05)])
+def test_magnitude_matches_numpy_restatement(n_keep: int, token_keep: float) -> None:
+    acts = distinct_magnitudes(np.random.default_rng(0), (3, 23, 96))
+    valid = np.arange(23)[None, :] < np.array(LENGTHS)[:, None]
+    got = run("magnitude", acts, valid, n_keep, token_keep)
+    for b, n in enumerate(LENGTHS):
+        np.testing.assert_array_equal(got[b], magnitude_reference(acts[b, :n], n_keep, token_keep))
+
+
+def test_magnitude_votes_for_large_negative_activations() -> None:
+    # Neuron 0 is strongly negative in every token: the paper's rule never keeps it, magnitude must.
+    acts = distinct_magnitudes(np.random.default_rng(1), (1, 12, 40)) * 0.1
+    acts[..., 0] = -5.0
+    valid = np.ones((1, 12), bool)
+    assert 0 in run("magnitude", acts, valid, 4)[0].tolist()
+    assert 0 not in run("paper", acts, valid, 4)[0].tolist()
+
+
+@pytest.mark.parametrize("n_keep", [1, 17, 40, 96])
+def test_normalized_magnitude_matches_numpy_restatement(n_keep: int) -> None:
+    acts = distinct_magnitudes(np.random.default_rng(2), (3, 23, 96))
+    valid = np.arange(23)[None, :] < np.array(LENGTHS)[:, None]
+    got = run("normalized_magnitude", acts, valid, n_keep)
+    for b, n in enumerate(LENGTHS):
+        scores = np.sort(normalized_magnitude_scores(acts[b, :n]))[::-1]
+        # The data leave clear gaps between the scores, so float32 sums order them like float64.
+        assert np.diff(scores[: n_keep + 1]).min(initial=-1.0) < -1e-6
+        np.testing.assert_array_equal(got[b], normalized_magnitude_reference(acts[b, :n], n_keep))
+
+
+def test_normalized_magnitude_weighs_every_token_equally() -> None:
+    # Token 0 has outsized activations (like a sequence's first token) on neurons 0..3; the
+    # other tokens agree on neurons 10..13. Unnormalised |a| sums would pick 0..3.
+    acts = np.full((1, 8, 32), 0.01, np.float32)
+    acts[0, 0, :4] = 100.0
+    acts[0, 1:, 10:14] = 1.0
+    got = run("normalized_magnitude", acts, np.ones((1, 8), bool), 4)[0]
+    assert sorted(got.tolist()) == [10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_padding_and_other_rows_never_count(rule: str) -> None:
+    acts = distinct_magnitudes(np.random.default_rng(3), (3, 17, 64))
+    valid = np.arange(17)[None, :] < np.array([17, 5, 1])[:, None]
+    got = run(rule, acts, valid, 25)
+    noisy = acts.copy()
+    noisy[~valid] = -100.0
+    np.testing.assert_array_equal(run(rule, noisy, valid, 25), got)
+    np.testing.assert_array_equal(run(rule, acts[1:2], valid[1:2], 25)[0], got[1])
+    for row in got:
+        assert len(set(row.tolist())) == 25
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_ties_are_taken_in_index_order(rule: str) -> None:
+    acts = np.ones((1, 6, 20), np.float32)  # every neuron scores the same
+    assert run(rule, acts, np.ones((1, 6), bool), 7)[0].tolist() == list(range(7))
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.2, 0.4, 0.6, 1.0])
+def test_paper_rule_is_select_core_neurons_bit_for_bit(keep: float) -> None:
+    acts = np.random.default_rng(4).standard_normal((3, 23, 96)).astype(np.float32)
+    valid = np.arange(23)[None, :] < np.array(LENGTHS)[:, None]
+    want = np.asarray(select_core_neurons(jnp.asarray(acts), jnp.asarray(valid), keep, 0.2))
+    np.testing.assert_array_equal(run("paper", acts, valid, int(96 * keep)), want)
+
+
+def test_rules_compile_once_per_count() -> None:
+    rng = np.random.default_rng(5)
+    for rule in RULES:
+        f = jax.jit(RULES[rule], static_argnames=("n_keep", "token_keep"))
+        for shift in (0.0, 0.3):  # different positive counts: a different paper/magnitude limit
+            acts = jnp.asarray(distinct_magnitudes(rng, (1, 16, 32)) + shift)
+            f(acts, jnp.ones((1, 16), bool), n_keep=8, token_keep=0.2)
+        assert f._cache_size() == 1
+
+
+def test_unknown_rule_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown selection rule 'biggest'; choose one of: paper, magnitude"):
+        Stability(rule="biggest")
+    with pytest.raises(ValueError, match="apply to the stability method, not dense"):
+        make_method("dense", rule="magnitude")
+    assert Stability().rule == "paper" and Stability().name == "stability"

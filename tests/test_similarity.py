@@ -1,0 +1,300 @@
+"""Similarity-guided selection: calibration (signatures, k-means, per-cluster lists) against a
+NumPy restatement of the method page, cluster assignment in the jitted pre-fill, the file
+format, generation on the tiny models, and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SENTENCES
+from coreinfer_jax import Dense, Generator, cli, engine
+from coreinfer_jax.calibration import Calibration, CalibrationError, calibrate, fit, signature_size
+from coreinfer_jax.kmeans import choose_clusters, elbow
+from coreinfer_jax.methods import Similarity, make_method
+from coreinfer_jax.model import forward, init_cache
+from coreinfer_jax.sampling import Sampling
+from coreinfer_jax.selection import rank_bound, sentence_signature, token_core_counts
+
+# --- NumPy restatement of the method page ("Similarity-guided selection") -------------------
+
+
+def reference_signature(acts: np.ndarray, size: int) -> np.ndarray:
+    """Step 1 for one sentence's real tokens `acts` `[T, F]`: multi-hot `bool [F]`."""
+    counts = np.zeros(acts.shape[1], np.int64)
+    for a in acts:
+        limit = round(0.4 * int((a > 0).sum()))
+        counts[np.argsort(-a, kind="stable")[:limit]] += 1
+    top = np.argsort(-counts, kind="stable")[:size]
+    signature = np.zeros(acts.shape[1], bool)
+    signature[top[counts[top] > 0]] = True
+    return signature
+
+
+def reference_lists(cluster_acts: list[np.ndarray], keep: float) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 for one cluster and layer, over all tokens `[T_i, F]` of the cluster's sentences:
+    (the method's list, top `int(len(unique) * keep)` by count; all neurons ranked by count)."""
+    acts = np.concatenate(cluster_acts)  # [T, F]
+    limit = int(0.4 * (acts > 0).sum() / len(acts))
+    counts = np.zeros(acts.shape[1], np.int64)
+    for a in acts:
+        counts[np.argsort(-a, kind="stable")[:limit]] += 1
+    ranked = np.argsort(-counts, kind="stable")
+    return ranked[: int(len(np.flatnonzero(counts)) * keep)], ranked
+
+
+def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+
+    def pairs(x: np.ndarray) -> float:
+        return float((x * (x - 1) / 2).sum())
+
+    both, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / pairs(np.array([len(a)]))
+    return (both - expected) / ((rows + cols) / 2 - expected)
+
+
+# --- synthetic activations with planted clusters ----------------------------------------------
+
+F, L, LAYER, SIZE, K, T_MAX, HOT = 64, 3, 1, 8, 5, 12, 8
+
+
+def planted(seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """50 sentences `[T, L, F]` in 5 clusters; each cluster's 8 hot neurons per layer are
+    boosted in every token."""
+    rng = np.random.default_rng(seed)
+    truth = rng.permutation(np.repeat(np.arange(K), 10))
+    hot = [rng.permutation(F)[: K * HOT].reshape(K, HOT) for _ in range(L)]
+    acts = []
+    for c in truth:
+        a = rng.normal(-0.2, 1.0, size=(rng.integers(5, T_MAX + 1), L, F)).astype(np.float32)
+        for layer in range(L):
+            a[:, layer, hot[layer][c]] += 2.5
+        acts.append(a)
+    return acts, truth
+
+
+def synthetic_passes(acts: list[np.ndarray]):
+    """`fit`'s two passes over in-memory activations, with the same device functions as a model's."""
+    signature_fn = jax.jit(sentence_signature, static_argnames="size")
+    counts_fn = jax.jit(token_core_counts, static_argnames="k_max")
+
+    def pad(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.zeros((len(rows), T_MAX, L, F), np.float32)
+        valid = np.zeros((len(rows), T_MAX), bool)
+        for j, r in enumerate(rows):
+            x[j, : len(acts[r])], valid[j, : len(acts[r])] = acts[r], True
+        return x, valid
+
+    def first_pass(rows):
+        x, valid = pad(rows)
+        positives = ((x > 0) & valid[..., None, None]).sum(axis=(1, 3))  # [B, L]
+        return np.asarray(signature_fn(x[:, :, LAYER], valid, size=SIZE)), positives, valid.sum(1)
+
+    def count_pass(rows, limits):
+        x, valid = pad(rows)
+        return np.stack([np.asarray(counts_fn(x[:, :, i], np.where(valid, limits[:, i : i + 1], 0),
+                                              k_max=rank_bound(F))) for i in range(L)], axis=1)
+
+    return first_pass, count_pass
+
+
+SYNTHETIC_MODEL = {"architecture": "synthetic", "family": "llama", "num_layers": L, "hidden_size": 16,
+                   "intermediate_size": F, "vocab_size": 10, "name": None}
+
+
+def test_calibration_recovers_planted_clusters_and_follows_the_method() -> None:
+    acts, truth = planted()
+    first_pass, count_pass = synthetic_passes(acts)
+    keep = 0.5
+    cal = fit(np.array_split(np.arange(len(acts)), 5), first_pass, count_pass, model=SYNTHETIC_MODEL, layer=LAYER,
+              signature_size=SIZE, clusters="auto", keep=keep, progress=False)
+    assert sorted(cal.inertias) == list(range(1, 11))
+    assert cal.clusters == K
+    assert adjusted_rand_index(cal.labels, truth) >= 0.9
+    for n, a in enumerate(acts):
+        np.testing.assert_array_equal(cal.signatures[n], reference_signature(a[:, LAYER], SIZE))
+    assert cal.neurons.shape == (K, L, int(F * keep))
+    for c in range(K):
+        members = [acts[n] for n in np.flatnonzero(cal.labels == c)]
+        for layer in range(L):
+            method_list, ranked = reference_lists([a[:, layer] for a in members], keep)
+            np.testing.assert_array_equal(cal.neurons[c, layer], ranked[: int(F * keep)])
+            np.testing.assert_array_equal(cal.neurons[c, layer, : len(method_list)], method_list)
+
+
+def test_elbow_takes_the_largest_second_difference_and_at_least_four() -> None:
+    assert elbow([100.0, 50.0, 40.0, 35.0, 32.0]) == 2
+    assert elbow([100.0, 90.0, 80.0, 20.0, 18.0, 17.0]) == 4
+    two_groups = np.repeat(np.eye(2, 6), 5, axis=0) + np.random.default_rng(0).normal(0, 0.01, (10, 6))
+    fitted, inertias = choose_clusters(two_groups, "auto")
+    assert len(fitted.centroids) == 4 and sorted(inertias) == list(range(1, 11))
+    with pytest.raises(ValueError, match="integer"):
+        choose_clusters(two_groups, 11)
+
+
+# --- a real (tiny) model -------------------------------------------------------------------
+
+
+def half(cal: Calibration) -> Similarity:
+    """The method most tests use: keep 0.5, both layers of the tiny models sparse."""
+    return Similarity(cal, keep=0.5, layers=(0, 2))
+
+
+@pytest.fixture(scope="module", params=["llama", "opt_350m_like"])
+def calibrated(request, tiny_checkpoint) -> tuple[Generator, Calibration]:
+    gen = Generator.load(tiny_checkpoint(request.param))
+    return gen, calibrate(gen, SENTENCES, clusters=4, progress=False)
+
+
+def host_clusters(gen: Generator, cal: Calibration, prompts: list[list[int]]) -> list[int]:
+    """Each prompt's cluster, computed on the host from its activations at the calibration layer."""
+    tokens, lengths, _ = gen._pack(prompts, 1)
+
+    @jax.jit
+    def activations(params, tokens):
+        B, T = tokens.shape
+        _, _, acts = forward(params, gen.cfg, tokens, jnp.zeros((B,), jnp.int32), init_cache(gen.cfg, B, T, jnp.float32),
+                             select=lambda i, a: a if i == cal.layer else None)
+        return acts[0]  # [B, T, F]; causal, so padding never changes the real tokens' values
+
+    acts = np.asarray(activations(gen.params, tokens))
+    clusters = []
+    for a, n in zip(acts, np.asarray(lengths)):
+        signature = reference_signature(a[:n], cal.signature_size).astype(np.float64)
+        clusters.append(int(np.argmin(((signature[None] - cal.centroids.astype(np.float64)) ** 2).sum(1))))
+    return clusters
+
+
+def one_per_cluster(gen: Generator, cal: Calibration) -> list[list[int]]:
+    """The start of a calibration sentence of each cluster, as token ids of different lengths
+    that share the 16-token bucket."""
+    ids = gen.encode([SENTENCES[int(np.flatnonzero(cal.labels == c)[0])] for c in range(cal.clusters)])
+    return [p[: 16 - 3 * c] for c, p in enumerate(ids)]
+
+
+def test_prefill_assigns_each_prompt_as_the_host_does(calibrated) -> None:
+    gen, cal = calibrated
+    assert cal.layer == 1 and cal.signature_size == signature_size(gen.cfg.intermediate_size)
+    prompts = one_per_cluster(gen, cal)
+    out = gen.generate_ids(prompts, max_new_tokens=6, method=half(cal))
+    clusters = host_clusters(gen, cal, prompts)
+    assert len(set(clusters)) > 1
+    core = cal.neurons[clusters][:, 0:2, : int(gen.cfg.intermediate_size * 0.5)]  # [B, n_sparse, n_keep]
+    np.testing.assert_array_equal(out.core_neurons, core)
+
+    # Decoding with exactly those neurons: a dense pre-fill, then the shared sparse decode.
+    tokens, lengths, cache_len = gen._pack(prompts, 6)
+    first_logits, cache, _ = engine.prefill(gen.params, tokens, lengths, cfg=gen.cfg, method=Dense(),
+                                            cache_len=cache_len)
+    weights = engine.sparse_params(gen.params, jnp.asarray(core), half(cal).validate(gen.cfg))
+    want = engine.decode(weights, first_logits, cache, lengths, jnp.int32(6),
+                         jnp.asarray(gen.cfg.eos_token_ids, jnp.int32), jax.random.key(0), cfg=gen.cfg,
+                         sampling=Sampling(), max_steps=cache_len - tokens.shape[1])
+    assert out.tokens == [[int(t) for t in row if t >= 0] for row in np.asarray(want["tokens"])[:, :6]]
+
+
+def test_keep_one_is_dense_and_offload_matches(calibrated) -> None:
+    gen, cal = calibrated
+    prompts = one_per_cluster(gen, cal)
+    dense = gen.generate_ids(prompts, max_new_tokens=6)
+    full = gen.generate_ids(prompts, max_new_tokens=6, method=Similarity(cal, keep=1.0, layers=(0, 2)))
+    assert full.tokens == dense.tokens
+    on_device = gen.generate_ids(prompts, max_new_tokens=6, method=half(cal))
+    offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True).generate_ids(prompts, 6, method=half(cal))
+    assert offloaded.tokens == on_device.tokens
+    np.testing.assert_array_equal(offloaded.core_neurons, on_device.core_neurons)
+
+
+def test_same_bucket_and_same_shaped_calibration_do_not_recompile(calibrated) -> None:
+    gen, cal = calibrated
+    prompts = one_per_cluster(gen, cal)
+    method = Similarity(cal, keep=0.5)
+    programs = engine.prefill, engine._gather_layers, engine.decode
+    gen.generate_ids([prompts[0]], max_new_tokens=8, method=method)
+    sizes = [f._cache_size() for f in programs]
+    for p in prompts[1:]:
+        gen.generate_ids([p], max_new_tokens=8, method=method)
+    # Another calibration of the same shapes: its arrays are traced arguments, not constants.
+    other = dataclasses.replace(cal, centroids=cal.centroids[::-1].copy(), neurons=cal.neurons[::-1].copy())
+    assert other != cal and Similarity(other, keep=0.5) == method
+    gen.generate_ids([prompts[0]], max_new_tokens=8, method=Similarity(other, keep=0.5))
+    assert [f._cache_size() for f in programs] == sizes
+
+
+def test_files_round_trip_and_bad_files_are_one_line_errors(calibrated, tmp_path: Path, tiny_checkpoint) -> None:
+    gen, cal = calibrated
+    path = cal.save(tmp_path / "cal")
+    loaded = Calibration.load(path, gen.cfg)
+    assert loaded == cal and loaded.inertias == cal.inertias and loaded.model == cal.model
+    for name in ("centroids", "neurons", "labels", "signatures"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(cal, name))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (manifest["layer"], manifest["clusters"], manifest["keep"]) == (cal.layer, 4, 1.0)
+
+    other = Generator.load(tiny_checkpoint("opt" if gen.cfg.family == "llama" else "llama")).cfg
+    errors = []
+    with pytest.raises(CalibrationError, match="made for another model") as e:
+        Calibration.load(path, other)
+    errors.append(e)
+    with pytest.raises(CalibrationError, match="made for another model") as e:
+        Similarity(path).validate(other)
+    errors.append(e)
+    with pytest.raises(CalibrationError, match="already exists") as e:
+        cal.save(path)
+    errors.append(e)
+
+    truncated = Path(shutil.copytree(path, tmp_path / "truncated"))
+    data = (truncated / "arrays.npz").read_bytes()
+    (truncated / "arrays.npz").write_bytes(data[: len(data) // 2])
+    edited = Path(shutil.copytree(path, tmp_path / "edited"))
+    (edited / "manifest.json").write_text(json.dumps(dict(manifest, layer=0)))
+    for bad in (truncated, edited):
+        with pytest.raises(CalibrationError, match="corrupted") as e:
+            Calibration.load(bad)
+        errors.append(e)
+    with pytest.raises(CalibrationError, match="does not exist") as e:
+        Calibration.load(tmp_path / "missing")
+    errors.append(e)
+    assert all("\n" not in str(e.value) for e in errors)
+
+
+def test_method_errors(calibrated, tmp_path: Path) -> None:
+    gen, cal = calibrated
+    with pytest.raises(ValueError, match="needs a calibration"):
+        make_method("similarity", keep=0.4)
+    with pytest.raises(ValueError, match="only used by the similarity method"):
+        make_method("stability", calibration=tmp_path)
+    short = dataclasses.replace(cal, keep=0.25, neurons=cal.neurons[..., : int(gen.cfg.intermediate_size * 0.25)])
+    with pytest.raises(CalibrationError, match="calibrate again with --keep 0.5"):
+        Similarity(short, keep=0.5).validate(gen.cfg)
+
+
+def test_cli_calibrate_then_generate(tiny_checkpoint, tmp_path: Path, capsys) -> None:
+    ckpt = tiny_checkpoint("llama")
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(SENTENCES[:12]) + "\n")
+    out = tmp_path / "cal"
+    assert cli.main(["calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out),
+                     "--clusters", "auto", "--keep", "0.5"]) == 0
+    cal = Calibration.load(out)
+    assert cal.clusters >= 4 and cal.keep == 0.5 and len(cal.labels) == 12 and cal.model["name"]
+    assert "inertia by k" in capsys.readouterr().out
+    args = ["generate", "--checkpoint", str(ckpt), "--prompt", "Question:What is the tallest mountain?Answer:",
+            "--max-new-tokens", "4", "--method", "similarity", "--keep", "0.5", "--json"]
+    assert cli.main([*args, "--calibration", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "similarity" and result["keep"] == 0.5 and result["layers"] == [1, 2]
+    assert result["core_neurons"][0] in cal.neurons[:, 1, :64].tolist()
+    assert cli.main(args) == 2
+    assert "needs a calibration" in capsys.readouterr().err
+    assert cli.main([*args[:-2], "0.6", "--json", "--calibration", str(out)]) == 2
+    assert "calibrate again" in capsys.readouterr().err
