@@ -13,7 +13,7 @@ from coreinfer_jax.bench import bench_main
 from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from coreinfer_jax.config import ConfigError
 from coreinfer_jax.generator import GenerationResult, Generator, InputError
-from coreinfer_jax.methods import METHODS, Method, parse_layers
+from coreinfer_jax.methods import METHODS, Method, layers_arg
 from coreinfer_jax.profiling import maybe_profile
 from coreinfer_jax.rules import RULES
 from coreinfer_jax.sampling import Sampling
@@ -48,13 +48,6 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
                    help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
     p.add_argument("--budget", type=Path, default=None,
                    help="per-layer budget JSON made by the budget command (allocated for each --keep)")
-
-
-def layers_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_layers(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def method_from_args(args: argparse.Namespace) -> Method:

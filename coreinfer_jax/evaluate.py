@@ -216,7 +216,7 @@ def markdown(results: Sequence[EvalResult]) -> str:
     lines = [f"| task | method | keep | n | {' | '.join(names)} | {headline} vs dense |",
              "|---|---|---:|---:|" + "---:|" * (len(names) + 1)]
     for r, rel in zip(results, relative_to_dense(results)):
-        cells = " | ".join(_fmt(r.metrics[k]) for k in names)
+        cells = " | ".join(fmt_metric(r.metrics[k]) for k in names)
         lines.append(f"| {r.task} | {r.method}{_variant(r)} | {r.keep:g} | {r.n} | {cells} | "
                      f"{'' if rel is None else f'{rel:.1%}'} |")
     keep = within_loss(results)
@@ -231,7 +231,7 @@ def _variant(r: EvalResult) -> str:
     return f" {r.rule}" + (" +budget" if r.layer_keep else "")
 
 
-def _fmt(x: float) -> str:
+def fmt_metric(x: float) -> str:
     return f"{x:.2f}" if abs(x) >= 10 or math.isinf(x) else f"{x:.3f}"
 
 

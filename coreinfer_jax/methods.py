@@ -8,6 +8,7 @@ the jitted pre-fill as traced arguments.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -206,3 +207,11 @@ def parse_layers(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--layers must look like START:END (half-open), got {text!r}") from None
     return first, end
+
+
+def layers_arg(text: str) -> tuple[int, int]:
+    """`parse_layers` as an argparse type: its message, not argparse's generic one."""
+    try:
+        return parse_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from coreinfer_jax.selection import select_core_neurons, token_core_counts
+from coreinfer_jax.selection import stability_counts
 
 Rule = Callable[[jnp.ndarray, jnp.ndarray, int, float], jnp.ndarray]
 
@@ -36,20 +36,10 @@ def paper(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep:
 
     Ranks neurons by the number of tokens that have them among their
     `floor(token_keep * P / T)` largest signed activations (P: positives over the T tokens).
-    With keep 1.0 `select_core_neurons` returns every neuron in that order (ties by index,
-    like any smaller `top_k`), so its first `n_keep` are exactly its result at
-    `int(F * keep) == n_keep`.
     """
     with jax.named_scope("rule_paper"):
-        return select_core_neurons(activations, valid, 1.0, token_keep)[:, :n_keep]  # [B, n_keep]
-
-
-def _paper_limit(a: jnp.ndarray, valid: jnp.ndarray, token_keep: float) -> jnp.ndarray:
-    """`floor(token_keep * P / T)` per row `int32 [B]`, in float32 exactly as `select_core_neurons`."""
-    n_tokens = valid.sum(-1)  # [B]
-    positives = jnp.sum((a > 0) & valid[..., None], axis=(1, 2))  # [B]
-    return jnp.floor(token_keep * positives.astype(jnp.float32)
-                     / jnp.maximum(n_tokens, 1).astype(jnp.float32)).astype(jnp.int32)
+        _, idx = lax.top_k(stability_counts(activations, valid, token_keep), n_keep)  # [B, n_keep]
+        return idx.astype(jnp.int32)
 
 
 def magnitude(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep: float) -> jnp.ndarray:
@@ -60,12 +50,7 @@ def magnitude(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_k
     are token-wise core; the `n_keep` neurons core in the most tokens are kept.
     """
     with jax.named_scope("rule_magnitude"):
-        a = activations.astype(jnp.float32)  # [B, T, F]
-        valid = valid.astype(bool)
-        F = a.shape[-1]
-        limits = jnp.where(valid, _paper_limit(a, valid, token_keep)[:, None], 0)  # [B, T]
-        # limit <= token_keep * F (P / T <= F); one more for float32 rounding, as the paper rule.
-        counts = token_core_counts(jnp.abs(a), limits, min(F, int(token_keep * F) + 1))  # [B, F]
+        counts = stability_counts(activations, valid, token_keep, by_magnitude=True)  # [B, F]
         _, idx = lax.top_k(counts, n_keep)  # [B, n_keep]
         return idx.astype(jnp.int32)
 

@@ -31,7 +31,17 @@ def select_core_neurons(activations: jnp.ndarray, valid: jnp.ndarray, keep: floa
     Ties in counts (and neurons beyond those with a non-zero count) are taken in index
     order, so the result always has `n_keep` entries.
     """
-    B, T, F = activations.shape
+    counts = stability_counts(activations, valid, token_keep)  # [B, F]
+    _, idx = lax.top_k(counts, n_keep_for(activations.shape[-1], keep))  # [B, n_keep]
+    return idx.astype(jnp.int32)
+
+
+def stability_counts(activations: jnp.ndarray, valid: jnp.ndarray, token_keep: float,
+                     by_magnitude: bool = False) -> jnp.ndarray:
+    """Steps 1-3: per neuron, the number of real tokens that have it among their `limit`
+    largest activations (`by_magnitude`: largest |activation|; `limit` always counts the
+    signed positives). Returns int32 `[B, F]`."""
+    F = activations.shape[-1]
     a = activations.astype(jnp.float32)
     valid = valid.astype(bool)
     n_tokens = valid.sum(-1)  # [B]
@@ -43,12 +53,8 @@ def select_core_neurons(activations: jnp.ndarray, valid: jnp.ndarray, keep: floa
     # float32 rounding) holds every token's first `limit` neurons; top_k orders ties by
     # index, like a stable sort, and is much faster than a full sort on CPU.
     k_max = min(F, int(token_keep * F) + 1)
-    _, order = lax.top_k(a, k_max)  # [B, T, k_max]
-    token_core = (jnp.arange(k_max) < limit[:, None, None]) & valid[..., None]  # [B, T, k_max]
-    rows = jnp.arange(B)[:, None, None]
-    counts = jnp.zeros((B, F), jnp.int32).at[rows, order].add(token_core.astype(jnp.int32))  # [B, F]
-    _, idx = lax.top_k(counts, n_keep_for(F, keep))  # [B, n_keep]
-    return idx.astype(jnp.int32)
+    limits = jnp.where(valid, limit[:, None], 0)  # [B, T]
+    return token_core_counts(jnp.abs(a) if by_magnitude else a, limits, k_max)
 
 
 # Similarity-guided selection: a token's token-wise core neurons are its

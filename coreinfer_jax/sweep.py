@@ -26,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.budget import Budget
-from coreinfer_jax.evaluate import HEADLINE, TASKS, Settings, evaluate, label
+from coreinfer_jax.evaluate import HEADLINE, TASKS, Settings, evaluate, fmt_metric, label
 from coreinfer_jax.generator import Generator
-from coreinfer_jax.methods import Dense, Method, Stability, parse_layers
+from coreinfer_jax.methods import Dense, Method, Stability, layers_arg
 from coreinfer_jax.roofline import ffn_bytes_per_token
 from coreinfer_jax.rules import RULES
 
@@ -124,10 +124,6 @@ def write_outputs(report: dict[str, Any], records: Sequence[dict[str, Any]], out
     plot(report, out / "pareto.png")
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.2f}" if abs(x) >= 10 else f"{x:.3f}"
-
-
 def _noise(p: dict[str, float] | None, higher_is_better: bool) -> str:
     if p is None:
         return ""
@@ -153,8 +149,8 @@ def markdown(report: dict[str, Any]) -> str:
             p = r.get("paired_vs_paper")
             delta = "" if "delta_vs_paper" not in r else f"{r['delta_vs_paper']:+.3g}"
             pair = "" if p is None else f"{p['mean']:+.4f} ± {p['se']:.4f}"
-            out.append(f"| {r['label']} | {r['keep']:g} | {r['ffn_bytes_per_token'] / 1e6:.1f} | {_fmt(r['value'])} "
-                       f"| {_fmt(r['secondary_value'])} | {delta} | {pair} | {_noise(p, r0['higher_is_better'])} |")
+            out.append(f"| {r['label']} | {r['keep']:g} | {r['ffn_bytes_per_token'] / 1e6:.1f} | {fmt_metric(r['value'])} "
+                       f"| {fmt_metric(r['secondary_value'])} | {delta} | {pair} | {_noise(p, r0['higher_is_better'])} |")
         out.append("")
     return "\n".join(out)
 
@@ -219,13 +215,6 @@ def data_arg(text: str) -> tuple[str, Path]:
     return task, Path(path)
 
 
-def _layers_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_layers(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> None:
     s = sub.add_parser("sweep", help="selection rules x keeps on each task: JSON + markdown table + Pareto plot")
     add_model_args(s)
@@ -233,7 +222,7 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     s.add_argument("--keep", type=float, nargs="+", default=[0.4, 0.6])
     s.add_argument("--token-keep", type=float, default=0.2)
-    s.add_argument("--layers", type=_layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
+    s.add_argument("--layers", type=layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
     s.add_argument("--budget", type=Path, default=None,
                    help="also run the budget's rule with its per-layer budget (made by the budget command)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",
@@ -242,7 +231,7 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--windows", type=int, default=20, help="wikitext windows")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-new-tokens", type=int, default=None)
-    s.add_argument("--zero-shot", action="store_true", help="truthfulqa without the six-shot QA primer")
+    s.add_argument("--zero-shot", action="store_true", help="no six-shot QA primer (truthfulqa), no one-shot example (squad)")
     s.add_argument("--context-tokens", type=int, default=256)
     s.add_argument("--scored-tokens", type=int, default=128)
     s.add_argument("--out", type=Path, required=True, help="directory for sweep.json, sweep.md, pareto.png")
