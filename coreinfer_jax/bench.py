@@ -22,7 +22,7 @@ from coreinfer_jax.budget import methods_from_args
 from coreinfer_jax.generator import Generator
 from coreinfer_jax.methods import Dense, Method, variant
 from coreinfer_jax.profiling import maybe_profile
-from coreinfer_jax.roofline import bytes_per_token, measure_bandwidth, median
+from coreinfer_jax.roofline import bandwidth_probe, bytes_per_token, median
 
 BENCH_PROMPT = (
     "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
@@ -100,11 +100,15 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
     samples: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in names}
     for n, _ in names:
         runners[n]()  # warm-up: compilation, first-touch allocation
+    # The host's bandwidth drifts by tens of percent within minutes, so it is sampled
+    # between the rows of every repetition, like the rows themselves.
+    probe, bandwidths = bandwidth_probe(), []
     for _ in tqdm(range(reps), desc="bench", file=sys.stderr):
         for n, _ in names:
             samples[n].append(runners[n]())
+            bandwidths.append(probe())
 
-    bandwidth = measure_bandwidth()
+    bandwidth = median(bandwidths)
     context = len(prompt_ids) + new_tokens // 2
     dense_bytes = bytes_per_token(cfg, params, Dense(), context)
     rows = []

@@ -311,7 +311,7 @@ def _signature_pass(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, *
         return positives, sentence_signature(activation, valid, size) if i == layer else None
 
     _, _, stats = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32),
-                          init_cache(cfg, B, T, params["embed"].dtype), select=select)
+                          init_cache(cfg, B, T, params["embed"].dtype), select=select, prefix=False)
     return jnp.stack([p for p, _ in stats], axis=1), stats[layer][1]
 
 
@@ -328,7 +328,7 @@ def _count_pass(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, limit
         return token_core_counts(activation, jnp.where(valid, limits[:, i : i + 1], 0), k_max)  # [B, F]
 
     _, _, counts = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32),
-                           init_cache(cfg, B, T, params["embed"].dtype), select=select)
+                           init_cache(cfg, B, T, params["embed"].dtype), select=select, prefix=False)
     return jnp.stack(counts, axis=1)
 
 

@@ -2,9 +2,10 @@
 
 One function, `forward`, serves pre-fill (a right-padded `[B, T]` chunk written at slot 0),
 single-token decode (`T = 1` at each row's own position) and teacher-forced chunks: every
-row writes its keys/values at `start[b] + t` and attends to cache slots `s <= position`.
-Padding after a row's real tokens is written too, and overwritten by the decode step
-that reaches that slot before any real query can see it.
+row attends to its cached slots `s < start[b]` and causally within the chunk, then writes
+the chunk's keys/values at `start[b] + t`. Padding after a row's real tokens is written
+too, and overwritten by the decode step that reaches that slot before any real query can
+see it.
 
 A layer's FFN params are either the full `[F, D]` matrices or, in sparse decode, the
 per-sequence gathered core neurons `[B, K, D]`; `ffn` handles both.
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from coreinfer_jax.config import ModelConfig
@@ -71,7 +73,7 @@ def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndar
 
 def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
               kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-              cfg: ModelConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+              cfg: ModelConfig, prefix: bool = True) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     B, T, _ = x.shape
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = x @ p["w_q"]  # [B, T, H*hd]
@@ -84,19 +86,32 @@ def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndar
     v = v.reshape(B, T, Hkv, hd)
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    kv = {"k": _write(kv["k"], k.transpose(0, 2, 3, 1), start),  # [B, Hkv, hd, S]
-          "v": _write(kv["v"], v.transpose(0, 2, 3, 1), start)}
-    S = kv["k"].shape[3]
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 3, 1)  # [B, Hkv, hd, T]
     q = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
     q = q * jnp.asarray(hd**-0.5, x.dtype)
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
-    slots = jnp.arange(S)
-    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    # Attend to the cached prefix (slots before `start`) and to the chunk itself, and write
+    # the chunk into the cache last: nothing then reads the updated cache within the step,
+    # so a decode loop updates it in place instead of copying every layer's cache per token.
+    offsets = jnp.arange(T)
+    visible = offsets[None, :, None] >= offsets[None, None, :]  # [1, T, T]
     if cfg.sliding_window is not None:
-        visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bkds->btkgd", probs, kv["v"]).reshape(B, T, H * hd)  # [B, T, H*hd]
+        visible &= offsets[None, None, :] > offsets[None, :, None] - cfg.sliding_window
+    masked = jnp.finfo(jnp.float32).min
+    chunk = jnp.einsum("bkgtd,bkdu->bkgtu", q, k).astype(jnp.float32)  # [B, Hkv, G, T, T]
+    scores, values = [jnp.where(visible[:, None, None], chunk, masked)], [v]
+    if prefix:
+        slots = jnp.arange(kv["k"].shape[3])
+        visible = slots[None, None, :] < start[:, None, None]  # [B, 1, S]
+        if cfg.sliding_window is not None:
+            visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window  # [B, T, S]
+        cached = jnp.einsum("bkgtd,bkds->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
+        scores.insert(0, jnp.where(visible[:, None, None], cached, masked))
+        values.insert(0, kv["v"])
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(x.dtype)  # [B, Hkv, G, T, S + T]
+    splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
+    out = sum(jnp.einsum("bkgts,bkds->btkgd", p, val)
+              for p, val in zip(jnp.split(probs, splits, axis=-1), values)).reshape(B, T, H * hd)  # [B, T, H*hd]
+    kv = {"k": _write(kv["k"], k, start), "v": _write(kv["v"], v, start)}  # [B, Hkv, hd, S]
     out = out @ p["w_o"]
     if cfg.o_bias:
         out = out + p["b_o"]
@@ -132,10 +147,11 @@ def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.n
 
 def block(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
           kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-          cfg: ModelConfig) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
+          cfg: ModelConfig, prefix: bool = True) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
     pre = cfg.family != "opt" or cfg.do_layer_norm_before
     with jax.named_scope("attention"):
-        h, kv = attention(p["attn"], norm(p["attn_norm"], x, cfg) if pre else x, positions, start, kv, rope, cfg)
+        h, kv = attention(p["attn"], norm(p["attn_norm"], x, cfg) if pre else x, positions, start, kv, rope, cfg,
+                          prefix)
         x = x + h
         if not pre:
             x = norm(p["attn_norm"], x, cfg)
@@ -158,10 +174,11 @@ def embed(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, cfg: Mode
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.ndarray, cache: Cache,
-            select: Selector | None = None) -> tuple[jnp.ndarray, Cache, list[jnp.ndarray]]:
+            select: Selector | None = None, prefix: bool = True) -> tuple[jnp.ndarray, Cache, list[jnp.ndarray]]:
     """Run `tokens` `[B, T]` at positions `start[b] + t`; return hidden states `[B, T, D]`
     (after the final norm), the updated cache, and `select(layer, activation)` for each layer
-    where it returns non-None."""
+    where it returns non-None. `prefix=False` says the cache holds nothing before `start`
+    (a pre-fill into a fresh cache), so attention skips reading it."""
     T = tokens.shape[1]
     positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
     with jax.named_scope("embed"):
@@ -172,7 +189,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.nd
     new_cache, selected = [], []
     for i, (p, kv) in enumerate(zip(params["layers"], cache)):
         with jax.named_scope(f"layer_{i}"):
-            x, kv, score = block(p, x, positions, start, kv, rope, cfg)
+            x, kv, score = block(p, x, positions, start, kv, rope, cfg, prefix)
             if select is not None:
                 with jax.named_scope("select_core_neurons"):
                     chosen = select(i, score)

@@ -113,9 +113,10 @@ def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.nd
     """
     B = x.shape[0]
     shape = cache_shape(cfg, B, cache_len)
-    kv = {"k": jnp.zeros(shape, x.dtype), "v": jnp.zeros(shape, x.dtype)}  # [B, Hkv, S, hd]
+    kv = {"k": jnp.zeros(shape, x.dtype), "v": jnp.zeros(shape, x.dtype)}  # [B, Hkv, hd, S]
     with jax.named_scope("prefill/layer"):
-        x, kv, score = block(p, x, positions, jnp.zeros((B,), jnp.int32), kv, rope, cfg)  # score [B, T, F]
+        x, kv, score = block(p, x, positions, jnp.zeros((B,), jnp.int32), kv, rope, cfg,
+                             prefix=False)  # score [B, T, F]
         chosen = None
         if method is not None:
             with jax.named_scope("select_core_neurons"):

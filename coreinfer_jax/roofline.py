@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,23 +57,27 @@ def _ffn_elements(cfg: ModelConfig, params: Params, method: Method) -> list[int]
                 for name, w in layer["ffn"].items()) for i, layer in enumerate(params["layers"])]
 
 
-def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 9) -> float:
-    """Sustained read bandwidth in bytes/s: the median of `repeats` XLA reductions over a
-    buffer far larger than any cache, on the default device with all its threads.
+def bandwidth_probe(nbytes: int = 512 << 20) -> Callable[[], float]:
+    """A function that times one matrix-vector product `W x` over a matrix `W` far larger
+    than any cache, on the default device, and returns the bytes/s it read.
 
-    Decoding reads weights and writes almost nothing, so reading is the bound that matters;
-    a copy would also time page faults on its freshly allocated output. The buffer is random:
-    a constant one has identical pages, which a host that merges pages serves from cache.
+    Decoding a token at batch 1 is a chain of matrix-vector products that read weights and
+    write almost nothing, so this is the access pattern to measure the bound with (on the
+    2-core CPU a plain reduction read 10-25% slower than the dots). The matrix is random: a
+    constant one has identical pages, which a host that merges pages serves from cache.
     """
-    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
-    read = jax.jit(jnp.sum)
-    read(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
+    cols = 1024
+    w = jax.random.normal(jax.random.key(0), (nbytes // 4 // cols, cols), jnp.float32)  # [N, cols]
+    x = jnp.ones((cols,), jnp.float32)
+    read = jax.jit(lambda w, x: w @ x)
+    read(w, x).block_until_ready()
+
+    def probe() -> float:
         t = time.perf_counter()
-        read(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return nbytes / median(times)
+        read(w, x).block_until_ready()
+        return w.nbytes / (time.perf_counter() - t)
+
+    return probe
 
 
 def median(xs: list[float]) -> float:

@@ -1,20 +1,24 @@
 """The parity ladder on tiny random HF models of every supported family.
 
 Per-layer FFN activations and full-forward logits vs Transformers PyTorch, greedy
-generation vs `generate`, cached decode vs the full forward pass, and no recompiles
-within a bucket.
+generation vs `generate`, cached decode vs the full forward pass, no recompiles within
+a bucket, and a decode loop that updates the KV cache in place.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
 
+import jax
 import jax.numpy as jnp
 
-from coreinfer_jax import Generator, Stability, engine
-from coreinfer_jax.model import forward, init_cache, logits
+from coreinfer_jax import Dense, Generator, Stability, engine
+from coreinfer_jax.model import cache_shape, forward, init_cache, logits
+from coreinfer_jax.sampling import Sampling
 
 FAMILIES = ["llama", "llama_tied", "llama3_rope", "mistral", "qwen2", "opt", "opt_350m_like"]
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90], [7, 8, 9], [11, 12, 13, 14, 15, 16, 200]]
@@ -129,3 +133,20 @@ def test_same_bucket_does_not_recompile(tiny_checkpoint) -> None:
         gen.generate_ids([second], max_new_tokens=8, method=method)
         gen.generate_ids([third], max_new_tokens=8, method=method)
         assert [f._cache_size() for f in programs] == sizes
+
+
+@pytest.mark.parametrize("method", [Stability(keep=0.5), Dense()], ids=["stability", "dense"])
+def test_decode_loop_updates_the_kv_cache_in_place(tiny_checkpoint, method) -> None:
+    # A copy of a cache buffer inside the loop costs a read and a write of that layer's
+    # cache on every token; the compiled loop must have none. Batch 1 (the benchmark's
+    # case) is the one where XLA's CPU backend inserted them.
+    gen = Generator.load(tiny_checkpoint("llama"))
+    method = method.validate(gen.cfg)
+    tokens, lengths, cache_len = gen._pack([PROMPTS[0]], 8)
+    first_logits, cache, _, weights = gen._prefill(tokens, lengths, cache_len, method)
+    compiled = engine.decode.lower(weights, first_logits, cache, lengths, jnp.int32(8), jnp.zeros((0,), jnp.int32),
+                                   jax.random.key(0), cfg=gen.cfg, sampling=Sampling(),
+                                   max_steps=cache_len - tokens.shape[1]).compile().as_text()
+    shape = ",".join(map(str, cache_shape(gen.cfg, 1, cache_len)))
+    assert re.search(rf"f32\[{shape}\]", compiled)  # the pattern below can match
+    assert not re.findall(rf"= f32\[{shape}\]\S* copy\(", compiled)

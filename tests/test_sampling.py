@@ -23,6 +23,17 @@ def test_greedy_is_argmax() -> None:
     np.testing.assert_array_equal(sample(logits, jax.random.key(2), Sampling()), np.argmax(logits, -1))
 
 
+def test_greedy_takes_the_first_of_tied_maxima_and_the_first_nan_like_argmax() -> None:
+    logits = np.array([[1.0, 3.0, 3.0, 2.0],
+                       [-np.inf, -np.inf, -np.inf, -np.inf],
+                       [0.0, np.nan, 5.0, np.nan],
+                       [7.0, 7.0, 7.0, 7.0]], np.float32)
+    chosen = sample(jnp.asarray(logits), jax.random.key(0), Sampling())
+    assert chosen.dtype == jnp.int32
+    np.testing.assert_array_equal(chosen, [1, 0, 1, 0])
+    np.testing.assert_array_equal(chosen, jnp.argmax(jnp.asarray(logits), -1))
+
+
 def test_temperature_one_follows_the_distribution() -> None:
     freq = np.bincount(draws(Sampling(temperature=1.0)), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.05, 0.5, 0.3, 0.15], atol=0.03)
