@@ -44,9 +44,9 @@ def activation_fn(cfg: ModelConfig) -> Callable[[jnp.ndarray], jnp.ndarray]:
 
 
 def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    """One layer's K (or V) cache, `[B, Hkv, hd, S]`: slots minor, the layout XLA's CPU dot
-    wants for both attention contractions; any other layout costs a copy of the whole
-    cache in every decode step."""
+    """One layer's K (or V) cache, `[B, Hkv, hd, S]`: slots minor, the layout XLA's CPU dots
+    read fastest for both attention contractions (`[B, Hkv, S, hd]` made decode attention
+    about 50% slower on SmolLM2's shapes)."""
     return batch, cfg.num_kv_heads, cfg.head_dim, length
 
 
