@@ -10,8 +10,8 @@ from typing import Sequence
 from convert.core import DTYPES, convert_checkpoint, default_out, is_converted
 from convert.errors import ConversionError
 from convert.sources import BUNDLED
-from coreinfer_jax.checkpoint import CheckpointError
-from coreinfer_jax.config import ConfigError
+from coreinfer_jax.models.checkpoint import CheckpointError
+from coreinfer_jax.models.config import ConfigError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -12,9 +12,9 @@ from tqdm import tqdm
 from convert import keymap
 from convert.errors import ConversionError
 from convert.sources import BUNDLED, open_source
-from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.params import flat_shapes, unflatten
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import flat_shapes, unflatten
 
 DTYPES = ("float32", "bfloat16", "float16")
 

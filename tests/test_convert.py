@@ -20,9 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from conftest import TINY_CONFIGS
 from convert import convert_checkpoint, keymap
-from coreinfer_jax.checkpoint import load_checkpoint, load_metadata, load_params
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.params import count_params, flat_shapes, param_shapes, path_str
+from coreinfer_jax.models.checkpoint import load_checkpoint, load_metadata, load_params
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import count_params, flat_shapes, param_shapes, path_str
 
 REPO = Path(__file__).resolve().parents[1]
 

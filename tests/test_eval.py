@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from coreinfer_jax import Dense, Generator, Stability
-from coreinfer_jax.cli import main
-from coreinfer_jax.evaldata import DataError, load_squad, load_truthfulqa
-from coreinfer_jax.evaluate import EvalResult, Settings, evaluate, markdown, relative_to_dense, wikitext, within_loss
-from coreinfer_jax.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
+from coreinfer_jax.tools.cli import main
+from coreinfer_jax.evaluation.data import DataError, load_squad, load_truthfulqa
+from coreinfer_jax.evaluation.evaluate import EvalResult, Settings, evaluate, markdown, relative_to_dense, wikitext, within_loss
+from coreinfer_jax.evaluation.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
 from eval_files import write_squad, write_truthfulqa
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from convert import torch_model_from_checkpoint
-from coreinfer_jax.bench import markdown, run_bench
-from coreinfer_jax.methods import Dense, Stability
+from coreinfer_jax.tools.bench import markdown, run_bench
+from coreinfer_jax import Dense, Stability
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "opt_350m_like"])

@@ -20,7 +20,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from coreinfer_jax import Sampling, make_method
-from coreinfer_jax.lm_eval_adapter import CoreInferLM
+from coreinfer_jax.evaluation.lm_eval_adapter import CoreInferLM
 
 PAIRS = [
     ("The quick brown fox", " jumps over the lazy dog."),
@@ -110,7 +110,7 @@ def test_long_context_is_left_truncated(dense: CoreInferLM, tiny_torch_model, ca
     context = " ".join(["The cat sat on the mat and looked out of the window."] * 20)
     ctx, cont = hf_split(tok, context, " The end.")
     assert len(ctx) > dense.max_length
-    with caplog.at_level(logging.WARNING, logger="coreinfer_jax.lm_eval_adapter"):
+    with caplog.at_level(logging.WARNING, logger="coreinfer_jax.evaluation.lm_eval_adapter"):
         [(value, _)] = dense.loglikelihood(requests("loglikelihood", [(context, " The end.")]), disable_tqdm=True)
     assert "left-truncated" in caplog.text
     want, _ = torch_score(model, ctx[-(dense.max_length - len(cont)):], cont)
@@ -217,8 +217,8 @@ def test_cli(ckpt: Path, dense: CoreInferLM, tmp_path: Path, monkeypatch: pytest
     cli_evaluate()
     [result] = (tmp_path / "out").rglob("results_*.json")
     assert json.loads(result.read_text())["results"]["tiny_mc"]["acc,none"] == pytest.approx(acc)
-    # `python -m coreinfer_jax.lm_eval_adapter ARGS` is that same CLI.
-    done = subprocess.run([sys.executable, "-m", "coreinfer_jax.lm_eval_adapter", "run", "--help"],
+    # `python -m coreinfer_jax.evaluation.lm_eval_adapter ARGS` is that same CLI.
+    done = subprocess.run([sys.executable, "-m", "coreinfer_jax.evaluation.lm_eval_adapter", "run", "--help"],
                           capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
     assert done.returncode == 0 and "--model_args" in done.stdout, done.stderr[-2000:]
 

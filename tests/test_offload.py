@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coreinfer_jax import Dense, Generator, Stability, engine
-from coreinfer_jax.offload import _layer, device_bytes, host_kind, place_core_weights, prefill_streamed, split_params
-from coreinfer_jax.params import param_shapes
+from coreinfer_jax import Dense, Generator, Stability
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.sparse.gather import NEURON_ROWS
+from coreinfer_jax.runtime.offload import _layer, device_bytes, host_kind, place_core_weights, prefill_streamed, split_params
+from coreinfer_jax.models.params import param_shapes
 
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]
 HOSTS = ["numpy", "pinned_host"]
@@ -120,7 +122,7 @@ def test_resident_bytes_drop_by_the_unkept_ffn_rows(gen, host, prompts) -> None:
     B, _, K = core.shape
     F = cfg.intermediate_size
     saved = sum(w.nbytes * (F - B * K) // F for i in method.sparse_layers()
-                for name, w in gen.params["layers"][i]["ffn"].items() if name in engine.GATHERED_ROWS)
+                for name, w in gen.params["layers"][i]["ffn"].items() if name in NEURON_ROWS)
     assert saved > 0
     assert device_bytes(placed) == full - saved
 

@@ -16,9 +16,11 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax import Dense, Generator, Stability, engine
-from coreinfer_jax.model import cache_shape, forward, init_cache, logits
-from coreinfer_jax.sampling import Sampling
+from coreinfer_jax import Dense, Generator, Stability
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.sparse.gather import gather_core_layers
+from coreinfer_jax.models.forward import cache_shape, forward, init_cache, logits
+from coreinfer_jax.runtime.sampling import Sampling
 
 FAMILIES = ["llama", "llama_tied", "llama3_rope", "mistral", "qwen2", "opt", "opt_350m_like"]
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90], [7, 8, 9], [11, 12, 13, 14, 15, 16, 200]]
@@ -126,7 +128,7 @@ def test_same_bucket_does_not_recompile(tiny_checkpoint) -> None:
     for method in (Stability(keep=0.5), Stability(keep=0.5, token_keep=0.9)):
         layer = method.validate(gen.cfg).sparse_layers()[0]
         gen.generate_ids([first], max_new_tokens=8, method=method)
-        programs = engine.prefill, engine._gather_layers, engine.decode
+        programs = engine.prefill, gather_core_layers, engine.decode
         sizes = [f._cache_size() for f in programs]
         # 9 and 14 tokens share the 16-token bucket with 5, and their `limit`s differ.
         assert len({limits(gen, p, layer, method.token_keep) for p in (first, second, third)}) > 1

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from coreinfer_jax import Stability, make_method, select_core_neurons
-from coreinfer_jax.rules import RULES
+from coreinfer_jax.sparse.rules import RULES
 
 
 def magnitude_reference(acts: np.ndarray, n_keep: int, token_keep: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax.sampling import Sampling, sample
+from coreinfer_jax.runtime.sampling import Sampling, sample
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.5, 0.3, 0.15]], jnp.float32))
 

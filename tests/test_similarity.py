@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 
 from conftest import SENTENCES
-from coreinfer_jax import Dense, Generator, cli, engine
-from coreinfer_jax.calibration import Calibration, CalibrationError, calibrate, fit, signature_size
-from coreinfer_jax.kmeans import choose_clusters, elbow
-from coreinfer_jax.methods import Similarity, make_method
-from coreinfer_jax.model import forward, init_cache
-from coreinfer_jax.sampling import Sampling
-from coreinfer_jax.selection import rank_bound, sentence_signature, token_core_counts
+from coreinfer_jax import Dense, Generator
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.sparse.gather import gather_core_layers
+from coreinfer_jax.tools import cli
+from coreinfer_jax.calibrate.similarity import calibrate, fit
+from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, signature_size
+from coreinfer_jax.calibrate.kmeans import choose_clusters, elbow
+from coreinfer_jax import Similarity, make_method
+from coreinfer_jax.models.forward import forward, init_cache
+from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.sparse.selection import rank_bound, sentence_signature, token_core_counts
 
 # --- NumPy restatement of the method page ("Similarity-guided selection") -------------------
 
@@ -195,7 +199,7 @@ def test_prefill_assigns_each_prompt_as_the_host_does(calibrated) -> None:
     tokens, lengths, cache_len = gen._pack(prompts, 6)
     first_logits, cache, _ = engine.prefill(gen.params, tokens, lengths, cfg=gen.cfg, method=Dense(),
                                             cache_len=cache_len)
-    weights = engine.sparse_params(gen.params, jnp.asarray(core), half(cal).validate(gen.cfg))
+    weights = half(cal).validate(gen.cfg).decode_weights(gen.params, jnp.asarray(core))
     want = engine.decode(weights, first_logits, cache, lengths, jnp.int32(6),
                          jnp.asarray(gen.cfg.eos_token_ids, jnp.int32), jax.random.key(0), cfg=gen.cfg,
                          sampling=Sampling(), max_steps=cache_len - tokens.shape[1])
@@ -218,7 +222,7 @@ def test_same_bucket_and_same_shaped_calibration_do_not_recompile(calibrated) ->
     gen, cal = calibrated
     prompts = one_per_cluster(gen, cal)
     method = Similarity(cal, keep=0.5)
-    programs = engine.prefill, engine._gather_layers, engine.decode
+    programs = engine.prefill, gather_core_layers, engine.decode
     gen.generate_ids([prompts[0]], max_new_tokens=8, method=method)
     sizes = [f._cache_size() for f in programs]
     for p in prompts[1:]:

@@ -9,7 +9,7 @@ import torch
 import jax.numpy as jnp
 
 from coreinfer_jax import Generator, Stability, default_layer_range, make_method
-from coreinfer_jax.engine import gather_core_weights
+from coreinfer_jax.sparse.gather import gather_core_weights
 from method_reference import reference_select
 
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]

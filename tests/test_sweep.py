@@ -12,13 +12,14 @@ import pytest
 import jax.numpy as jnp
 
 from coreinfer_jax import Dense, Generator, Stability
-from coreinfer_jax import engine
-from coreinfer_jax.budget import Budget, BudgetError, allocate, measure
-from coreinfer_jax.cli import main
-from coreinfer_jax.evaluate import wikitext_windows
-from coreinfer_jax.roofline import bytes_per_token, ffn_bytes_per_token
-from coreinfer_jax.rules import RULES
-from coreinfer_jax.sweep import pareto_front
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.calibrate.budget import measure
+from coreinfer_jax.sparse.budget import Budget, BudgetError, allocate
+from coreinfer_jax.tools.cli import main
+from coreinfer_jax.evaluation.evaluate import wikitext_windows
+from coreinfer_jax.tools.roofline import bytes_per_token, ffn_bytes_per_token
+from coreinfer_jax.sparse.rules import RULES
+from coreinfer_jax.evaluation.sweep import pareto_front
 from eval_files import write_truthfulqa
 
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]
@@ -52,7 +53,7 @@ def test_per_layer_counts_are_prefixes_of_the_rules_ranking(gen, rule) -> None:
 def test_gathered_weights_are_each_layers_own_rows(gen) -> None:
     method = Stability(keep=0.5, layers=(0, 2), rule="normalized_magnitude", layer_keep=(96, 32)).validate(gen.cfg)
     core = prefill_core(gen, method)
-    weights = engine.sparse_params(gen.params, jnp.asarray(core), method)
+    weights = method.decode_weights(gen.params, jnp.asarray(core))
     for j, n in enumerate((96, 32)):
         full, got = gen.params["layers"][j]["ffn"], weights["layers"][j]["ffn"]
         for name in ("w_gate", "w_up", "w_down"):

@@ -1,4 +1,5 @@
-"""Per-layer neuron budgets: measure each sparse layer's sensitivity, allocate neurons by it.
+"""Per-layer neuron budgets, the procedure: measure each sparse layer's sensitivity
+(`sparse.budget.Budget` holds the result and allocates neurons by it).
 
 Sensitivity of sparse layer j at keep k: the increase of the teacher-forced NLL per token on
 calibration text (WikiText windows: a densely pre-filled context chooses the core neurons,
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,94 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from coreinfer_jax import engine
-from coreinfer_jax.evaldata import load_wikitext
-from coreinfer_jax.evaluate import wikitext_windows
-from coreinfer_jax.generator import Generator, cache_length, prompt_bucket
-from coreinfer_jax.methods import Dense, Method, Stability, make_method, parse_layers
-from coreinfer_jax.params import Params
-from coreinfer_jax.rules import RULES, check_rule
-from coreinfer_jax.selection import n_keep_for
-
-
-class BudgetError(ValueError):
-    """A budget file that cannot serve the requested method."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Measured per-layer sensitivities (NLL increase per token) of `layers`, per keep."""
-
-    rule: str
-    layers: tuple[int, int]
-    width: int
-    token_keep: float
-    sensitivity: dict[float, tuple[float, ...]]
-    dense_nll_per_token: float
-    windows: int
-
-    def layer_neurons(self, keep: float) -> tuple[int, ...]:
-        """Neurons per sparse layer at `keep`: proportional to the sensitivity measured at `keep`,
-        totalling the uniform keep's `n_layers * int(F * keep)`."""
-        if keep not in self.sensitivity:
-            measured = ", ".join(f"{k:g}" for k in sorted(self.sensitivity))
-            raise BudgetError(f"the budget was measured at keep {measured}, not {keep:g}; "
-                              f"measure it with `python -m coreinfer_jax budget --keep {keep:g}`")
-        uniform = n_keep_for(self.width, keep)
-        return allocate(self.sensitivity[keep], len(self.sensitivity[keep]) * uniform,
-                        low=max(1, math.ceil(uniform / 2)), high=min(self.width, 2 * uniform))
-
-    def method(self, keep: float) -> Stability:
-        return Stability(keep=keep, token_keep=self.token_keep, layers=self.layers, rule=self.rule,
-                         layer_keep=self.layer_neurons(keep))
-
-    def to_json(self) -> dict:
-        return {"rule": self.rule, "layers": list(self.layers), "width": self.width, "token_keep": self.token_keep,
-                "windows": self.windows, "dense_nll_per_token": self.dense_nll_per_token,
-                "sensitivity": {f"{k:g}": list(v) for k, v in self.sensitivity.items()},
-                "layer_neurons": {f"{k:g}": list(self.layer_neurons(k)) for k in self.sensitivity}}
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Budget:
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-            budget = cls(rule=check_rule(d["rule"]), layers=tuple(d["layers"]), width=int(d["width"]),
-                         token_keep=float(d["token_keep"]),
-                         sensitivity={float(k): tuple(float(x) for x in v) for k, v in d["sensitivity"].items()},
-                         dense_nll_per_token=float(d["dense_nll_per_token"]), windows=int(d["windows"]))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise BudgetError(f"{path} is not a budget file made by `python -m coreinfer_jax budget`: {e}") from None
-        n = budget.layers[1] - budget.layers[0]
-        if any(len(v) != n for v in budget.sensitivity.values()):
-            raise BudgetError(f"{path}: every sensitivity list must have {n} entries (layers {budget.layers})")
-        return budget
-
-
-def allocate(weights: Sequence[float], total: int, low: int, high: int) -> tuple[int, ...]:
-    """Integer counts in `[low, high]` summing to `total`, proportional to `weights` where the
-    bounds allow: `clip(s * w, low, high)` with the scale `s` found by bisection (the sum is
-    monotone in `s`), then rounded by largest remainder."""
-    w = np.maximum(np.asarray(weights, np.float64), 0.0) + 1e-12  # [n]
-    if not len(w) * low <= total <= len(w) * high:
-        raise ValueError(f"cannot give {len(w)} layers {low}..{high} neurons each and {total} in all")
-    lo, hi = 0.0, high / w.min()
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if np.clip(mid * w, low, high).sum() < total:
-            lo = mid
-        else:
-            hi = mid
-    real = np.clip(hi * w, low, high)  # [n], sums to total up to bisection precision
-    counts = np.floor(real).astype(np.int64)
-    room = np.flatnonzero(counts < high)
-    short = total - int(counts.sum())
-    # Largest remainders first; stable order breaks ties by layer index.
-    for i in room[np.argsort(-(real - counts)[room], kind="stable")][:short]:
-        counts[i] += 1
-    return tuple(int(c) for c in counts)
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation.data import load_wikitext
+from coreinfer_jax.evaluation.evaluate import wikitext_windows
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime.generator import Generator, cache_length, prompt_bucket
+from coreinfer_jax.sparse.budget import Budget
+from coreinfer_jax.sparse.method import Dense
+from coreinfer_jax.sparse.registry import parse_layers
+from coreinfer_jax.sparse.rules import RULES
+from coreinfer_jax.sparse.stability import Stability
 
 
 @jax.jit
@@ -172,34 +94,6 @@ def measure(gen: Generator, windows: Sequence[tuple[list[int], list[int]]], rule
     return Budget(rule=rule, layers=probe.layers, width=cfg.intermediate_size, token_keep=token_keep,
                   sensitivity={k: tuple(float(s / tokens) for s in sums[k]) for k in keeps},
                   dense_nll_per_token=dense_nll / tokens, windows=len(windows))
-
-
-def parse_layer_neurons(text: str) -> tuple[int, ...]:
-    """`--layer-neurons 500,520,...` -> `(500, 520, ...)`; `Stability.validate` checks the total."""
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--layer-neurons must be comma-separated integers, got {text!r}") from None
-
-
-def methods_from_args(args: argparse.Namespace, keeps: Sequence[float]) -> list[Method]:
-    """The sparse methods of the common CLI options (`--method --rule --token-keep --layers
-    --calibration --layer-neurons --budget`), one per keep."""
-    if args.budget is not None:
-        if args.method != "stability" or args.layer_neurons is not None:
-            raise ValueError("--budget needs --method stability and no --layer-neurons")
-        budget = Budget.load(args.budget)
-        if args.rule != "paper" and args.rule != budget.rule:
-            raise BudgetError(f"--rule {args.rule} but the budget {args.budget} was measured for rule {budget.rule}")
-        if args.layers is not None and tuple(args.layers) != budget.layers:
-            raise BudgetError(f"--layers {args.layers[0]}:{args.layers[1]} but the budget {args.budget} is for "
-                              f"{budget.layers[0]}:{budget.layers[1]}")
-        return [dataclasses.replace(budget.method(k), token_keep=args.token_keep) for k in keeps]
-    layer_keep = parse_layer_neurons(args.layer_neurons) if args.layer_neurons is not None else None
-    if layer_keep is not None and len(keeps) > 1:
-        raise ValueError("--layer-neurons fixes one total: give a single --keep")
-    return [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
-                        calibration=args.calibration, rule=args.rule, layer_keep=layer_keep) for k in keeps]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from coreinfer_jax.selection import stability_counts
+from coreinfer_jax.errors import MethodError
+from coreinfer_jax.sparse.selection import stability_counts
 
 Rule = Callable[[jnp.ndarray, jnp.ndarray, int, float], jnp.ndarray]
 
@@ -78,5 +79,5 @@ RULES: dict[str, Rule] = {"paper": paper, "magnitude": magnitude, "normalized_ma
 
 def check_rule(name: str) -> str:
     if name not in RULES:
-        raise ValueError(f"unknown selection rule {name!r}; choose one of: {', '.join(RULES)}")
+        raise MethodError(f"unknown selection rule {name!r}; choose one of: {', '.join(RULES)}")
     return name

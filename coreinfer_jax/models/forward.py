@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.params import Params
-from coreinfer_jax.rope import apply_rotary, inverse_frequencies, rotary_tables
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 Cache = list[dict[str, jnp.ndarray]]
 # Called as select(layer_index, activation [B, T, F]) in pre-fill; its results are collected.
 Selector = Callable[[int, jnp.ndarray], jnp.ndarray]
+# ffn_fn(layer_ffn_params, x [B, T, D], cfg) -> (output [B, T, D], activation CoreInfer ranks by)
+FFN = Callable[[Params, jnp.ndarray, ModelConfig], tuple[jnp.ndarray, jnp.ndarray]]
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -147,7 +149,8 @@ def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.n
 
 def block(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
           kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-          cfg: ModelConfig, prefix: bool = True) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
+          cfg: ModelConfig, prefix: bool = True, ffn_fn: FFN = ffn,
+          ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
     pre = cfg.family != "opt" or cfg.do_layer_norm_before
     with jax.named_scope("attention"):
         h, kv = attention(p["attn"], norm(p["attn_norm"], x, cfg) if pre else x, positions, start, kv, rope, cfg,
@@ -156,7 +159,7 @@ def block(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
         if not pre:
             x = norm(p["attn_norm"], x, cfg)
     with jax.named_scope("ffn"):
-        h, score = ffn(p["ffn"], norm(p["ffn_norm"], x, cfg) if pre else x, cfg)
+        h, score = ffn_fn(p["ffn"], norm(p["ffn_norm"], x, cfg) if pre else x, cfg)
         x = x + h
         if not pre:
             x = norm(p["ffn_norm"], x, cfg)
@@ -174,11 +177,13 @@ def embed(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, cfg: Mode
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.ndarray, cache: Cache,
-            select: Selector | None = None, prefix: bool = True) -> tuple[jnp.ndarray, Cache, list[jnp.ndarray]]:
+            select: Selector | None = None, prefix: bool = True,
+            ffn_fn: FFN = ffn) -> tuple[jnp.ndarray, Cache, list[jnp.ndarray]]:
     """Run `tokens` `[B, T]` at positions `start[b] + t`; return hidden states `[B, T, D]`
     (after the final norm), the updated cache, and `select(layer, activation)` for each layer
     where it returns non-None. `prefix=False` says the cache holds nothing before `start`
-    (a pre-fill into a fresh cache), so attention skips reading it."""
+    (a pre-fill into a fresh cache), so attention skips reading it. `ffn_fn` computes each
+    layer's FFN from its params (a decoding method's `decode_ffn`)."""
     T = tokens.shape[1]
     positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
     with jax.named_scope("embed"):
@@ -189,7 +194,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.nd
     new_cache, selected = [], []
     for i, (p, kv) in enumerate(zip(params["layers"], cache)):
         with jax.named_scope(f"layer_{i}"):
-            x, kv, score = block(p, x, positions, start, kv, rope, cfg, prefix)
+            x, kv, score = block(p, x, positions, start, kv, rope, cfg, prefix, ffn_fn)
             if select is not None:
                 with jax.named_scope("select_core_neurons"):
                     chosen = select(i, score)

@@ -25,12 +25,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from coreinfer_jax.budget import Budget
-from coreinfer_jax.evaluate import HEADLINE, TASKS, Settings, evaluate, fmt_metric, label
-from coreinfer_jax.generator import Generator
-from coreinfer_jax.methods import Dense, Method, Stability, layers_arg
-from coreinfer_jax.roofline import ffn_bytes_per_token
-from coreinfer_jax.rules import RULES
+from coreinfer_jax.evaluation.evaluate import HEADLINE, TASKS, Settings, evaluate, fmt_metric
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.sparse.budget import Budget
+from coreinfer_jax.sparse.method import Dense, Method
+from coreinfer_jax.sparse.rules import RULES
+from coreinfer_jax.sparse.stability import Stability
+from coreinfer_jax.tools.args import layers_arg
+from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 
 # The per-example score each task's paired differences are taken over, and the eval record
 # fields it comes from.
@@ -71,20 +73,20 @@ def task_rows(task: str, methods: Sequence[Method], results: Sequence[Any], reco
     rule at the same keep (and, for a per-layer budget, from its own rule's uniform keep)."""
     metric, higher_is_better = HEADLINE[task]
     unit, score = PER_EXAMPLE[task]
-    labels = [label(m) for m in methods]
+    labels = [m.label for m in methods]
     scores = {lab: np.array([score(r) for r in records if r["label"] == lab]) for lab in labels}
     rows = []
     for m, lab, res, nbytes in zip(methods, labels, results, ffn_bytes):
-        stability = isinstance(m, Stability)
-        row = {"task": task, "label": lab, "rule": m.rule if stability else None,
-               "keep": getattr(m, "keep", 1.0), "budget": list(m.layer_keep) if stability and m.layer_keep else None,
+        d = m.describe()
+        row = {"task": task, "label": lab, "rule": d["rule"], "keep": d["keep"], "budget": d["layer_neurons"],
                "n": res.n, "metric": metric, "higher_is_better": higher_is_better, "value": res.metrics[metric],
                "secondary": SECONDARY[task], "secondary_value": res.metrics[SECONDARY[task]],
                "ffn_bytes_per_token": nbytes, "per_example_unit": unit, "metrics": res.metrics,
                "seconds": res.seconds}
-        references = {"paper": f"stability keep {m.keep:g}"} if stability else {}
-        if stability and m.layer_keep:
-            references["uniform"] = label(dataclasses.replace(m, layer_keep=None))
+        # Rule rows are compared with the paper's rule at the same keep, a budget with its uniform keep.
+        references = {"paper": Stability(keep=d["keep"]).label} if d["rule"] else {}
+        if d["layer_neurons"]:
+            references["uniform"] = dataclasses.replace(m, layer_keep=None).label
         for name, ref in references.items():
             ref_res = next((r for r, lab2 in zip(results, labels) if lab2 == ref), None)
             if ref_res is None or ref == lab:

@@ -10,14 +10,14 @@ Command line (lm-eval 0.4.13 discovers no out-of-tree models: no entry point, no
 import flag; so this module registers the model and then runs lm-eval's own CLI, which
 takes its usual arguments):
 
-    python -m coreinfer_jax.lm_eval_adapter run --model coreinfer_jax \
+    python -m coreinfer_jax.evaluation.lm_eval_adapter run --model coreinfer_jax \
         --model_args checkpoint=DIR,method=stability,keep=0.4,layers=6:25,batch_size=8 \
         --tasks arc_easy,hellaswag
 
 Python:
 
     import lm_eval
-    import coreinfer_jax.lm_eval_adapter  # registers "coreinfer_jax"
+    import coreinfer_jax.evaluation.lm_eval_adapter  # registers "coreinfer_jax"
     lm_eval.simple_evaluate(model="coreinfer_jax", tasks=["arc_easy"],
                             model_args="checkpoint=DIR,method=stability,keep=0.4")
 
@@ -56,10 +56,10 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT
-from coreinfer_jax.generator import Generator
-from coreinfer_jax.methods import make_method, parse_layers
-from coreinfer_jax.sampling import Sampling
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.sparse.registry import make_method, parse_layers
 
 log = logging.getLogger(__name__)
 # lm-eval registers its built-in models only into an empty registry: without this, importing

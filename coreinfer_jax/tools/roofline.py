@@ -9,11 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.methods import Method, SparseMethod, layer_neurons
-from coreinfer_jax.params import Params
-
-_FFN_NEURON_ROWS = ("w_gate", "w_up", "w_down", "b_gate", "b_up")
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.sparse.method import Method
 
 
 def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, context: int) -> int:
@@ -43,18 +41,7 @@ def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, context: i
 
 def ffn_bytes_per_token(cfg: ModelConfig, params: Params, method: Method) -> int:
     """Bytes of FFN weights one decode step reads (every layer; sparse ones only their kept neurons)."""
-    return sum(_ffn_elements(cfg, params, method)) * jnp.dtype(params["embed"].dtype).itemsize
-
-
-def _ffn_elements(cfg: ModelConfig, params: Params, method: Method) -> list[int]:
-    """Per layer, the FFN weight elements a decode step reads: a sparse layer's neuron-major
-    matrices only their kept rows (integer arithmetic, so equal neuron totals give equal bytes)."""
-    F = cfg.intermediate_size
-    kept = {}
-    if isinstance(method, SparseMethod):
-        kept = dict(zip(method.sparse_layers(), layer_neurons(method, F)))
-    return [sum(w.size * kept.get(i, F) // F if name in _FFN_NEURON_ROWS else w.size
-                for name, w in layer["ffn"].items()) for i, layer in enumerate(params["layers"])]
+    return sum(method.ffn_elements(params)) * jnp.dtype(params["embed"].dtype).itemsize
 
 
 def bandwidth_probe(nbytes: int = 512 << 20) -> Callable[[], float]:

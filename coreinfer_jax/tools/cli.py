@@ -8,50 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from coreinfer_jax import budget, calibration, evaluate, sweep
-from coreinfer_jax.bench import bench_main
-from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
-from coreinfer_jax.config import ConfigError
-from coreinfer_jax.generator import GenerationResult, Generator, InputError
-from coreinfer_jax.methods import METHODS, Method, layers_arg
-from coreinfer_jax.profiling import maybe_profile
-from coreinfer_jax.rules import RULES
-from coreinfer_jax.sampling import Sampling
-from coreinfer_jax.tasks import TEMPLATES, format_prompt
+from coreinfer_jax.calibrate import budget, similarity
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation import evaluate, sweep
+from coreinfer_jax.evaluation.tasks import TEMPLATES, format_prompt
+from coreinfer_jax.runtime.generator import GenerationResult, Generator
+from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.tools.args import add_method_args, add_model_args, method_from_args
+from coreinfer_jax.tools.bench import bench_main
+from coreinfer_jax.tools.profiling import maybe_profile
 
-USER_ERRORS = (InputError, CheckpointError, ConfigError, ValueError, FileNotFoundError)
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                   help=f"converted checkpoint directory (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the checkpoint's)")
-
-
-def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_keeps: bool = False) -> None:
-    p.add_argument("--method", choices=list(METHODS), default=default)
-    if several_keeps:
-        p.add_argument("--keep", type=float, nargs="+", default=[0.2, 0.4, 0.6],
-                       help="keep values of the sparse rows (the dense rows are always measured)")
-    else:
-        p.add_argument("--keep", type=float, default=0.4, help="fraction of FFN neurons kept per sparse layer")
-    p.add_argument("--token-keep", type=float, default=0.2,
-                   help="token-wise core fraction, relative to the mean positive count")
-    p.add_argument("--layers", type=layers_arg, default=None,
-                   help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="calibration directory of --method similarity (made by the calibrate command)")
-    p.add_argument("--rule", choices=list(RULES), default="paper",
-                   help="stability's selection rule: paper (CoreInfer's), magnitude, normalized_magnitude")
-    p.add_argument("--layer-neurons", default=None,
-                   help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
-    p.add_argument("--budget", type=Path, default=None,
-                   help="per-layer budget JSON made by the budget command (allocated for each --keep)")
-
-
-def method_from_args(args: argparse.Namespace) -> Method:
-    return budget.methods_from_args(args, [args.keep])[0]
+# The project's own input errors print one line; anything else is a bug and shows its traceback.
+USER_ERRORS = (CoreInferError, FileNotFoundError)
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -78,7 +46,6 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def result_json(out: GenerationResult, compile_s: float, offload: bool = False) -> dict[str, Any]:
-    m = out.method
     return {
         "offload": offload,
         "text": out.texts[0],
@@ -88,12 +55,7 @@ def result_json(out: GenerationResult, compile_s: float, offload: bool = False) 
         "prefill_s": out.prefill_s,
         "decode_s": out.decode_s,
         "decode_tokens_per_s": out.decode_tokens_per_s,
-        "method": m.name,
-        "keep": getattr(m, "keep", 1.0),
-        "token_keep": getattr(m, "token_keep", None),
-        "layers": list(m.layers) if getattr(m, "layers", None) else None,
-        "rule": getattr(m, "rule", None),
-        "layer_neurons": list(m.layer_keep) if getattr(m, "layer_keep", None) else None,
+        **out.method.describe(),
         "core_neurons": None if out.core_neurons is None else out.core_neurons[0].tolist(),
     }
 
@@ -136,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=bench_main)
 
     evaluate.add_parser(sub, add_model_args, add_method_args)
-    add_model_args(calibration.add_parser(sub))
+    add_model_args(similarity.add_parser(sub))
     add_model_args(budget.add_parser(sub))
     sweep.add_parser(sub, add_model_args)
     return parser

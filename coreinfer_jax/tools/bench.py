@@ -18,11 +18,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from coreinfer_jax.budget import methods_from_args
-from coreinfer_jax.generator import Generator
-from coreinfer_jax.methods import Dense, Method, variant
-from coreinfer_jax.profiling import maybe_profile
-from coreinfer_jax.roofline import bandwidth_probe, bytes_per_token, median
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.sparse.method import Dense, Method
+from coreinfer_jax.tools.args import methods_from_args
+from coreinfer_jax.tools.profiling import maybe_profile
+from coreinfer_jax.tools.roofline import bandwidth_probe, bytes_per_token, median
 
 BENCH_PROMPT = (
     "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
@@ -135,10 +135,8 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
 
 
 def label(m: Method) -> str:
-    if isinstance(m, Dense):
-        return "jax-dense"
-    suffix = variant(m)
-    return f"jax-{m.name}-keep{m.keep:g}" + (f"-{suffix}" if suffix else "")
+    """"jax-dense", "jax-stability-keep0.4", "jax-stability-keep0.4-magnitude+budget"."""
+    return "jax-" + m.label.replace(" keep ", "-keep").replace(" ", "-")
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -31,12 +31,12 @@ import numpy as np
 from jax.experimental.compute_on import compute_on
 from jax.sharding import SingleDeviceSharding
 
-from coreinfer_jax import engine
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.methods import Method, SparseMethod
-from coreinfer_jax.model import Cache, block, cache_shape, embed, logits, norm
-from coreinfer_jax.params import Params
-from coreinfer_jax.rope import inverse_frequencies, rotary_tables
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.sparse.gather import NEURON_ROWS
+from coreinfer_jax.sparse.method import Method
+from coreinfer_jax.models.forward import Cache, block, cache_shape, embed, logits, norm
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.models.rope import inverse_frequencies, rotary_tables
 
 PINNED = "pinned_host"
 HOST_KINDS = ("auto", "numpy", PINNED)
@@ -104,9 +104,9 @@ def _embed(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, *, cfg: Mo
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "method"))
 def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None,
            valid: jnp.ndarray, tables: Params | None, *, cfg: ModelConfig, cache_len: int,
-           method: SparseMethod | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray | None]:
+           method: Method | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray | None]:
     """One pre-fill layer with a fresh KV cache; with `method` (a selecting layer), what
-    `engine.select_in_layer` takes from it (`tables`: the method's arrays), else None.
+    `method.select` takes from it (`tables`: the method's arrays), else None.
 
     The layer index never enters the computation, so every layer shares one compile per
     variant (selecting or not): at most two compiles per prompt bucket.
@@ -120,7 +120,7 @@ def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.nd
         chosen = None
         if method is not None:
             with jax.named_scope("select_core_neurons"):
-                chosen = engine.select_in_layer(method, score, valid, tables)  # [B, n_keep] or cluster [B]
+                chosen = method.select(score, valid, tables, None)  # e.g. [B, n_keep] or cluster [B]
     return x, kv, chosen
 
 
@@ -141,7 +141,7 @@ def prefill_streamed(device_params: Params, host_ffn: list[Params], tokens: jnp.
     """`engine.prefill` with each layer's FFN streamed from host memory; same results."""
     device = _device_memory(jax.devices()[0])
     top = {k: v for k, v in device_params.items() if k != "layers"}
-    selecting = engine.selecting_layers(method)
+    selecting = method.selecting_layers()
     x, positions, rope, valid = _embed(top, tokens, lengths, cfg=cfg)
     cache, selected = [], []
     upcoming = jax.device_put(host_ffn[0], device)
@@ -160,7 +160,7 @@ def prefill_streamed(device_params: Params, host_ffn: list[Params], tokens: jnp.
         if chosen is not None:
             selected.append(chosen)
     out = _head(top, x, lengths, cfg=cfg)
-    return out, cache, engine.core_neurons(method, selected, tables)  # core [B, n_sparse, n_keep]
+    return out, cache, method.core_neurons(selected, tables)  # core [B, n_sparse, n_keep]
 
 
 @jax.jit
@@ -169,16 +169,16 @@ def _gather_on_host(ffn: Params, idx: jnp.ndarray) -> Params:
     with compute_on("device_host"):
         # `promise_in_bounds`: the clamping of the default mode adds device-side constants,
         # which XLA refuses to mix with host-memory operands.
-        rows = {name: w.at[idx].get(mode="promise_in_bounds") if name in engine.GATHERED_ROWS else w
+        rows = {name: w.at[idx].get(mode="promise_in_bounds") if name in NEURON_ROWS else w
                 for name, w in ffn.items()}  # w_* [B, K, D], b_gate/b_up [B, K]
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
 def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.ndarray,
-                       method: SparseMethod) -> Params:
+                       method: Method) -> Params:
     """The decode param tree: `device_params` plus, per layer, the FFN on the device: for sparse
     layers only the rows `core` `[B, n_sparse, n_keep]` (gathered on the host, like
-    `engine.gather_core_weights`), for the others the whole FFN.
+    `sparse.gather.gather_core_weights`), for the others the whole FFN.
 
     Rows are per sequence, so a sparse layer holds `B * n_keep` rows: the saving over the full
     FFN shrinks with the batch and is gone once `B * keep >= 1`.
@@ -198,7 +198,7 @@ def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.
             placed = _gather_on_host(ffn, core[:, sparse[i]])
         else:
             idx = core[:, sparse[i]]  # [B, K]
-            placed = jax.device_put({name: np.take(w, idx, axis=0) if name in engine.GATHERED_ROWS else w
+            placed = jax.device_put({name: np.take(w, idx, axis=0) if name in NEURON_ROWS else w
                                      for name, w in ffn.items()}, _device_memory(device))
         layers.append(dict(layer, ffn=placed))
     return dict(device_params, layers=layers)

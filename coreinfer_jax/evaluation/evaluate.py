@@ -28,11 +28,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from coreinfer_jax.evaldata import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
-from coreinfer_jax.generator import Generator
-from coreinfer_jax.methods import Dense, Method, Stability, variant
-from coreinfer_jax.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
-from coreinfer_jax.tasks import format_prompt, squad_prompt
+from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
+from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
+from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
+from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.sparse.method import Dense, Method
+from coreinfer_jax.tools.args import methods_from_args
 
 TASKS = ("truthfulqa", "squad", "wikitext")
 # The metric each task's "vs dense" column and the 5%-loss rule are judged by, and whether
@@ -166,26 +167,17 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
     results = []
     with tqdm(total=len(examples) * len(methods), desc=f"eval {task}", unit="ex") as bar:
         for m in methods:
-            bar.set_postfix_str(label(m))
+            bar.set_postfix_str(m.label)
             t0 = time.perf_counter()
             metrics, rows = run(gen, examples, m, settings, bar.update)
-            stability = isinstance(m, Stability)
-            results.append(EvalResult(task, m.name, getattr(m, "keep", 1.0), len(examples), {**metrics, **extra},
-                                      getattr(m, "token_keep", None),
-                                      list(m.layers) if getattr(m, "layers", None) else None,
-                                      time.perf_counter() - t0, m.rule if stability else None,
-                                      list(m.layer_keep) if stability and m.layer_keep else None))
+            d = m.describe()
+            results.append(EvalResult(task, d["method"], d["keep"], len(examples), {**metrics, **extra},
+                                      d["token_keep"], d["layers"], time.perf_counter() - t0, d["rule"],
+                                      d["layer_neurons"]))
             if records is not None:
-                records += [{"task": task, "method": m.name, "keep": results[-1].keep, "label": label(m), **r}
+                records += [{"task": task, "method": m.name, "keep": results[-1].keep, "label": m.label, **r}
                             for r in rows]
     return results
-
-
-def label(m: Method) -> str:
-    if isinstance(m, Dense):
-        return "dense"
-    suffix = variant(m)
-    return f"{m.name} keep {m.keep:g}" + (f" {suffix}" if suffix else "")
 
 
 def relative_to_dense(results: Sequence[EvalResult]) -> list[float | None]:
@@ -264,9 +256,6 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens)
     methods: list[Method] = [] if args.no_dense and args.method != "dense" else [Dense()]
     if args.method != "dense":
-        # Imported here: budget imports this module (for its WikiText windows).
-        from coreinfer_jax.budget import methods_from_args
-
         methods += methods_from_args(args, args.keep)
     gen = Generator.load(args.checkpoint, args.dtype)
     records: list[dict[str, Any]] = []

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.params import Params, abstract_params, count_params
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import Params, abstract_params, count_params
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("COREINFER_HOME", Path.home() / ".cache" / "coreinfer_jax")) / "smollm2-135m"
 

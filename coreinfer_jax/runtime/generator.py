@@ -18,20 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax import engine
-from coreinfer_jax.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from coreinfer_jax.config import ModelConfig
-from coreinfer_jax.methods import Dense, Method, method_tables
-from coreinfer_jax.offload import place_core_weights, prefill_streamed, split_params
-from coreinfer_jax.params import Params
-from coreinfer_jax.sampling import Sampling
+from coreinfer_jax.errors import InputError, MethodError
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime.offload import place_core_weights, prefill_streamed, split_params
+from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.sparse.method import Dense, Method
 
 MIN_BUCKET = 16
 CACHE_ROUND = 64
-
-
-class InputError(ValueError):
-    """A prompt or generation setting this model cannot serve."""
 
 
 def prompt_bucket(length: int, context: int) -> int:
@@ -136,8 +133,8 @@ class Generator:
         """
         cfg = self.cfg
         method = method.validate(cfg)
-        if self.offloaded is not None and isinstance(method, Dense):
-            raise ValueError("offload mode needs a sparse method (stability): a dense decode would stream "
+        if self.offloaded is not None and not method.sparse_layers():
+            raise MethodError("offload mode needs a sparse method (stability): a dense decode would stream "
                              "every FFN weight for every token")
         tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
         eos = jnp.asarray((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), jnp.int32)
@@ -148,7 +145,8 @@ class Generator:
         t1 = time.perf_counter()
         out = engine.decode(weights, first_logits, cache, lengths, jnp.int32(max_new_tokens), eos,
                             jax.random.key(seed), cfg=cfg, sampling=sampling,
-                            max_steps=cache_len - tokens.shape[1], return_logits=return_logits)
+                            max_steps=cache_len - tokens.shape[1], return_logits=return_logits,
+                            ffn_fn=method.decode_ffn)
         out = jax.block_until_ready(out)
         t2 = time.perf_counter()
 
@@ -187,18 +185,18 @@ class Generator:
         first_logits, cache, _, weights = self._prefill(tokens, lengths, cache_length(tokens.shape[1], chunk),
                                                         method)
         logprobs, greedy = engine.score_continuation(weights, first_logits, cache, lengths, jnp.asarray(targets),
-                                                     cfg=self.cfg)
+                                                     cfg=self.cfg, ffn_fn=method.decode_ffn)
         logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
         return [(logprobs[i, : len(c)], greedy[i, : len(c)]) for i, c in enumerate(continuations)]
 
     def _prefill(self, tokens: jnp.ndarray, lengths: jnp.ndarray, cache_len: int, method: Method):
         """Pre-fill (streamed in offload mode): first logits, cache, core neurons (None for
         dense) and the decode-time weights (core neurons gathered in the sparse layers)."""
-        tables = method_tables(method)
+        tables = method.tables()
         if self.offloaded is None:
             first_logits, cache, core = engine.prefill(self.params, tokens, lengths, tables, cfg=self.cfg,
                                                        method=method, cache_len=cache_len)
-            weights = self.params if core is None else engine.sparse_params(self.params, core, method)
+            weights = method.decode_weights(self.params, core)
         else:
             device_params, host_ffn = self.offloaded
             first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, tables,

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax.config import ModelConfig
+from coreinfer_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 

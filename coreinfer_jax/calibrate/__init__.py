@@ -1,0 +1,1 @@
+"""Fitting to calibration data: similarity-guided clusters (k-means) and per-layer neuron budgets."""

@@ -1,0 +1,1 @@
+"""Core-neuron selection and the decoding methods (the method protocol, dense, stability, similarity)."""

@@ -1,0 +1,165 @@
+"""The decoding-method protocol, and the dense method.
+
+A method is a frozen (hashable) dataclass: it is a static argument of the jitted programs, so
+one compile serves every prompt of a bucket. The runtime (pre-fill, gather, decode, offload)
+and the accounting (roofline, bench, eval) ask a method these questions and never its type:
+
+  pre-fill   `selecting_layers()`: the layers whose FFN activations it reads;
+             `select(activation, valid, tables, layer)`: what it takes from one of them;
+             `core_neurons(selected, tables)`: the per-layer results as core-neuron indices
+             `int32 [B, n_sparse, n_max]` (None: nothing is kept);
+             `tables()`: arrays it needs there, passed as traced arguments (not static);
+  gather     `decode_weights(params, core)`: the decode-time param tree, built once per
+             generation (the core neurons' rows gathered in the sparse layers);
+  decode     `decode_ffn`: the FFN every decode step runs on those weights, the place where
+             a token-adaptive method would pick neurons per token (every method so far runs
+             `forward.ffn`, so they share one compiled decode loop);
+  accounting `sparse_layers()`, `layer_neurons(width)` (static rows per sparse layer),
+             `ffn_elements(params)` (FFN weight elements a decode step reads, per layer),
+             `label` and `describe()` (how rows and JSON name it).
+
+`Dense` reads nothing and keeps everything. `CoreNeurons` is the base of the CoreInfer
+methods (`stability.Stability`, `similarity.Similarity`): a sparse layer range and a per-prompt
+neuron set gathered once. A new method is one new class in one file, registered in
+`registry.METHODS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from coreinfer_jax.errors import MethodError
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.forward import FFN, ffn
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers
+from coreinfer_jax.sparse.selection import n_keep_for
+
+# The paper sparsifies layers strictly between 5 and 27 of 32 (6..26); other depths scale.
+_PAPER_START, _PAPER_END, _PAPER_DEPTH = 5, 27, 32
+
+
+def default_layer_range(num_layers: int) -> tuple[int, int]:
+    """Half-open `[first, end)` of sparse layers, the paper's 6..26 of 32 scaled to depth."""
+    start = round(_PAPER_START * num_layers / _PAPER_DEPTH)
+    end = round(_PAPER_END * num_layers / _PAPER_DEPTH)
+    return start + 1, end
+
+
+def resolve_layers(layers: tuple[int, int] | None, keep: float, cfg: ModelConfig) -> tuple[int, int]:
+    """`layers`, or the default range for `cfg`'s depth; raises MethodError outside the model
+    or when `keep` keeps no neuron."""
+    first, end = layers or default_layer_range(cfg.num_layers)
+    if not 0 <= first < end <= cfg.num_layers:
+        raise MethodError(
+            f"sparse layer range {first}:{end} is outside the model's {cfg.num_layers} layers "
+            f"(need 0 <= START < END <= {cfg.num_layers})"
+        )
+    if n_keep_for(cfg.intermediate_size, keep) < 1:
+        raise MethodError(f"keep={keep} keeps no neuron of {cfg.intermediate_size}")
+    return first, end
+
+
+def check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise MethodError(f"{name} must be in (0, 1], got {value}")
+
+
+class Method:
+    """The protocol (see the module docstring), with the answers of a method that keeps everything."""
+
+    name: ClassVar[str]
+    decode_ffn: ClassVar[FFN] = staticmethod(ffn)
+
+    def validate(self, cfg: ModelConfig) -> Method:
+        """This method with every default resolved for `cfg`; raises MethodError if it cannot run on it."""
+        return self
+
+    def sparse_layers(self) -> range:
+        return range(0)
+
+    def layer_neurons(self, width: int) -> tuple[int, ...]:
+        """FFN neurons each sparse layer reads per decoded token, in `sparse_layers()` order."""
+        return ()
+
+    def selecting_layers(self) -> frozenset[int]:
+        return frozenset()
+
+    def tables(self) -> Params | None:
+        return None
+
+    def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
+               layer: int | None) -> jnp.ndarray:
+        """What a selecting layer's activations `[B, T, F]` over `valid` `[B, T]` give. `layer`
+        is None where one compiled program serves every layer (offload's streamed pre-fill)."""
+        raise NotImplementedError(f"{type(self).__name__} selects in no layer")
+
+    def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray | None:
+        return None
+
+    def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
+        return params
+
+    def ffn_elements(self, params: Params) -> list[int]:
+        """Per layer, the FFN weight elements one decode step reads: a sparse layer's
+        neuron-major tensors only their kept rows (integer arithmetic, so equal neuron totals
+        give equal bytes), every other tensor whole."""
+        F = params["layers"][0]["ffn"]["w_up"].shape[0]
+        kept = dict(zip(self.sparse_layers(), self.layer_neurons(F)))
+        return [sum(w.size * kept.get(i, F) // F if name in NEURON_ROWS else w.size
+                    for name, w in layer["ffn"].items()) for i, layer in enumerate(params["layers"])]
+
+    @property
+    def label(self) -> str:
+        """The row name in tables: the method, and what sets it apart from its defaults."""
+        return self.name
+
+    def describe(self) -> dict[str, Any]:
+        """The settings for JSON output: `method`, `keep`, `token_keep`, `layers`, `rule`,
+        `layer_neurons` (None where the method has no such setting)."""
+        return {"method": self.name, "keep": 1.0, "token_keep": None, "layers": None, "rule": None,
+                "layer_neurons": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Method):
+    """Every neuron of every layer: reads nothing in pre-fill, gathers nothing."""
+
+    name: ClassVar[str] = "dense"
+
+
+class CoreNeurons(Method):
+    """Base of the CoreInfer methods: in `sparse_layers()`, decode reads only the per-prompt core
+    neurons that pre-fill chose, gathered once per generation. Subclasses are frozen
+    dataclasses with `keep` and `layers` (half-open, resolved by `validate`) fields."""
+
+    keep: float
+    layers: tuple[int, int] | None
+
+    def sparse_layers(self) -> range:
+        assert self.layers is not None, "call validate(cfg) first"
+        return range(*self.layers)
+
+    def layer_neurons(self, width: int) -> tuple[int, ...]:
+        return (n_keep_for(width, self.keep),) * len(self.sparse_layers())
+
+    def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
+        """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`.
+
+        Only the FFNs of sparse layers enter the jitted gather: a jitted function returning the
+        other weights would copy them (the whole model) on every generation.
+        """
+        sparse = self.sparse_layers()
+        width = params["layers"][sparse[0]]["ffn"]["w_up"].shape[0]
+        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse], core,
+                                      counts=self.layer_neurons(width))
+        layers = list(params["layers"])
+        for i, layer_ffn in zip(sparse, gathered):
+            layers[i] = dict(layers[i], ffn=layer_ffn)
+        return dict(params, layers=layers)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(super().describe(), keep=self.keep, layers=list(self.layers) if self.layers else None)

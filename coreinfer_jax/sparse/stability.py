@@ -1,0 +1,101 @@
+"""Stability-guided core neurons: each prompt chooses its own, in every sparse layer, in pre-fill."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from coreinfer_jax.errors import MethodError
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.sparse.method import CoreNeurons, check_fraction, resolve_layers
+from coreinfer_jax.sparse.rules import RULES, check_rule
+from coreinfer_jax.sparse.selection import n_keep_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Stability(CoreNeurons):
+    """Core neurons selected in pre-fill from the prompt's own activations.
+
+    `layers` is a half-open range `(first, end)` of sparse layers; None means the paper's
+    default scaled to the model's depth. `rule` names the selection rule (`rules.RULES`;
+    "paper" is CoreInfer's stability-guided rule). `layer_keep`, when given, is a per-layer
+    budget: the neuron count of each sparse layer, totalling what `keep` keeps uniformly
+    (the same FFN bytes per token), e.g. from `budget.Budget.layer_neurons`.
+    """
+
+    keep: float = 0.4
+    token_keep: float = 0.2
+    layers: tuple[int, int] | None = None
+    rule: str = "paper"
+    layer_keep: tuple[int, ...] | None = None
+    name: ClassVar[str] = "stability"
+
+    def __post_init__(self) -> None:
+        check_fraction("keep", self.keep)
+        check_fraction("token_keep", self.token_keep)
+        check_rule(self.rule)
+        if self.layer_keep is not None:
+            # A list would make the method unhashable, and it is a static jit argument.
+            object.__setattr__(self, "layer_keep", tuple(int(n) for n in self.layer_keep))
+
+    def validate(self, cfg: ModelConfig) -> Stability:
+        """This method with `layers` resolved for `cfg`; raises on a range outside the model or
+        a per-layer budget of the wrong length, range or total."""
+        method = dataclasses.replace(self, layers=resolve_layers(self.layers, self.keep, cfg))
+        if method.layer_keep is not None:
+            check_layer_budget(method.layer_keep, len(method.sparse_layers()), cfg.intermediate_size, method.keep)
+        return method
+
+    def layer_neurons(self, width: int) -> tuple[int, ...]:
+        return self.layer_keep or super().layer_neurons(width)
+
+    def selecting_layers(self) -> frozenset[int]:
+        return frozenset(self.sparse_layers())
+
+    def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
+               layer: int | None) -> jnp.ndarray:
+        """That layer's core neurons `[B, n]` by `rule`: its budget's count, or `int(F * keep)`."""
+        width = activation.shape[-1]
+        if layer is None:
+            # The streamed (offload) pre-fill compiles one layer program for all layers and
+            # does not know which layer it runs, so it cannot serve per-layer counts.
+            if self.layer_keep is not None:
+                raise MethodError("a per-layer budget (layer_keep) is not supported in offload mode")
+            n = n_keep_for(width, self.keep)
+        else:
+            n = dict(zip(self.sparse_layers(), self.layer_neurons(width)))[layer]
+        return RULES[self.rule](activation, valid, n, self.token_keep)
+
+    def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray:
+        """`[B, n_sparse, n_max]`: with a per-layer budget, layer j's count of ids come first and
+        the rest of its row is -1; the gather slices each layer to its count statically."""
+        n_max = max(s.shape[1] for s in selected)
+        return jnp.stack([jnp.pad(s, ((0, 0), (0, n_max - s.shape[1])), constant_values=-1)
+                          for s in selected], axis=1)  # [B, n_sparse, n_max]
+
+    @property
+    def label(self) -> str:
+        """"stability keep 0.4", plus the rule unless it is the paper's and "+budget" with a budget."""
+        variant = "" if self.rule == "paper" and self.layer_keep is None else \
+            self.rule + ("+budget" if self.layer_keep is not None else "")
+        return f"{self.name} keep {self.keep:g}" + (f" {variant}" if variant else "")
+
+    def describe(self) -> dict[str, Any]:
+        return dict(super().describe(), token_keep=self.token_keep, rule=self.rule,
+                    layer_neurons=list(self.layer_keep) if self.layer_keep else None)
+
+
+def check_layer_budget(counts: tuple[int, ...], n_layers: int, width: int, keep: float) -> None:
+    """Raise unless `counts` gives each of `n_layers` sparse layers 1..`width` neurons and
+    totals `n_layers * int(width * keep)`, the uniform keep's neurons (and FFN bytes)."""
+    if len(counts) != n_layers:
+        raise MethodError(f"per-layer budget has {len(counts)} counts but there are {n_layers} sparse layers")
+    if not all(1 <= n <= width for n in counts):
+        raise MethodError(f"per-layer budget counts must be in 1..{width} (the FFN width), got {list(counts)}")
+    want = n_layers * n_keep_for(width, keep)
+    if sum(counts) != want:
+        raise MethodError(f"per-layer budget totals {sum(counts)} neurons but keep={keep:g} keeps {want} "
+                          f"({n_layers} layers x {n_keep_for(width, keep)})")

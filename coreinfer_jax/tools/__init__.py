@@ -1,0 +1,1 @@
+"""The command line, the speed benchmark, the bytes-per-token roofline and profiling."""
