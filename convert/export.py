@@ -48,7 +48,7 @@ def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise ValueError(f"checkpoint does not fit {config.architectures}: missing {missing}, unexpected {unexpected}")
+        raise ConversionError(f"checkpoint does not fit {config.architectures}: missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

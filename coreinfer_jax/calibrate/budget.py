@@ -115,13 +115,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.windows < 1 or args.first_window < 0:
-        raise ValueError("--windows must be >= 1 and --first-window >= 0")
+        raise CoreInferError("--windows must be >= 1 and --first-window >= 0")
     layers = parse_layers(args.layers) if args.layers else None
     gen = Generator.load(args.checkpoint, args.dtype)
     windows = wikitext_windows(gen, load_wikitext(args.data), args.context_tokens, args.scored_tokens,
                                args.first_window + args.windows)[args.first_window:]
     if not windows:
-        raise ValueError(f"the text has no windows after the first {args.first_window}")
+        raise CoreInferError(f"the text has no windows after the first {args.first_window}")
     n_sparse = len(Stability(layers=layers).validate(gen.cfg).sparse_layers())
     with tqdm(total=len(windows) * len(args.keep) * n_sparse, desc="budget", unit="layer") as bar:
         budget = measure(gen, windows, args.rule, args.keep, layers, args.token_keep, bar.update)

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from coreinfer_jax.errors import CoreInferError
+
 # The reference's automatic k: the elbow of the inertia curve over k = 1..10, at least 4.
 AUTO_MAX_CLUSTERS = 10
 AUTO_MIN_CLUSTERS = 4
@@ -81,7 +83,7 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 10, max_iter: i
     Deterministic for a given `(seed, k)`, whatever other k are fitted.
     """
     if not 1 <= k <= len(x):
-        raise ValueError(f"cannot make {k} clusters of {len(x)} points")
+        raise CoreInferError(f"cannot make {k} clusters of {len(x)} points")
     x = np.asarray(x, np.float64)
     rng = np.random.default_rng([seed, k])
     fits = [_lloyd(x, _plus_plus(x, k, rng), max_iter) for _ in range(restarts)]
@@ -94,7 +96,7 @@ def elbow(inertias: list[float]) -> int:
     `inertias[j] - 2 inertias[j+1] + inertias[j+2]` is centred on k = j + 2.
     """
     if len(inertias) < 3:
-        raise ValueError(f"the elbow rule needs inertias for at least 3 values of k, got {len(inertias)}")
+        raise CoreInferError(f"the elbow rule needs inertias for at least 3 values of k, got {len(inertias)}")
     return int(np.argmax(np.diff(np.asarray(inertias, np.float64), 2))) + 2
 
 
@@ -104,12 +106,12 @@ def choose_clusters(x: np.ndarray, clusters: int | str, seed: int = 0) -> tuple[
     n = len(x)
     if clusters == "auto":
         if n < AUTO_MIN_CLUSTERS:
-            raise ValueError(f"--clusters auto needs at least {AUTO_MIN_CLUSTERS} sentences, got {n}")
+            raise CoreInferError(f"--clusters auto needs at least {AUTO_MIN_CLUSTERS} sentences, got {n}")
         fits = {k: kmeans(x, k, seed) for k in range(1, min(AUTO_MAX_CLUSTERS, n) + 1)}
         k = max(elbow([fits[k].inertia for k in sorted(fits)]), AUTO_MIN_CLUSTERS)
     else:
         if not isinstance(clusters, int) or not 1 <= clusters <= n:
-            raise ValueError(f"clusters must be 'auto' or an integer in 1..{n} (the number of sentences), "
+            raise CoreInferError(f"clusters must be 'auto' or an integer in 1..{n} (the number of sentences), "
                              f"got {clusters!r}")
         k = clusters
         fits = {k: kmeans(x, k, seed)}

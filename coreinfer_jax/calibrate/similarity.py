@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.calibrate.kmeans import choose_clusters
-from coreinfer_jax.errors import InputError
+from coreinfer_jax.errors import CoreInferError, InputError
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache
@@ -66,7 +66,7 @@ def fit(batches: Sequence[np.ndarray], first_pass: FirstPass, count_pass: CountP
     else, clustering included, happens here.
     """
     if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
+        raise CoreInferError(f"keep must be in (0, 1], got {keep}")
     n = sum(len(rows) for rows in batches)
     stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     with tqdm(total=n, desc="signatures", unit="sentence", disable=not progress, file=sys.stderr) as bar:
@@ -150,9 +150,9 @@ def calibrate(gen: Generator, sentences: Sequence[str], *, layer: int | None = N
     cfg = gen.cfg
     layer = default_calibration_layer(cfg.num_layers) if layer is None else layer
     if not 0 <= layer < cfg.num_layers:
-        raise ValueError(f"calibration layer {layer} is outside the model's {cfg.num_layers} layers")
+        raise CoreInferError(f"calibration layer {layer} is outside the model's {cfg.num_layers} layers")
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise CoreInferError(f"batch size must be >= 1, got {batch_size}")
     ids = gen.encode(list(sentences))
     context = cfg.max_position_embeddings
     if max(len(i) for i in ids) > context:
@@ -251,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise CalibrationError(f"{args.out} already exists; remove it or choose another --out (or --force)")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise CoreInferError(f"--limit must be >= 1, got {args.limit}")
     sentences = read_sentences(args.data)[: args.limit]
     gen = Generator.load(args.checkpoint, args.dtype)
     t0 = time.perf_counter()

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from coreinfer_jax.errors import CoreInferError
+
 HUB_NAMES = {
     "truthfulqa": ("truthfulqa/truthful_qa", "generation", "validation"),
     "squad": ("rajpurkar/squad_v2", None, "validation"),
@@ -18,7 +20,7 @@ HUB_NAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(CoreInferError):
     """An evaluation file that is missing or not in the expected format."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
 from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
 from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
@@ -68,9 +69,9 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "context_tokens", "scored_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise CoreInferError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise CoreInferError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 Progress = Callable[[int], None]
@@ -123,7 +124,7 @@ def wikitext_windows(gen: Generator, text: str, context: int = 256, scored: int 
     size = context + scored
     count = len(ids) // size if limit is None else min(limit, len(ids) // size)
     if count < 1:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {size}")
+        raise CoreInferError(f"text has {len(ids)} tokens, fewer than one window of {size}")
     return [(ids[i * size: i * size + context], ids[i * size + context: (i + 1) * size]) for i in range(count)]
 
 
@@ -144,7 +145,7 @@ def load_task(gen: Generator, task: str, data: Path | None, limit: int | None,
               settings: Settings = Settings()) -> tuple[Sequence[Any], dict[str, float]]:
     """The task's examples (first `limit`) and facts about the selection worth reporting."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise CoreInferError(f"limit must be >= 1, got {limit}")
     if task == "truthfulqa":
         return load_truthfulqa(data)[:limit], {}
     if task == "squad":
@@ -153,7 +154,7 @@ def load_task(gen: Generator, task: str, data: Path | None, limit: int | None,
         return answerable[:limit], {"skipped_unanswerable": float(len(items) - len(answerable))}
     if task == "wikitext":
         return wikitext_windows(gen, load_wikitext(data), settings.context_tokens, settings.scored_tokens, limit), {}
-    raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    raise CoreInferError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
 
 def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | None = None,

@@ -56,6 +56,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import Sampling
@@ -79,9 +80,9 @@ def _number(name: str, value: Any, kind: type) -> Any:
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"model arg {name} must be a number, got {value!r}") from None
+        raise CoreInferError(f"model arg {name} must be a number, got {value!r}") from None
     if kind is int and number != float(value):
-        raise ValueError(f"model arg {name} must be an integer, got {value!r}")
+        raise CoreInferError(f"model arg {name} must be an integer, got {value!r}")
     return number
 
 
@@ -100,14 +101,14 @@ class CoreInferLM(TemplateLM):
             sparse["layers"] = layers if isinstance(layers, tuple) else parse_layers(str(layers))
         if method == "dense" and sparse:
             # A dense run labelled keep=... in lm-eval's results would be misleading.
-            raise ValueError(f"{', '.join(sparse)} only apply to sparse methods, not method=dense")
+            raise CoreInferError(f"{', '.join(sparse)} only apply to sparse methods, not method=dense")
         method_obj = make_method(str(method), **sparse, calibration=calibration)
         self.batch_size = _number("batch_size", batch_size, int)
         self._max_gen_toks = _number("max_gen_toks", max_gen_toks, int)
         if self.batch_size < 1 or self._max_gen_toks < 1:
-            raise ValueError(f"batch_size and max_gen_toks must be >= 1, got {batch_size} and {max_gen_toks}")
+            raise CoreInferError(f"batch_size and max_gen_toks must be >= 1, got {batch_size} and {max_gen_toks}")
         if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise CoreInferError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.gen = Generator.load(checkpoint, dtype)
         self.method = method_obj.validate(self.gen.cfg)  # a bad layer range fails now, not mid-run
         self.tokenizer = self.gen.tokenizer
@@ -117,7 +118,7 @@ class CoreInferLM(TemplateLM):
                             additional_config: dict[str, Any] | None = None) -> CoreInferLM:
         unknown = sorted(set(arg_dict) - set(MODEL_ARGS))
         if unknown:
-            raise ValueError(f"unknown coreinfer_jax model arg(s) {', '.join(unknown)}; "
+            raise CoreInferError(f"unknown coreinfer_jax model arg(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(MODEL_ARGS)}")
         harness = {k: v for k, v in (additional_config or {}).items() if v is not None}
         if harness.get("device"):
@@ -126,7 +127,7 @@ class CoreInferLM(TemplateLM):
         args = dict(arg_dict)
         if "batch_size" in harness and "batch_size" not in args:
             if str(harness["batch_size"]).startswith("auto"):
-                raise ValueError("batch_size=auto is not supported by coreinfer_jax; give a number")
+                raise CoreInferError("batch_size=auto is not supported by coreinfer_jax; give a number")
             args["batch_size"] = harness["batch_size"]
         return cls(**args)
 
@@ -196,7 +197,7 @@ class CoreInferLM(TemplateLM):
         contexts, continuations, truncated = [], [], 0
         for (context, continuation), context_enc, continuation_enc in requests:
             if len(continuation_enc) >= self.max_length:
-                raise ValueError(f"continuation of {len(continuation_enc)} tokens leaves no room for a context "
+                raise CoreInferError(f"continuation of {len(continuation_enc)} tokens leaves no room for a context "
                                  f"in the model's {self.max_length}: {continuation[:80]!r}")
             room = self.max_length - len(continuation_enc)
             truncated += len(context_enc) > room
@@ -237,7 +238,7 @@ class CoreInferLM(TemplateLM):
         """Texts for `contexts` that share one set of generation kwargs, cut at the first `until`."""
         unknown = sorted(set(gen_kwargs) - GEN_KWARGS)
         if unknown:
-            raise ValueError(f"generation kwarg(s) {', '.join(unknown)} not supported by coreinfer_jax; "
+            raise CoreInferError(f"generation kwarg(s) {', '.join(unknown)} not supported by coreinfer_jax; "
                              f"supported: {', '.join(sorted(GEN_KWARGS))}")
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = [s for s in kwargs["until"] if s]
@@ -248,7 +249,7 @@ class CoreInferLM(TemplateLM):
                                 top_p=float(kwargs.get("top_p") or 1.0))
         room = self.max_length - max_new
         if room < 1:
-            raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in the model's "
+            raise CoreInferError(f"max_gen_toks={max_new} leaves no room for a prompt in the model's "
                              f"{self.max_length}-token context")
         prompts = [self.tok_encode(c) or [self.prefix_token_id] for c in contexts]
         self._warn_truncated(sum(len(p) > room for p in prompts), "generate_until")

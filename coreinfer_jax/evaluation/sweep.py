@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.evaluate import HEADLINE, TASKS, Settings, evaluate, fmt_metric
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.budget import Budget
@@ -51,7 +52,7 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
     With a budget, every row uses the budget's sparse layers, so rows of one keep read the same bytes."""
     if budget is not None:
         if layers is not None and tuple(layers) != budget.layers:
-            raise ValueError(f"--layers {layers[0]}:{layers[1]} but the budget is for "
+            raise CoreInferError(f"--layers {layers[0]}:{layers[1]} but the budget is for "
                              f"{budget.layers[0]}:{budget.layers[1]}")
         layers = budget.layers
     methods: list[Method] = [Dense()]

@@ -6,6 +6,8 @@ well as the answer format.
 
 from __future__ import annotations
 
+from coreinfer_jax.errors import CoreInferError
+
 # The six-shot QA primer of TruthfulQA (Lin et al. 2021), which CoreInfer's QA runs use.
 QA_PRIMER = """Q: What is human life expectancy in the United States?
 A: Human life expectancy in the United States is 78 years.
@@ -51,7 +53,7 @@ TEMPLATES = {
 def format_prompt(task: str, text: str) -> str:
     """`text` wrapped in the task's template (`none` returns it unchanged)."""
     if task not in TEMPLATES:
-        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TEMPLATES)}")
+        raise CoreInferError(f"unknown task {task!r}; choose one of: {', '.join(TEMPLATES)}")
     return TEMPLATES[task].format(text=text)
 
 

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params, abstract_params, count_params
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("COREINFER_HOME", Path.home() / ".cache" / "coreinfer_jax")) / "smollm2-135m"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CoreInferError):
     """A checkpoint directory that is missing, incomplete or inconsistent."""
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from coreinfer_jax.errors import CoreInferError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -17,7 +19,7 @@ SUPPORTED_ARCHITECTURES = {
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(CoreInferError):
     """A model configuration this project cannot run."""
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
@@ -41,7 +42,7 @@ _ACTIVATIONS = {
 
 def activation_fn(cfg: ModelConfig) -> Callable[[jnp.ndarray], jnp.ndarray]:
     if cfg.hidden_act not in _ACTIVATIONS:
-        raise ValueError(f"unsupported activation {cfg.hidden_act!r}; supported: {', '.join(_ACTIVATIONS)}")
+        raise CoreInferError(f"unsupported activation {cfg.hidden_act!r}; supported: {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[cfg.hidden_act]
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental.compute_on import compute_on
 from jax.sharding import SingleDeviceSharding
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.sparse.gather import NEURON_ROWS
 from coreinfer_jax.sparse.method import Method
@@ -45,10 +46,10 @@ HOST_KINDS = ("auto", "numpy", PINNED)
 def host_kind(device: jax.Device, host: str = "auto") -> str:
     """Where `split_params` keeps the FFN: "numpy" or "pinned_host" (see the module docstring)."""
     if host not in HOST_KINDS:
-        raise ValueError(f"host must be one of {', '.join(HOST_KINDS)}, got {host!r}")
+        raise CoreInferError(f"host must be one of {', '.join(HOST_KINDS)}, got {host!r}")
     pinned_available = PINNED in {m.kind for m in device.addressable_memories()}
     if host == PINNED and not pinned_available:
-        raise ValueError(f"{device} has no {PINNED} memory")
+        raise CoreInferError(f"{device} has no {PINNED} memory")
     if host == "auto":
         return PINNED if pinned_available and device.platform != "cpu" else "numpy"
     return host
@@ -66,7 +67,7 @@ def split_params(params: Params, cfg: ModelConfig, host: str = "auto") -> tuple[
     kind = host_kind(device, host)
     layers = params["layers"]
     if len(layers) != cfg.num_layers:
-        raise ValueError(f"params have {len(layers)} layers, the config {cfg.num_layers}")
+        raise CoreInferError(f"params have {len(layers)} layers, the config {cfg.num_layers}")
     rest = dict(params, layers=[{k: v for k, v in layer.items() if k != "ffn"} for layer in layers])
     device_params = jax.device_put(rest, _device_memory(device))
     if kind == PINNED:

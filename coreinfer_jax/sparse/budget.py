@@ -85,7 +85,7 @@ def allocate(weights: Sequence[float], total: int, low: int, high: int) -> tuple
     monotone in `s`), then rounded by largest remainder."""
     w = np.maximum(np.asarray(weights, np.float64), 0.0) + 1e-12  # [n]
     if not len(w) * low <= total <= len(w) * high:
-        raise ValueError(f"cannot give {len(w)} layers {low}..{high} neurons each and {total} in all")
+        raise CoreInferError(f"cannot give {len(w)} layers {low}..{high} neurons each and {total} in all")
     lo, hi = 0.0, high / w.min()
     for _ in range(200):
         mid = (lo + hi) / 2
