@@ -1,4 +1,5 @@
-"""`python -m convert [SOURCE] [--out DIR] [--dtype ...] [--force]`; bad input exits 2 with one `error:` line."""
+"""`python -m convert [SOURCE] [--revision R] [--out DIR] [--dtype ...] [--force]`; bad input exits 2 with
+one `error:` line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Sequence
 
 from convert.core import DTYPES, convert_checkpoint, default_out, is_converted
 from convert.errors import ConversionError
-from convert.sources import BUNDLED
+from convert.sources import BUNDLED, BUNDLED_MODELS
 from coreinfer_jax.models.checkpoint import CheckpointError
 from coreinfer_jax.models.config import ConfigError
 
@@ -18,9 +19,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m convert",
                                 description="Convert a Hugging Face or GGUF checkpoint for coreinfer_jax.")
     p.add_argument("source", nargs="?", default=None,
-                   help=f"Hugging Face checkpoint directory, .gguf file, or {BUNDLED!r} (the default)")
+                   help=f"Hugging Face checkpoint directory, hub id ORG/NAME, .gguf file, or a bundled model: "
+                        f"{', '.join(BUNDLED_MODELS)} (default {BUNDLED})")
+    p.add_argument("--revision", default=None, help="hub ids: the branch, tag or commit to convert (default main)")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"output directory (default for {BUNDLED}: {default_out(BUNDLED)})")
+                   help=f"output directory (default for bundled models: {default_out(BUNDLED).parent}/NAME)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     return p.parse_args(argv)
@@ -29,12 +32,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.source is None:
-            out = args.out or default_out(BUNDLED)
-            if not args.force and is_converted(out, BUNDLED, args.dtype):
-                print(f"{BUNDLED} is already converted in {out} (use --force to convert again)")
+        source = args.source or BUNDLED
+        if source in BUNDLED_MODELS:
+            out = args.out or default_out(source)
+            if not args.force and is_converted(out, source, args.dtype):
+                print(f"{source} is already converted in {out} (use --force to convert again)")
                 return 0
-        out = convert_checkpoint(args.source or BUNDLED, args.out, args.dtype, args.force)
+        out = convert_checkpoint(source, args.out, args.dtype, args.force, args.revision)
     except (ConversionError, ConfigError, CheckpointError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from convert import keymap
 from convert.errors import ConversionError
-from convert.sources import BUNDLED, open_source
+from convert.sources import BUNDLED_MODELS, open_source
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
@@ -33,17 +33,18 @@ def convert_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
         target = keymap.lookup(cfg, name)
         if target is None:
             continue
-        if target.path not in expected:
-            raise ConversionError(f"unexpected tensor {name!r}: it would be {target.path}, "
-                                  f"which this {cfg.architecture} config does not have")
-        if target.path in out:
-            raise ConversionError(f"duplicate tensor {name!r}: {target.path} was already read "
-                                  f"from {origin[target.path]!r}")
-        converted = keymap.transform(name, array, target, expected[target.path])
-        # A copy, so that nothing keeps the source tensor (or its memory-mapped file) alive.
-        out[target.path] = np.array(converted, dtype=target_dtype, order="C", copy=True)
-        origin[target.path] = name
-    missing = [keymap.hf_name(cfg.family, path) for path in expected if path not in out]
+        for path in target.paths:
+            if path not in expected:
+                raise ConversionError(f"unexpected tensor {name!r}: it would be {path}, "
+                                      f"which this {cfg.architecture} config does not have")
+            if path in out:
+                raise ConversionError(f"duplicate tensor {name!r}: {path} was already read from {origin[path]!r}")
+        pieces = keymap.transform(name, array, target, [expected[p] for p in target.paths])
+        for path, piece in zip(target.paths, pieces):
+            # A copy, so that nothing keeps the source tensor (or its memory-mapped file) alive.
+            out[path] = np.array(piece, dtype=target_dtype, order="C", copy=True)
+            origin[path] = name
+    missing = list(dict.fromkeys(keymap.hf_name(cfg, path) for path in expected if path not in out))
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise ConversionError(f"missing {len(missing)} tensor(s): {shown}")
@@ -51,10 +52,11 @@ def convert_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
 
 
 def default_out(source: str | Path) -> Path:
-    """The output directory when none is given: only the bundled model has one."""
-    if str(source) != BUNDLED:
-        raise ConversionError(f"--out is required when converting {source} (only {BUNDLED} has a default)")
-    return DEFAULT_CHECKPOINT
+    """The output directory when none is given: only bundled models have one, next to each other."""
+    if str(source) not in BUNDLED_MODELS:
+        raise ConversionError(f"--out is required when converting {source} "
+                              f"(only the bundled {', '.join(BUNDLED_MODELS)} have a default)")
+    return DEFAULT_CHECKPOINT.parent / str(source)
 
 
 def is_converted(out: str | Path, source: str, dtype: str) -> bool:
@@ -67,15 +69,16 @@ def is_converted(out: str | Path, source: str, dtype: str) -> bool:
 
 
 def convert_checkpoint(source: str | Path, out: str | Path | None = None, dtype: str = "float32",
-                       force: bool = False) -> Path:
-    """Convert `source` (HF directory, .gguf file or "smollm2-135m") into a checkpoint at `out`.
+                       force: bool = False, revision: str | None = None) -> Path:
+    """Convert `source` (HF directory, hub id ORG/NAME at `revision`, .gguf file, or a bundled
+    model: "smollm2-135m", "gemma3-270m") into a checkpoint at `out`.
 
-    `out` defaults to DEFAULT_CHECKPOINT for "smollm2-135m" and is required otherwise; an
+    `out` defaults to `default_out(source)` for bundled models and is required otherwise; an
     existing `out` is replaced only with `force`. Returns the absolute output path.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    src = open_source(source)
+    src = open_source(source, revision)
     out = Path(default_out(source) if out is None else out).absolute()
     if str(out) == src.label:
         raise ConversionError(f"--out {out} is the source itself")

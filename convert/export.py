@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from convert import keymap
+from convert.errors import ConversionError
 from coreinfer_jax.models.checkpoint import check_checkpoint_dir, load_params
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import path_str
@@ -21,12 +22,8 @@ from coreinfer_jax.models.params import path_str
 
 def torch_state_dict(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     """Our param tree as HF-named float32 NumPy arrays (the key table, run backwards)."""
-    state = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        target = keymap.hf_target(cfg.family, path_str(path))
-        array = np.asarray(leaf, np.float32)
-        state[target.path] = array.T if target.transform == keymap.TRANSPOSE else array
-    return state
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return keymap.hf_tensors(cfg, {path_str(path): np.asarray(leaf, np.float32) for path, leaf in leaves})
 
 
 def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None,
@@ -48,7 +45,8 @@ def torch_model_from_checkpoint(checkpoint: str | Path, dtype: str | None = None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise ConversionError(f"checkpoint does not fit {config.architectures}: missing {missing}, unexpected {unexpected}")
+        raise ConversionError(f"checkpoint does not fit {config.architectures}: "
+                              f"missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -1,9 +1,11 @@
 """The key table: Hugging Face tensor names -> paths in our param tree, and the per-tensor transform.
 
-Each family has one table of `Rule`s; `{i}` stands for a layer index on both sides. A rule's
+Each table is a tuple of `Rule`s; `{i}` stands for a layer index on both sides. A rule's
 transform is "as_is" or "transpose": HF `nn.Linear` weights are `[out, in]`, our attention
 matrices are input-major `[in, out]` (transpose), our FFN matrices are neuron-major `[F, D]`
-(gate/up/fc1 as is, down/fc2 transposed). See `coreinfer_jax.models.params` for the layout.
+(gate/up/fc1 as is, down/fc2 transposed). A fused HF tensor (Phi-3's `qkv_proj` and
+`gate_up_proj`) maps to several of our params, stacked along its first axis in the rule's
+order; each piece then takes the rule's transform. See `coreinfer_jax.models.params`.
 """
 
 from __future__ import annotations
@@ -23,57 +25,91 @@ TRANSPOSE = "transpose"
 @dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str
-    ours: str
+    ours: tuple[str, ...]
     transform: str = AS_IS
+
+
+def rule(hf: str, *ours: str, transform: str = AS_IS) -> Rule:
+    return Rule(hf, ours, transform)
 
 
 def _attention(prefix: str, out_proj: str) -> list[Rule]:
     rules = []
     for hf, ours in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), (out_proj, "o")):
-        rules.append(Rule(f"{prefix}.{hf}.weight", f"layers/{{i}}/attn/w_{ours}", TRANSPOSE))
-        rules.append(Rule(f"{prefix}.{hf}.bias", f"layers/{{i}}/attn/b_{ours}"))
+        rules.append(rule(f"{prefix}.{hf}.weight", f"layers/{{i}}/attn/w_{ours}", transform=TRANSPOSE))
+        rules.append(rule(f"{prefix}.{hf}.bias", f"layers/{{i}}/attn/b_{ours}"))
     return rules
 
 
-def _norm(hf: str, ours: str, bias: bool) -> list[Rule]:
-    rules = [Rule(f"{hf}.weight", f"{ours}/scale")]
+def _norm(hf: str, ours: str, bias: bool = False) -> list[Rule]:
+    rules = [rule(f"{hf}.weight", f"{ours}/scale")]
     if bias:
-        rules.append(Rule(f"{hf}.bias", f"{ours}/bias"))
+        rules.append(rule(f"{hf}.bias", f"{ours}/bias"))
     return rules
 
 
-_LLAMA_LAYER = "model.layers.{i}"
+_LAYER = "model.layers.{i}"
 _OPT_LAYER = "model.decoder.layers.{i}"
+
+_TOP = (rule("model.embed_tokens.weight", "embed"), *_norm("model.norm", "final_norm"),
+        rule("lm_head.weight", "lm_head"))
+_QK_NORM = (rule(f"{_LAYER}.self_attn.q_norm.weight", "layers/{i}/attn/q_norm"),
+            rule(f"{_LAYER}.self_attn.k_norm.weight", "layers/{i}/attn/k_norm"))
+_GATED_FFN = (
+    rule(f"{_LAYER}.mlp.gate_proj.weight", "layers/{i}/ffn/w_gate"),
+    rule(f"{_LAYER}.mlp.up_proj.weight", "layers/{i}/ffn/w_up"),
+    rule(f"{_LAYER}.mlp.down_proj.weight", "layers/{i}/ffn/w_down", transform=TRANSPOSE),
+)
 
 TABLES: dict[str, tuple[Rule, ...]] = {
     "llama": (
-        Rule("model.embed_tokens.weight", "embed"),
-        *_norm("model.norm", "final_norm", bias=False),
-        Rule("lm_head.weight", "lm_head"),
-        *_norm(f"{_LLAMA_LAYER}.input_layernorm", "layers/{i}/attn_norm", bias=False),
-        *_norm(f"{_LLAMA_LAYER}.post_attention_layernorm", "layers/{i}/ffn_norm", bias=False),
-        *_attention(f"{_LLAMA_LAYER}.self_attn", "o_proj"),
-        Rule(f"{_LLAMA_LAYER}.mlp.gate_proj.weight", "layers/{i}/ffn/w_gate"),
-        Rule(f"{_LLAMA_LAYER}.mlp.up_proj.weight", "layers/{i}/ffn/w_up"),
-        Rule(f"{_LLAMA_LAYER}.mlp.down_proj.weight", "layers/{i}/ffn/w_down", TRANSPOSE),
-        Rule(f"{_LLAMA_LAYER}.mlp.gate_proj.bias", "layers/{i}/ffn/b_gate"),
-        Rule(f"{_LLAMA_LAYER}.mlp.up_proj.bias", "layers/{i}/ffn/b_up"),
-        Rule(f"{_LLAMA_LAYER}.mlp.down_proj.bias", "layers/{i}/ffn/b_down"),
+        *_TOP,
+        *_norm(f"{_LAYER}.input_layernorm", "layers/{i}/attn_norm"),
+        *_norm(f"{_LAYER}.post_attention_layernorm", "layers/{i}/ffn_norm"),
+        *_attention(f"{_LAYER}.self_attn", "o_proj"),
+        *_QK_NORM,
+        *_GATED_FFN,
+        rule(f"{_LAYER}.mlp.gate_proj.bias", "layers/{i}/ffn/b_gate"),
+        rule(f"{_LAYER}.mlp.up_proj.bias", "layers/{i}/ffn/b_up"),
+        rule(f"{_LAYER}.mlp.down_proj.bias", "layers/{i}/ffn/b_down"),
+    ),
+    # Phi-3: Llama's layout with q/k/v and gate/up each fused into one HF tensor.
+    "phi3": (
+        *_TOP,
+        *_norm(f"{_LAYER}.input_layernorm", "layers/{i}/attn_norm"),
+        *_norm(f"{_LAYER}.post_attention_layernorm", "layers/{i}/ffn_norm"),
+        rule(f"{_LAYER}.self_attn.qkv_proj.weight", "layers/{i}/attn/w_q", "layers/{i}/attn/w_k",
+             "layers/{i}/attn/w_v", transform=TRANSPOSE),
+        rule(f"{_LAYER}.self_attn.o_proj.weight", "layers/{i}/attn/w_o", transform=TRANSPOSE),
+        rule(f"{_LAYER}.mlp.gate_up_proj.weight", "layers/{i}/ffn/w_gate", "layers/{i}/ffn/w_up"),
+        rule(f"{_LAYER}.mlp.down_proj.weight", "layers/{i}/ffn/w_down", transform=TRANSPOSE),
+    ),
+    # Gemma 3: its `post_attention_layernorm` is on the attention output (Llama's name for
+    # the pre-FFN norm), which Gemma calls `pre_feedforward_layernorm`.
+    "gemma": (
+        *_TOP,
+        *_norm(f"{_LAYER}.input_layernorm", "layers/{i}/attn_norm"),
+        *_norm(f"{_LAYER}.post_attention_layernorm", "layers/{i}/post_attn_norm"),
+        *_norm(f"{_LAYER}.pre_feedforward_layernorm", "layers/{i}/ffn_norm"),
+        *_norm(f"{_LAYER}.post_feedforward_layernorm", "layers/{i}/post_ffn_norm"),
+        *_attention(f"{_LAYER}.self_attn", "o_proj"),
+        *_QK_NORM,
+        *_GATED_FFN,
     ),
     "opt": (
-        Rule("model.decoder.embed_tokens.weight", "embed"),
-        Rule("model.decoder.embed_positions.weight", "pos_embed"),
-        Rule("model.decoder.project_in.weight", "project_in", TRANSPOSE),
-        Rule("model.decoder.project_out.weight", "project_out", TRANSPOSE),
+        rule("model.decoder.embed_tokens.weight", "embed"),
+        rule("model.decoder.embed_positions.weight", "pos_embed"),
+        rule("model.decoder.project_in.weight", "project_in", transform=TRANSPOSE),
+        rule("model.decoder.project_out.weight", "project_out", transform=TRANSPOSE),
         *_norm("model.decoder.final_layer_norm", "final_norm", bias=True),
-        Rule("lm_head.weight", "lm_head"),
+        rule("lm_head.weight", "lm_head"),
         *_norm(f"{_OPT_LAYER}.self_attn_layer_norm", "layers/{i}/attn_norm", bias=True),
         *_norm(f"{_OPT_LAYER}.final_layer_norm", "layers/{i}/ffn_norm", bias=True),
         *_attention(f"{_OPT_LAYER}.self_attn", "out_proj"),
-        Rule(f"{_OPT_LAYER}.fc1.weight", "layers/{i}/ffn/w_up"),
-        Rule(f"{_OPT_LAYER}.fc1.bias", "layers/{i}/ffn/b_up"),
-        Rule(f"{_OPT_LAYER}.fc2.weight", "layers/{i}/ffn/w_down", TRANSPOSE),
-        Rule(f"{_OPT_LAYER}.fc2.bias", "layers/{i}/ffn/b_down"),
+        rule(f"{_OPT_LAYER}.fc1.weight", "layers/{i}/ffn/w_up"),
+        rule(f"{_OPT_LAYER}.fc1.bias", "layers/{i}/ffn/b_up"),
+        rule(f"{_OPT_LAYER}.fc2.weight", "layers/{i}/ffn/w_down", transform=TRANSPOSE),
+        rule(f"{_OPT_LAYER}.fc2.bias", "layers/{i}/ffn/b_down"),
     ),
 }
 
@@ -85,15 +121,20 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
 
 
-_COMPILED = {family: [(rule, _pattern(rule.hf), _pattern(rule.ours)) for rule in rules]
-             for family, rules in TABLES.items()}
+_COMPILED = {name: [(r, _pattern(r.hf), [_pattern(p) for p in r.ours]) for r in rules]
+             for name, rules in TABLES.items()}
+
+
+def table_name(cfg: ModelConfig) -> str:
+    """The key table of `cfg`'s checkpoints: its family's, or Phi-3's own (fused tensors)."""
+    return "phi3" if cfg.architecture == "Phi3ForCausalLM" else cfg.family
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where one HF tensor goes: our param path and the transform that gets it there."""
+    """Where one HF tensor goes: our param path(s) (several for a fused tensor) and the transform."""
 
-    path: str
+    paths: tuple[str, ...]
     transform: str
 
 
@@ -107,40 +148,50 @@ def _canonical(family: str, name: str) -> str:
 def lookup(cfg: ModelConfig, name: str) -> Target | None:
     """The target of HF tensor `name`, or None for a tensor that carries nothing we store.
 
-    Raises ConversionError for a name no rule of the family matches.
+    Raises ConversionError for a name no rule of the model's table matches.
     """
     if _IGNORED.fullmatch(name):
         return None
     canonical = _canonical(cfg.family, name)
-    for rule, hf, _ in _COMPILED[cfg.family]:
+    for r, hf, _ in _COMPILED[table_name(cfg)]:
         m = hf.fullmatch(canonical)
         if m:
-            if rule.ours == "lm_head" and cfg.tie_word_embeddings:
+            if r.ours == ("lm_head",) and cfg.tie_word_embeddings:
                 return None  # tied: the output projection is the embedding, stored once
-            return Target(rule.ours.format(**m.groupdict()), rule.transform)
-    raise ConversionError(f"unexpected tensor {name!r}: no {cfg.family} parameter corresponds to it")
+            return Target(tuple(p.format(**m.groupdict()) for p in r.ours), r.transform)
+    raise ConversionError(f"unexpected tensor {name!r}: no {table_name(cfg)} parameter corresponds to it")
 
 
-def hf_target(family: str, path: str) -> Target:
-    """The canonical HF tensor name for our param `path`, and the transform between them."""
-    for rule, _, ours in _COMPILED[family]:
-        m = ours.fullmatch(path)
-        if m:
-            return Target(rule.hf.format(**m.groupdict()), rule.transform)
-    raise KeyError(f"no {family} tensor maps to {path!r}")
+def hf_name(cfg: ModelConfig, path: str) -> str:
+    """The canonical HF tensor name that holds our param `path` (the inverse of `lookup`)."""
+    for r, _, ours in _COMPILED[table_name(cfg)]:
+        for pattern in ours:
+            m = pattern.fullmatch(path)
+            if m:
+                return r.hf.format(**m.groupdict())
+    raise KeyError(f"no {table_name(cfg)} tensor maps to {path!r}")
 
 
-def hf_name(family: str, path: str) -> str:
-    """The canonical HF tensor name for our param `path` (the inverse of `lookup`)."""
-    return hf_target(family, path).path
-
-
-def transform(name: str, array: np.ndarray, target: Target, expected: tuple[int, ...]) -> np.ndarray:
-    """Apply `target.transform` to HF tensor `name`, checking that the result has the `expected` shape."""
-    hf_expected = expected[::-1] if target.transform == TRANSPOSE else expected
+def transform(name: str, array: np.ndarray, target: Target, expected: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """HF tensor `name` as our params `target.paths`, checking it against their `expected` shapes."""
+    parts = [s[::-1] if target.transform == TRANSPOSE else s for s in expected]  # each piece in HF layout
+    hf_expected = (sum(p[0] for p in parts), *parts[0][1:])
     if array.shape != hf_expected:
-        raise ConversionError(
-            f"tensor {name!r} has shape {list(array.shape)}, expected {list(hf_expected)} "
-            f"(for {target.path} of shape {list(expected)})"
-        )
-    return array.T if target.transform == TRANSPOSE else array
+        shapes = ", ".join(f"{p} {list(s)}" for p, s in zip(target.paths, expected))
+        raise ConversionError(f"tensor {name!r} has shape {list(array.shape)}, expected {list(hf_expected)} "
+                              f"(for {shapes})")
+    pieces = np.split(array, np.cumsum([p[0] for p in parts])[:-1], axis=0)
+    return [p.T if target.transform == TRANSPOSE else p for p in pieces]
+
+
+def hf_tensors(cfg: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our flat {param path: array} as HF-named tensors: the key table run backwards (fused
+    tensors concatenated again)."""
+    out = {}
+    for path in flat:
+        name = hf_name(cfg, path)
+        if name not in out:
+            target = lookup(cfg, name)
+            out[name] = np.concatenate([flat[p].T if target.transform == TRANSPOSE else flat[p]
+                                        for p in target.paths], axis=0)
+    return out

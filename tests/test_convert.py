@@ -60,13 +60,12 @@ def test_every_tiny_config_converts_through_the_key_table(name: str, tiny_hf_dir
     hf = _hf_tensors(tiny_hf_dir(name))
     flat = _flat(params)
     assert flat.keys() == flat_shapes(cfg).keys()
-    for path, ours in flat.items():
-        hf_name = keymap.hf_name(cfg.family, path)
-        target = keymap.lookup(cfg, hf_name)
-        assert target is not None and target.path == path
-        expected = hf[hf_name].T if target.transform == keymap.TRANSPOSE else hf[hf_name]
-        np.testing.assert_array_equal(ours, expected, err_msg=f"{path} <- {hf_name}")
-        assert ours.dtype == np.float32
+    assert {x.dtype for x in flat.values()} == {np.dtype(np.float32)}
+    # The key table run backwards gives back every HF tensor exactly (fused ones re-fused).
+    back = keymap.hf_tensors(cfg, flat)
+    assert back.keys() == hf.keys() - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    for hf_name, array in back.items():
+        np.testing.assert_array_equal(array, hf[hf_name], err_msg=hf_name)
 
     meta = load_metadata(tiny_checkpoint(name))
     assert meta["source"] == str(tiny_hf_dir(name))
@@ -88,13 +87,37 @@ def test_transposes_follow_the_documented_layout(tiny_checkpoint: Callable[[str]
     np.testing.assert_array_equal(params["layers"][0]["ffn"]["w_down"], layer.mlp.down_proj.weight.detach().T)
 
 
+def test_fused_and_renamed_tensors_follow_transformers(tiny_checkpoint: Callable[[str], Path],
+                                                       tiny_torch_model: Callable[[str], PreTrainedModel]) -> None:
+    # Phi-3 stacks q, k, v (heads * head_dim rows, then kv heads * head_dim twice) and gate, up.
+    _, params, _ = load_checkpoint(tiny_checkpoint("phi3"))
+    layer, phi3 = params["layers"][1], tiny_torch_model("phi3").model.layers[1]
+    q, kv = 4 * 16, 2 * 16
+    qkv = phi3.self_attn.qkv_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(layer["attn"]["w_q"], qkv[:q].T)
+    np.testing.assert_array_equal(layer["attn"]["w_k"], qkv[q:q + kv].T)
+    np.testing.assert_array_equal(layer["attn"]["w_v"], qkv[q + kv:].T)
+    gate_up = phi3.mlp.gate_up_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(layer["ffn"]["w_gate"], gate_up[:128])
+    np.testing.assert_array_equal(layer["ffn"]["w_up"], gate_up[128:])
+    # Gemma's `post_attention_layernorm` follows the attention; `pre_feedforward_layernorm` precedes the FFN.
+    _, params, _ = load_checkpoint(tiny_checkpoint("gemma3"))
+    layer, gemma = params["layers"][0], tiny_torch_model("gemma3").model.layers[0]
+    for ours, theirs in (("attn_norm", gemma.input_layernorm), ("post_attn_norm", gemma.post_attention_layernorm),
+                         ("ffn_norm", gemma.pre_feedforward_layernorm),
+                         ("post_ffn_norm", gemma.post_feedforward_layernorm)):
+        np.testing.assert_array_equal(layer[ours]["scale"], theirs.weight.detach().numpy(), err_msg=ours)
+    np.testing.assert_array_equal(layer["attn"]["k_norm"], gemma.self_attn.k_norm.weight.detach().numpy())
+
+
 def test_key_table_aliases_and_ignored_names(tiny_checkpoint: Callable[[str], Path]) -> None:
     opt = ModelConfig.load(tiny_checkpoint("opt") / "config.json")
-    assert keymap.lookup(opt, "decoder.layers.1.fc2.weight") == keymap.Target("layers/1/ffn/w_down", keymap.TRANSPOSE)
+    assert keymap.lookup(opt, "decoder.layers.1.fc2.weight") == keymap.Target(("layers/1/ffn/w_down",),
+                                                                              keymap.TRANSPOSE)
     assert keymap.lookup(opt, "lm_head.weight") is None  # tied
     llama = ModelConfig.load(tiny_checkpoint("llama") / "config.json")
     assert keymap.lookup(llama, "model.layers.0.self_attn.rotary_emb.inv_freq") is None
-    assert keymap.lookup(llama, "lm_head.weight") == keymap.Target("lm_head", keymap.AS_IS)
+    assert keymap.lookup(llama, "lm_head.weight") == keymap.Target(("lm_head",), keymap.AS_IS)
 
 
 def _save_bin(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path, shards: int) -> None:
@@ -265,7 +288,8 @@ def test_error_existing_out_without_force(tmp_path: Path, tiny_hf_dir: Callable[
 def test_error_out_required_for_directories(tiny_hf_dir: Callable[[str], Path]) -> None:
     proc = run_convert(tiny_hf_dir("llama"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"error: --out is required when converting {tiny_hf_dir('llama')} (only smollm2-135m has a default)")
+        f"error: --out is required when converting {tiny_hf_dir('llama')} "
+        f"(only the bundled smollm2-135m, gemma3-270m have a default)")
 
 
 def test_no_source_reports_an_existing_default_checkpoint(tmp_path: Path,

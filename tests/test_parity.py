@@ -22,7 +22,8 @@ from coreinfer_jax.sparse.gather import gather_core_layers
 from coreinfer_jax.models.forward import cache_shape, forward, init_cache, logits
 from coreinfer_jax.runtime.sampling import Sampling
 
-FAMILIES = ["llama", "llama_tied", "llama3_rope", "mistral", "qwen2", "opt", "opt_350m_like"]
+FAMILIES = ["llama", "llama_tied", "llama3_rope", "mistral", "qwen2", "qwen2_window", "qwen3", "phi3", "gemma3",
+            "gemma3_softcap", "opt", "opt_350m_like"]
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90], [7, 8, 9], [11, 12, 13, 14, 15, 16, 200]]
 
 

@@ -23,7 +23,7 @@ from jax import lax
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
+from coreinfer_jax.models.rope import apply_rotary, rope_tables
 
 Cache = list[dict[str, jnp.ndarray]]
 # Called as select(layer_index, activation [B, T, F]) in pre-fill; its results are collected.
@@ -59,13 +59,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Cache:
 
 
 def norm(p: dict[str, jnp.ndarray], x: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
-    """RMSNorm (Llama family) or LayerNorm (OPT), computed in float32 like Transformers."""
+    """RMSNorm (Llama, Gemma) or LayerNorm (OPT), computed in float32 like Transformers."""
     h = x.astype(jnp.float32)
     if cfg.family == "opt":
         h = h - h.mean(-1, keepdims=True)
         h = h * lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
         return (h * p["scale"] + p["bias"]).astype(x.dtype)
     h = h * lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
+    if cfg.family == "gemma":
+        # Gemma scales by 1 + weight and rounds after the product (Llama: before it).
+        return (h * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
     return p["scale"] * h.astype(x.dtype)
 
 
@@ -76,7 +79,10 @@ def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndar
 
 def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
               kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-              cfg: ModelConfig, prefix: bool = True) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+              cfg: ModelConfig, prefix: bool = True,
+              layer_type: str | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """`layer_type` ("full_attention" / "sliding_attention") may be omitted when every layer has the same."""
+    window = cfg.window(layer_type or cfg.only_layer_type())
     B, T, _ = x.shape
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = x @ p["w_q"]  # [B, T, H*hd]
@@ -87,26 +93,28 @@ def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndar
     q = q.reshape(B, T, H, hd)
     k = k.reshape(B, T, Hkv, hd)
     v = v.reshape(B, T, Hkv, hd)
+    if cfg.qk_norm:
+        q, k = norm({"scale": p["q_norm"]}, q, cfg), norm({"scale": p["k_norm"]}, k, cfg)  # per head
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 3, 1)  # [B, Hkv, hd, T]
     q = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
-    q = q * jnp.asarray(hd**-0.5, x.dtype)
+    q = q * jnp.asarray((cfg.query_pre_attn_scalar or hd) ** -0.5, x.dtype)
     # Attend to the cached prefix (slots before `start`) and to the chunk itself, and write
     # the chunk into the cache last: nothing then reads the updated cache within the step,
     # so a decode loop updates it in place instead of copying every layer's cache per token.
     offsets = jnp.arange(T)
     visible = offsets[None, :, None] >= offsets[None, None, :]  # [1, T, T]
-    if cfg.sliding_window is not None:
-        visible &= offsets[None, None, :] > offsets[None, :, None] - cfg.sliding_window
+    if window is not None:
+        visible &= offsets[None, None, :] > offsets[None, :, None] - window
     masked = jnp.finfo(jnp.float32).min
     chunk = jnp.einsum("bkgtd,bkdu->bkgtu", q, k).astype(jnp.float32)  # [B, Hkv, G, T, T]
     scores, values = [jnp.where(visible[:, None, None], chunk, masked)], [v]
     if prefix:
         slots = jnp.arange(kv["k"].shape[3])
         visible = slots[None, None, :] < start[:, None, None]  # [B, 1, S]
-        if cfg.sliding_window is not None:
-            visible &= slots[None, None, :] > positions[:, :, None] - cfg.sliding_window  # [B, T, S]
+        if window is not None:
+            visible &= slots[None, None, :] > positions[:, :, None] - window  # [B, T, S]
         cached = jnp.einsum("bkgtd,bkds->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
         scores.insert(0, jnp.where(visible[:, None, None], cached, masked))
         values.insert(0, kv["v"])
@@ -150,17 +158,21 @@ def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.n
 
 def block(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
           kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-          cfg: ModelConfig, prefix: bool = True, ffn_fn: FFN = ffn,
+          cfg: ModelConfig, prefix: bool = True, ffn_fn: FFN = ffn, layer_type: str | None = None,
           ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
     pre = cfg.family != "opt" or cfg.do_layer_norm_before
     with jax.named_scope("attention"):
         h, kv = attention(p["attn"], norm(p["attn_norm"], x, cfg) if pre else x, positions, start, kv, rope, cfg,
-                          prefix)
+                          prefix, layer_type)
+        if cfg.family == "gemma":
+            h = norm(p["post_attn_norm"], h, cfg)
         x = x + h
         if not pre:
             x = norm(p["attn_norm"], x, cfg)
     with jax.named_scope("ffn"):
         h, score = ffn_fn(p["ffn"], norm(p["ffn_norm"], x, cfg) if pre else x, cfg)
+        if cfg.family == "gemma":
+            h = norm(p["post_ffn_norm"], h, cfg)
         x = x + h
         if not pre:
             x = norm(p["ffn_norm"], x, cfg)
@@ -171,6 +183,8 @@ def embed(params: Params, tokens: jnp.ndarray, positions: jnp.ndarray, cfg: Mode
     x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, E]
     if cfg.has_projections:
         x = x @ params["project_in"]  # [B, T, D]
+    if cfg.family == "gemma":
+        x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)  # rounded to the weights' dtype, as Gemma does
     if cfg.family == "opt":
         # Padding positions past the table only occur in bucket padding; clip them.
         x = x + jnp.take(params["pos_embed"], positions + cfg.position_offset, axis=0, mode="clip")
@@ -189,13 +203,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.nd
     positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
     with jax.named_scope("embed"):
         x = embed(params, tokens, positions, cfg)
-    rope = None
-    if cfg.family == "llama":
-        rope = rotary_tables(jnp.asarray(inverse_frequencies(cfg)), positions)
+    rope = rope_tables(cfg, positions)  # per layer type
     new_cache, selected = [], []
     for i, (p, kv) in enumerate(zip(params["layers"], cache)):
+        kind = cfg.layer_types[i]
         with jax.named_scope(f"layer_{i}"):
-            x, kv, score = block(p, x, positions, start, kv, rope, cfg, prefix, ffn_fn)
+            x, kv, score = block(p, x, positions, start, kv, rope and rope[kind], cfg, prefix, ffn_fn, kind)
             if select is not None:
                 with jax.named_scope("select_core_neurons"):
                     chosen = select(i, score)
@@ -213,4 +226,6 @@ def logits(params: Params, cfg: ModelConfig, h: jnp.ndarray) -> jnp.ndarray:
         if cfg.has_projections:
             h = h @ params["project_out"]  # [..., E]
         head = params.get("lm_head", params["embed"])  # [V, E]
-        return jnp.einsum("...e,ve->...v", h, head).astype(jnp.float32)
+        out = jnp.einsum("...e,ve->...v", h, head).astype(jnp.float32)
+        cap = cfg.final_logit_softcapping
+        return out if cap is None else cap * jnp.tanh(out / cap)  # Gemma's soft-capping

@@ -2,7 +2,8 @@
 
 Attention matrices are stored input-major (`x @ w_q`). FFN matrices are stored
 neuron-major, `[F, D]`, for all three of `w_gate`, `w_up` and `w_down`, so that the core
-neurons of a layer are one `jnp.take(w, idx, axis=0)` per matrix.
+neurons of a layer are one `jnp.take(w, idx, axis=0)` per matrix. Norm scales are stored
+as the checkpoint has them (Gemma's are offsets from 1).
 
     {
       "embed": [V, E],                   # token embedding
@@ -11,8 +12,11 @@ neurons of a layer are one `jnp.take(w, idx, axis=0)` per matrix.
       "layers": [                        # one dict per layer
         {"attn_norm": {"scale": [D], "bias": [D]?},
          "attn": {"w_q": [D, H*hd], "w_k": [D, Hkv*hd], "w_v": [D, Hkv*hd], "w_o": [H*hd, D],
-                  "b_q"?, "b_k"?, "b_v"?, "b_o"?},
+                  "b_q"?, "b_k"?, "b_v"?, "b_o"?,
+                  "q_norm"?: [hd], "k_norm"?: [hd]},      # qk_norm (Qwen3, Gemma 3)
+         "post_attn_norm"?: {...},       # Gemma: on the attention output, before the residual
          "ffn_norm": {...},
+         "post_ffn_norm"?: {...},        # Gemma: on the FFN output, before the residual
          "ffn": {"w_gate": [F, D] (gated only), "w_up": [F, D], "w_down": [F, D],
                  "b_gate"?, "b_up"?: [F], "b_down"?: [D]}},
       ],
@@ -48,14 +52,19 @@ def _layer_shapes(cfg: ModelConfig) -> dict[str, Any]:
         attn.update(b_q=(q,), b_k=(kv,), b_v=(kv,))
     if cfg.o_bias:
         attn["b_o"] = (D,)
+    if cfg.qk_norm:
+        attn.update(q_norm=(hd,), k_norm=(hd,))
     ffn: dict[str, tuple[int, ...]] = {"w_up": (F, D), "w_down": (F, D)}
-    if cfg.family == "llama":
+    if cfg.gated:
         ffn["w_gate"] = (F, D)
     if cfg.mlp_bias:
         ffn.update(b_up=(F,), b_down=(D,))
-        if cfg.family == "llama":
+        if cfg.gated:
             ffn["b_gate"] = (F,)
-    return {"attn_norm": _norm_shapes(cfg), "attn": attn, "ffn_norm": _norm_shapes(cfg), "ffn": ffn}
+    layer = {"attn_norm": _norm_shapes(cfg), "attn": attn, "ffn_norm": _norm_shapes(cfg), "ffn": ffn}
+    if cfg.family == "gemma":
+        layer.update(post_attn_norm=_norm_shapes(cfg), post_ffn_norm=_norm_shapes(cfg))
+    return layer
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

@@ -7,13 +7,19 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.config import SLIDING, ModelConfig
+
+Tables = tuple[jnp.ndarray, jnp.ndarray]
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """`inv_freq` `[head_dim // 2]` for the config's rope type (default, linear, llama3)."""
+def inverse_frequencies(cfg: ModelConfig, layer_type: str | None = None) -> np.ndarray:
+    """`inv_freq` `[head_dim // 2]` of layers of `layer_type` (None: the model's only type)
+    for the config's rope type (default, linear, llama3)."""
+    layer_type = layer_type or cfg.only_layer_type()
     dim = cfg.head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    if layer_type == SLIDING and cfg.sliding_rope_theta is not None:
+        return (1.0 / (np.float32(cfg.sliding_rope_theta) ** exponent)).astype(np.float32)
     inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
     rope = cfg.rope
     kind = rope.get("rope_type", "default")
@@ -39,7 +45,15 @@ def _llama3(inv_freq: np.ndarray, rope: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rotary_tables(inv_freq: jnp.ndarray, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def rope_tables(cfg: ModelConfig, positions: jnp.ndarray) -> dict[str, Tables] | None:
+    """cos, sin `[B, T, head_dim]` per layer type for `positions` `[B, T]`; None without RoPE (OPT)."""
+    if cfg.family == "opt":
+        return None
+    return {kind: rotary_tables(jnp.asarray(inverse_frequencies(cfg, kind)), positions)
+            for kind in sorted(set(cfg.layer_types))}
+
+
+def rotary_tables(inv_freq: jnp.ndarray, positions: jnp.ndarray) -> Tables:
     """cos, sin `[B, T, head_dim]` for integer `positions` `[B, T]`."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, hd]
