@@ -46,8 +46,8 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime.generator import Generator, prompt_bucket
-from coreinfer_jax.sparse.calibration import (Calibration, CalibrationError, default_calibration_layer,
-                                              model_identity, signature_size)
+from coreinfer_jax.sparse.artifact import model_identity
+from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, default_calibration_layer, signature_size
 from coreinfer_jax.sparse.selection import SIMILARITY_TOKEN_FRACTION, n_keep_for, rank_bound, sentence_signature, token_core_counts
 
 # first_pass(rows) -> (signatures bool [B, F], positives [B, L], tokens [B]) of those sentences.

@@ -11,9 +11,10 @@ and the accounting (roofline, bench, eval) ask a method these questions and neve
              `tables()`: arrays it needs there, passed as traced arguments (not static);
   gather     `decode_weights(params, core)`: the decode-time param tree, built once per
              generation (the core neurons' rows gathered in the sparse layers);
-  decode     `decode_ffn`: the FFN every decode step runs on those weights, the place where
-             a token-adaptive method would pick neurons per token (every method so far runs
-             `forward.ffn`, so they share one compiled decode loop);
+  decode     `decode_ffn`: the FFN every decode step runs on those weights (hashable: a static
+             argument of the decode loop), where a token-adaptive method picks neurons per
+             token (`hybrid.Hybrid`); the others run `forward.ffn` and share one compiled loop;
+             `offload_supported`: whether memory-limited mode can serve it;
   accounting `sparse_layers()`, `layer_neurons(width)` (static rows per sparse layer),
              `ffn_elements(params)` (FFN weight elements a decode step reads, per layer),
              `label` and `describe()` (how rows and JSON name it).
@@ -73,6 +74,8 @@ class Method:
 
     name: ClassVar[str]
     decode_ffn: ClassVar[FFN] = staticmethod(ffn)
+    # Memory-limited mode places only what `core_neurons` names on the device before decoding.
+    offload_supported: ClassVar[bool] = True
 
     def validate(self, cfg: ModelConfig) -> Method:
         """This method with every default resolved for `cfg`; raises MethodError if it cannot run on it."""

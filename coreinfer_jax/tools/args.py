@@ -7,9 +7,12 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.errors import CoreInferError, MethodError
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
 from coreinfer_jax.sparse.budget import Budget, BudgetError
+from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
+from coreinfer_jax.sparse.predictor import PredictorError
 from coreinfer_jax.sparse.method import Method
 from coreinfer_jax.sparse.registry import METHODS, make_method, parse_layers
 from coreinfer_jax.sparse.rules import RULES
@@ -33,18 +36,30 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_keeps: bool = False) -> None:
     p.add_argument("--method", choices=list(METHODS), default=default)
     if several_keeps:
-        p.add_argument("--keep", type=float, nargs="+", default=[0.2, 0.4, 0.6],
-                       help="keep values of the sparse rows (the dense rows are always measured)")
+        p.add_argument("--keep", type=float, nargs="+", default=None,
+                       help="keep values of the sparse rows (default 0.2 0.4 0.6; hybrid: its recommended "
+                            "static keep); the dense rows are always measured")
     else:
-        p.add_argument("--keep", type=float, default=0.4, help="fraction of FFN neurons kept per sparse layer")
+        p.add_argument("--keep", type=float, default=None,
+                       help="fraction of FFN neurons kept per sparse layer (default 0.4; hybrid: the static "
+                            "core's, default its recommended one)")
+    p.set_defaults(default_keeps=[0.2, 0.4, 0.6] if several_keeps else [0.4])
     p.add_argument("--token-keep", type=float, default=0.2,
                    help="token-wise core fraction, relative to the mean positive count")
     p.add_argument("--layers", type=layers_arg, default=None,
                    help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration directory of --method similarity (made by the calibrate command)")
-    p.add_argument("--rule", choices=list(RULES), default="paper",
-                   help="stability's selection rule: paper (CoreInfer's), magnitude, normalized_magnitude")
+    p.add_argument("--rule", choices=list(RULES), default=None,
+                   help="the core's selection rule: paper (CoreInfer's, the stability default), magnitude, "
+                        "normalized_magnitude, griffin (hybrid default: its recommended one)")
+    p.add_argument("--dynamic", type=float, default=None,
+                   help="hybrid: per-token neurons chosen at each step, a fraction of the FFN width")
+    p.add_argument("--predictor", type=Path, default=None,
+                   help="hybrid: predictor directory made by the predictor command (default: CHECKPOINT/predictor)")
+    p.add_argument("--select-by", choices=list(SELECT_BY), default="predictor",
+                   help="hybrid: choose per-token neurons by the predictor, or by the true activations "
+                        "(oracle: a quality bound that reads every weight)")
     p.add_argument("--layer-neurons", default=None,
                    help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
     p.add_argument("--budget", type=Path, default=None,
@@ -59,14 +74,22 @@ def parse_layer_neurons(text: str) -> tuple[int, ...]:
         raise MethodError(f"--layer-neurons must be comma-separated integers, got {text!r}") from None
 
 
-def methods_from_args(args: argparse.Namespace, keeps: Sequence[float]) -> list[Method]:
+def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -> list[Method]:
     """The sparse methods of the common CLI options (`--method --rule --token-keep --layers
-    --calibration --layer-neurons --budget`), one per keep."""
+    --calibration --layer-neurons --budget --dynamic --predictor --select-by`), one per keep
+    (None: the method's defaults)."""
+    hybrid = args.method == "hybrid"
+    if not hybrid and (args.dynamic is not None or args.predictor is not None or args.select_by != "predictor"):
+        raise MethodError("--dynamic, --predictor and --select-by apply to --method hybrid")
+    if hybrid:
+        return [hybrid_from_args(args, k) for k in keeps or [None]]
+    keeps = keeps or args.default_keeps
+    rule = args.rule or "paper"
     if args.budget is not None:
         if args.method != "stability" or args.layer_neurons is not None:
             raise MethodError("--budget needs --method stability and no --layer-neurons")
         budget = Budget.load(args.budget)
-        if args.rule != "paper" and args.rule != budget.rule:
+        if args.rule is not None and args.rule != budget.rule:
             raise BudgetError(f"--rule {args.rule} but the budget {args.budget} was measured for rule {budget.rule}")
         if args.layers is not None and tuple(args.layers) != budget.layers:
             raise BudgetError(f"--layers {args.layers[0]}:{args.layers[1]} but the budget {args.budget} is for "
@@ -76,10 +99,26 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float]) -> list[
     if layer_keep is not None and len(keeps) > 1:
         raise MethodError("--layer-neurons fixes one total: give a single --keep")
     return [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
-                        calibration=args.calibration, rule=args.rule, layer_keep=layer_keep) for k in keeps]
+                        calibration=args.calibration, rule=rule, layer_keep=layer_keep) for k in keeps]
 
 
+def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
+    """`--method hybrid`: what the options set, the rest left to the model family's recommended
+    configuration, with its predictor from `--predictor` or the checkpoint's own (or a message
+    saying how to make it)."""
+    if args.budget is not None or args.layer_neurons is not None or args.calibration is not None:
+        raise MethodError("--budget, --layer-neurons and --calibration do not apply to --method hybrid")
+    settings = {k: v for k, v in (("keep", keep), ("dynamic", args.dynamic), ("rule", args.rule),
+                                  ("layers", args.layers)) if v is not None}
+    predictor = None
+    if args.select_by == "predictor":
+        predictor = args.predictor or default_predictor_dir(args.checkpoint)
+        if not predictor.exists():
+            raise PredictorError(f"the hybrid method needs a predictor and {predictor} does not exist; make it with "
+                                 f"`python -m coreinfer_jax predictor --checkpoint {args.checkpoint} "
+                                 f"--data WIKITEXT_FILE` or give --predictor DIR")
+    return Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep, **settings)
 
 
 def method_from_args(args: argparse.Namespace) -> Method:
-    return methods_from_args(args, [args.keep])[0]
+    return methods_from_args(args, None if args.keep is None else [args.keep])[0]

@@ -1,4 +1,4 @@
-"""`python -m coreinfer_jax {generate,bench,eval,calibrate,budget,sweep}`."""
+"""`python -m coreinfer_jax {generate,bench,eval,calibrate,budget,predictor,sweep}`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from coreinfer_jax.calibrate import budget, similarity
+from coreinfer_jax.calibrate import budget, predictor, similarity
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation import evaluate, sweep
 from coreinfer_jax.evaluation.tasks import TEMPLATES, format_prompt
 from coreinfer_jax.runtime.generator import GenerationResult, Generator
 from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.sparse.method import Dense
 from coreinfer_jax.tools.args import add_method_args, add_model_args, method_from_args
 from coreinfer_jax.tools.bench import bench_main
 from coreinfer_jax.tools.profiling import maybe_profile
+from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 
 # The project's own input errors print one line; anything else is a bug and shows its traceback.
 USER_ERRORS = (CoreInferError, FileNotFoundError)
@@ -36,7 +38,7 @@ def generate_main(args: argparse.Namespace) -> int:
         out = gen.generate(prompt, **kwargs)
     compile_s = max(0.0, (warm.prefill_s + warm.decode_s) - (out.prefill_s + out.decode_s))
     if args.json:
-        print(json.dumps(result_json(out, compile_s, args.offload)))
+        print(json.dumps(result_json(out, compile_s, args.offload, gen)))
     else:
         print(out.texts[0])
         print(f"[{method.name}] prompt {out.prompt_tokens[0]} tokens, {len(out.tokens[0])} new; "
@@ -45,7 +47,9 @@ def generate_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def result_json(out: GenerationResult, compile_s: float, offload: bool = False) -> dict[str, Any]:
+def result_json(out: GenerationResult, compile_s: float, offload: bool, gen: Generator) -> dict[str, Any]:
+    """One generation as JSON; `ffn_bytes_per_token` counts the FFN weights one decoded token reads
+    in all layers (predictor factors included), `dense_ffn_bytes_per_token` the same for dense."""
     return {
         "offload": offload,
         "text": out.texts[0],
@@ -57,6 +61,8 @@ def result_json(out: GenerationResult, compile_s: float, offload: bool = False) 
         "decode_tokens_per_s": out.decode_tokens_per_s,
         **out.method.describe(),
         "core_neurons": None if out.core_neurons is None else out.core_neurons[0].tolist(),
+        "ffn_bytes_per_token": ffn_bytes_per_token(gen.cfg, gen.params, out.method),
+        "dense_ffn_bytes_per_token": ffn_bytes_per_token(gen.cfg, gen.params, Dense()),
     }
 
 
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub, add_model_args, add_method_args)
     add_model_args(similarity.add_parser(sub))
     add_model_args(budget.add_parser(sub))
+    add_model_args(predictor.add_parser(sub))
     sweep.add_parser(sub, add_model_args)
     return parser
 

@@ -1,0 +1,279 @@
+"""Token-adaptive core neurons (the hybrid method) and its low-rank predictor.
+
+References are derived independently: the predictor's product from a symmetric square root of
+the FFN-input second moment measured with PyTorch hooks (the code uses a Cholesky factor of
+its own measurement), the oracle mode from a PyTorch masking restatement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from coreinfer_jax import Dense, Generator, Hybrid, Predictor, Stability
+from coreinfer_jax.calibrate.predictor import fit_predictor
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.sparse.predictor import PredictorError
+from coreinfer_jax.tools.roofline import ffn_bytes_per_token
+from method_reference import reference_select
+from test_sparse import PROMPTS, ffn_modules, flat
+
+CALIBRATION = list(np.random.default_rng(0).integers(3, 300, size=4 * 64 * 4))  # 4 batches of 4 windows of 64
+EPS = 1e-3
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_checkpoint):
+    """(generator, rank-8 predictor of layers 0..1) per family."""
+    cache = {}
+
+    def make(name: str):
+        if name not in cache:
+            gen = Generator.load(tiny_checkpoint(name))
+            cache[name] = gen, fit_predictor(gen, CALIBRATION, rank=8, layers=(0, gen.cfg.num_layers), window=64,
+                                             eps=EPS, progress=False)
+        return cache[name]
+
+    return make
+
+
+def torch_second_moments(model: torch.nn.Module, family: str, windows: np.ndarray) -> list[np.ndarray]:
+    """Per layer, `X^T X / N` of the FFN inputs (the pre-FFN norm's output), with PyTorch hooks."""
+    if family == "opt":
+        mods = [layer.fc1 for layer in model.model.decoder.layers]
+    else:
+        mods = [layer.mlp.gate_proj for layer in model.model.layers]
+    sums = [np.zeros((mods[0].in_features,) * 2) for _ in mods]
+
+    def record(i: int, x: torch.Tensor) -> None:
+        x = flat(x).astype(np.float64)  # [N, D]
+        sums[i] += x.T @ x
+
+    hooks = [m.register_forward_hook(lambda m, a, o, i=i: record(i, a[0])) for i, m in enumerate(mods)]
+    with torch.no_grad():
+        model(torch.as_tensor(windows))
+    for h in hooks:
+        h.remove()
+    return [s / windows.size for s in sums]
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_predictor_equals_a_numpy_whitened_svd(name, fitted, tiny_torch_model) -> None:
+    gen, predictor = fitted(name)
+    model = tiny_torch_model(name)
+    moments = torch_second_moments(model, gen.cfg.family, np.asarray(CALIBRATION, np.int64).reshape(-1, 64))
+    for layer, s in enumerate(moments):
+        s = s + EPS * np.mean(np.diag(s)) * np.eye(len(s))
+        vals, vecs = np.linalg.eigh(s)
+        root = vecs * np.sqrt(vals) @ vecs.T  # S^(1/2): another whitening than the code's Cholesky factor
+        projs = {"up": "fc1"} if name == "opt" else {"gate": "gate_proj", "up": "up_proj"}
+        for proj, module in projs.items():
+            mod = model.model.decoder.layers[layer].fc1 if name == "opt" else \
+                getattr(model.model.layers[layer].mlp, module)
+            w = mod.weight.detach().numpy().astype(np.float64)  # [F, D]
+            u, sv, vt = np.linalg.svd(w @ root, full_matrices=False)
+            want = (np.linalg.solve(root, vt[:8].T * sv[:8]) @ u[:, :8].T)  # [D, F], the best rank-8 map
+            got = predictor.factors[f"a_{proj}"][layer] @ predictor.factors[f"b_{proj}"][layer]
+            np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
+    # A plain SVD is a different map: the whitening matters on these inputs.
+    plain_u, plain_s, plain_vt = np.linalg.svd(np.asarray(gen.params["layers"][0]["ffn"]["w_up"], np.float64))
+    plain = (plain_u[:, :8] * plain_s[:8] @ plain_vt[:8]).T
+    assert not np.allclose(predictor.factors["a_up"][0] @ predictor.factors["b_up"][0], plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_dynamic_zero_equals_stability(name, fitted) -> None:
+    gen, predictor = fitted(name)
+    layers = (1, gen.cfg.num_layers)
+    want = gen.generate_ids(PROMPTS, 16, method=Stability(keep=0.4, rule="paper", layers=layers), stop_at_eos=False)
+    got = gen.generate_ids(PROMPTS, 16, method=Hybrid(keep=0.4, dynamic=0.0, rule="paper", layers=layers,
+                                                      predictor=predictor), stop_at_eos=False)
+    assert got.tokens == want.tokens
+    np.testing.assert_array_equal(got.core_neurons, want.core_neurons)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("keep,select_by", [(0.0, "predictor"), (0.5, "predictor"), (0.5, "oracle")])
+def test_all_neurons_between_static_and_dynamic_equals_dense(name, keep, select_by, fitted) -> None:
+    """keep + dynamic = 1 reads every neuron exactly once: a dynamic index repeating a core index
+    would leave a neuron out and change the logits."""
+    gen, predictor = fitted(name)
+    method = Hybrid(keep=keep, dynamic=1.0 - keep, layers=(0, gen.cfg.num_layers), predictor=predictor,
+                    select_by=select_by)
+    dense = gen.generate_ids(PROMPTS, 12, stop_at_eos=False, return_logits=True)
+    got = gen.generate_ids(PROMPTS, 12, method=method, stop_at_eos=False, return_logits=True)
+    assert got.tokens == dense.tokens
+    np.testing.assert_allclose(got.logits, dense.logits, atol=1e-4)
+
+
+def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], keep: float, dynamic: float,
+                          layers: range, n: int) -> list[int]:
+    """The oracle hybrid restated in PyTorch: a dense pre-fill picks each sparse layer's core with the
+    paper's rule (NumPy); every decode step keeps, per layer, the core and the `dynamic` other
+    neurons of largest |activation| (OPT: largest pre-activation), zeroing the rest."""
+    mods = ffn_modules(model, family)
+    acts = {}
+    hooks = [mods[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, flat(o if family == "opt" else a[0])))
+             for i in layers]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    width = acts[layers[0]].shape[1]
+    core = {i: reference_select(acts[i], keep, 0.2)[0] for i in layers}
+    n_dynamic = int(width * dynamic)
+
+    def keep_mask(i: int, a: torch.Tensor) -> torch.Tensor:
+        score = a[0, -1].clone() if family == "opt" else a[0, -1].abs()
+        score[torch.as_tensor(core[i])] = -float("inf")
+        mask = torch.zeros(width)
+        mask[torch.as_tensor(core[i])] = 1.0
+        mask[torch.topk(score, n_dynamic).indices] = 1.0
+        return mask
+
+    def one_token(t: torch.Tensor) -> bool:
+        return t.numel() == t.shape[-1]
+
+    hooks = []
+    for i in layers:
+        if family == "opt":
+            hooks.append(mods[i].register_forward_hook(
+                lambda m, a, o, i=i: o * keep_mask(i, o.reshape(1, 1, -1)) if one_token(o) else o))
+        else:
+            hooks.append(mods[i].register_forward_pre_hook(
+                lambda m, a, i=i: (a[0] * keep_mask(i, a[0]),) if one_token(a[0]) else a))
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_oracle_mode_matches_pytorch_masking_restatement(name, tiny_checkpoint, tiny_torch_model) -> None:
+    gen = Generator.load(tiny_checkpoint(name))
+    layers = (1, gen.cfg.num_layers)
+    method = Hybrid(keep=0.3, dynamic=0.2, rule="paper", layers=layers, select_by="oracle").validate(gen.cfg)
+    ours = gen.generate_ids(PROMPTS, 16, method=method, stop_at_eos=False)
+    static = gen.generate_ids(PROMPTS, 16, method=Stability(keep=0.3, layers=layers), stop_at_eos=False)
+    assert ours.tokens != static.tokens, "per-token neurons should change something on a random model"
+    for b, ids in enumerate(PROMPTS):
+        assert ours.tokens[b] == torch_oracle_generate(tiny_torch_model(name), gen.cfg.family, ids, 0.3, 0.2,
+                                                       method.sparse_layers(), 16)
+
+
+@pytest.mark.parametrize("select_by", ["predictor", "oracle"])
+def test_teacher_forced_scores_equal_generation_logits(select_by, fitted) -> None:
+    gen, predictor = fitted("llama")
+    method = Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), predictor=predictor, select_by=select_by)
+    out = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
+    scored = gen.score_ids(PROMPTS, out.tokens, method=method)
+    for b, (logprobs, greedy) in enumerate(scored):
+        want = jax.nn.log_softmax(out.logits[b], axis=-1)[np.arange(10), out.tokens[b]]
+        np.testing.assert_allclose(logprobs, want, atol=2e-4)
+        assert greedy.all()
+
+
+def test_no_recompile_within_a_bucket_and_across_predictors(fitted) -> None:
+    gen, predictor = fitted("llama")
+    method = Hybrid(keep=0.25, dynamic=0.25, layers=(0, 2), predictor=predictor)
+    programs = engine.prefill, engine.decode
+    gen.generate_ids([[5, 6, 7]], 8, method=method)
+    sizes = [f._cache_size() for f in programs]
+    other = dataclasses.replace(predictor, factors={k: v[::-1].copy() for k, v in predictor.factors.items()})
+    for prompt, p in [([9, 10, 11, 12, 13], predictor), ([4] * 11, other)]:
+        gen.generate_ids([prompt], 8, method=dataclasses.replace(method, predictor=p))
+    assert [f._cache_size() for f in programs] == sizes
+
+
+def test_bytes_count_static_dynamic_and_predictor_rows(fitted) -> None:
+    gen, predictor = fitted("llama")
+    cfg = gen.cfg
+    D, F, itemsize = cfg.hidden_size, cfg.intermediate_size, 4
+    dense = ffn_bytes_per_token(cfg, gen.params, Dense())
+    assert dense == cfg.num_layers * 3 * F * D * itemsize
+    method = Hybrid(keep=0.25, dynamic=0.125, layers=(1, 2), predictor=predictor).validate(cfg)
+    rows = int(F * 0.25) + int(F * 0.125)  # 32 + 16 of 128
+    factors = 2 * 8 * (D + F)  # gate and up, rank 8
+    want = (cfg.num_layers - 1) * 3 * F * D * itemsize + (3 * rows * D + factors) * itemsize
+    assert ffn_bytes_per_token(cfg, gen.params, method) == want
+    oracle = dataclasses.replace(method, select_by="oracle")
+    assert ffn_bytes_per_token(cfg, gen.params, oracle) == dense
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"keep": 0.6, "dynamic": 0.5}, "keep + dynamic must be in (0, 1]"),
+    ({"keep": 0.0, "dynamic": 0.0}, "keep + dynamic must be in (0, 1]"),
+    ({"keep": 1.0}, "keep must be in [0, 1)"),
+    ({"dynamic": 1.5}, "dynamic must be in [0, 1]"),
+    ({"select_by": "magic"}, "select_by must be one of"),
+])
+def test_bad_settings_are_one_clear_error(kwargs, words) -> None:
+    with pytest.raises(ValueError) as e:
+        Hybrid(**kwargs)
+    assert words in str(e.value)
+
+
+def test_predictor_errors(fitted, tiny_checkpoint, tmp_path) -> None:
+    gen, predictor = fitted("llama")
+    with pytest.raises(PredictorError, match="rank must be in 1..64"):
+        fit_predictor(gen, CALIBRATION, rank=65, progress=False)
+    with pytest.raises(PredictorError, match="needs a predictor"):
+        Hybrid().validate(gen.cfg)
+    opt = Generator.load(tiny_checkpoint("opt"))
+    with pytest.raises(PredictorError, match="made for another model"):
+        Hybrid(predictor=predictor).validate(opt.cfg)
+    with pytest.raises(PredictorError, match="not for the sparse layers 0:2"):
+        Hybrid(predictor=dataclasses.replace(predictor, layers=(1, 2)), layers=(0, 2)).validate(gen.cfg)
+    saved = predictor.save(tmp_path / "p")
+    assert Predictor.load(saved, gen.cfg) == predictor
+    data = (saved / "arrays.npz").read_bytes()
+    (saved / "arrays.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PredictorError, match="corrupted or truncated"):
+        Predictor.load(saved)
+    with pytest.raises(PredictorError, match="does not exist; make one with"):
+        Predictor.load(tmp_path / "nowhere")
+
+
+def test_predictor_command_writes_atomically_and_hybrid_cli_runs(tiny_checkpoint, tmp_path) -> None:
+    ckpt = tiny_checkpoint("llama")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 600))
+    out = tmp_path / "pred"
+    cli = [sys.executable, "-m", "coreinfer_jax"]
+    bad = subprocess.run(cli + ["predictor", "--checkpoint", str(ckpt), "--data", str(text), "--rank", "999",
+                                "--skip-tokens", "0", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "rank must be in 1..64" in bad.stderr and "Traceback" not in bad.stderr
+    assert not out.exists() and not list(tmp_path.glob(".pred*"))
+    done = subprocess.run(cli + ["predictor", "--checkpoint", str(ckpt), "--data", str(text), "--rank", "4",
+                                 "--skip-tokens", "0", "--window", "64", "--layers", "0:2", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Predictor.load(out).rank == 4
+    run = subprocess.run(cli + ["generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
+                                "--max-new-tokens", "4", "--method", "hybrid", "--predictor", str(out),
+                                "--layers", "0:2", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)
+    assert row["method"] == "hybrid" and row["rule"] == "normalized_magnitude" and row["keep"] == 0.2
+    assert row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]
+    missing = subprocess.run(cli + ["generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
+                                    "--method", "hybrid"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "python -m coreinfer_jax predictor" in missing.stderr
+
+
+def test_offload_refuses_the_hybrid_method(fitted) -> None:
+    gen, predictor = fitted("llama")
+    offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True)
+    with pytest.raises(ValueError, match="offload mode cannot serve the hybrid method"):
+        offloaded.generate_ids([[1, 2, 3]], 4, method=Hybrid(predictor=predictor, layers=(0, 2)))
