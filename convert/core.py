@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from convert import keymap
 from convert.errors import ConversionError
-from convert.sources import BUNDLED_MODELS, open_source
+from convert.sources import BUNDLED_MODELS, Source, open_source
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
@@ -76,10 +76,15 @@ def convert_checkpoint(source: str | Path, out: str | Path | None = None, dtype:
     `out` defaults to `default_out(source)` for bundled models and is required otherwise; an
     existing `out` is replaced only with `force`. Returns the absolute output path.
     """
+    out = default_out(source) if out is None else out  # before any download
+    return convert_source(open_source(source, revision), out, dtype, force)
+
+
+def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
+    """`convert_checkpoint` for an opened source (e.g. a GGUF whose Transformers model a caller also uses)."""
     if dtype not in DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    src = open_source(source, revision)
-    out = Path(default_out(source) if out is None else out).absolute()
+    out = Path(out).absolute()
     if str(out) == src.label:
         raise ConversionError(f"--out {out} is the source itself")
     if out.exists() and not force:

@@ -202,7 +202,8 @@ class GGUFSource(Source):
         self.label = label or str(path)
         self._model: Any = None
 
-    def _load(self) -> Any:
+    def model(self) -> Any:
+        """Transformers' model of the file (float32, loaded once), whose weights `tensors` yields."""
         if self._model is None:
             try:
                 self._model = AutoModelForCausalLM.from_pretrained(
@@ -212,7 +213,7 @@ class GGUFSource(Source):
         return self._model
 
     def hf_config(self) -> dict[str, Any]:
-        return self._load().config.to_dict()
+        return self.model().config.to_dict()
 
     def tokenizer(self) -> Any:
         try:
@@ -221,10 +222,10 @@ class GGUFSource(Source):
             raise ConversionError(f"cannot load the tokenizer from GGUF file {self.path}: {e}") from e
 
     def tensor_count(self) -> int:
-        return len(self._load().state_dict())
+        return len(self.model().state_dict())
 
     def tensors(self) -> Tensors:
-        for name, t in self._load().state_dict().items():
+        for name, t in self.model().state_dict().items():
             yield name, _to_numpy(t.detach())
 
 

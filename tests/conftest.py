@@ -22,10 +22,12 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, M
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from convert import convert_checkpoint
+from convert.core import convert_source
+from convert.sources import GGUFSource, open_source
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs the real SmolLM2-135M model (tens of seconds)")
+    config.addinivalue_line("markers", "slow: needs a real model, SmolLM2-135M or Gemma-3-270M (minutes)")
 
 
 SENTENCES = [
@@ -129,7 +131,7 @@ def tiny_hf_config(name: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedC
 
 
 @torch.no_grad()
-def _randomise(model: PreTrainedModel, seed: int) -> None:
+def randomise(model: PreTrainedModel, seed: int) -> None:
     # HF init leaves norm scales at 1 and biases at 0, which would hide a swapped or dropped
     # tensor, and its 0.02 weights give near-uniform logits: draw every parameter afresh.
     gen = torch.Generator().manual_seed(seed)
@@ -147,7 +149,7 @@ def build_tiny_model(name: str, tokenizer: PreTrainedTokenizerFast, seed: int = 
     """A randomly initialised float32 HF model for `TINY_CONFIGS[name]`, in eval mode."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_hf_config(name, tokenizer), dtype=torch.float32)
-    _randomise(model, seed)
+    randomise(model, seed)
     return model.eval()
 
 
@@ -214,3 +216,21 @@ def smollm2_torch_model() -> PreTrainedModel:
 
     gguf = bundled_gguf()
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_source() -> GGUFSource:
+    """The bundled Gemma-3-270M GGUF; Transformers dequantises it once for both sides (slow tests only)."""
+    return open_source("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_checkpoint(tmp_path_factory: pytest.TempPathFactory, gemma3_source: GGUFSource) -> Path:
+    """Gemma-3-270M converted to float32 from Transformers' dequantisation of the GGUF."""
+    return convert_source(gemma3_source, tmp_path_factory.mktemp("gemma3") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def gemma3_torch_model(gemma3_source: GGUFSource) -> PreTrainedModel:
+    """Transformers' Gemma-3-270M on the same dequantised weights, float32, eval mode."""
+    return gemma3_source.model().eval()
