@@ -121,7 +121,7 @@ def _layer(p: Params, x: jnp.ndarray, positions: jnp.ndarray, rope: tuple[jnp.nd
         chosen = None
         if method is not None:
             with jax.named_scope("select_core_neurons"):
-                chosen = method.select(score, valid, tables, None)  # e.g. [B, n_keep] or cluster [B]
+                chosen = method.select(score, valid, tables, None, p["ffn"])  # e.g. [B, n_keep] or cluster [B]
     return x, kv, chosen
 
 

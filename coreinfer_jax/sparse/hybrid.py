@@ -37,7 +37,7 @@ from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError, predicted_scores
 from coreinfer_jax.sparse.rules import RULES, check_rule
 from coreinfer_jax.sparse.selection import n_keep_for
-from coreinfer_jax.sparse.stability import Stability
+from coreinfer_jax.sparse.stability import Stability, down_norms
 
 SELECT_BY = ("predictor", "oracle")
 # What `Hybrid()` resolves to per model family when keep, dynamic or rule are left unset,
@@ -52,7 +52,8 @@ class TokenNeurons:
     """The decode-step FFN of a hybrid method (hashable: a static argument of the decode loop).
 
     A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_idx": [B, K],
-    "full": the layer's whole FFN, "predictor": its factors}`; every other layer's are its FFN.
+    "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
+    down-weighted); every other layer's are its FFN.
     """
 
     dynamic: float
@@ -72,6 +73,8 @@ class TokenNeurons:
                 scores = true if cfg.family == "opt" else jnp.abs(true)
             else:
                 scores = predicted_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
+            if "down_norm" in p:
+                scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
             core = jnp.zeros((B, F), bool).at[jnp.arange(B)[:, None], core_idx].set(True)  # [B, F]
             scores = jnp.where(core[:, None, :], -jnp.inf, scores)
             _, dynamic = lax.top_k(scores, n_keep_for(F, self.dynamic))  # [B, T, n_dynamic]
@@ -155,11 +158,11 @@ class Hybrid(Stability):
         return TokenNeurons(self.dynamic, self.select_by)
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None) -> jnp.ndarray:
+               layer: int | None, ffn: Params) -> jnp.ndarray:
         n = n_keep_for(activation.shape[-1], self.keep)
         if n == 0:
             return jnp.zeros(activation.shape[:1] + (0,), jnp.int32)  # [B, 0]: per-token only
-        return RULES[self.rule](activation, valid, n, self.token_keep)
+        return RULES[self.rule](self.weighted(activation, ffn), valid, n, self.token_keep)
 
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
         """Per sparse layer the gathered core rows (once per generation), their ids, the full FFN
@@ -175,6 +178,8 @@ class Hybrid(Stability):
         for j, i in enumerate(sparse):
             layers[i] = dict(layers[i], ffn={"core": gathered[j], "core_idx": core[:, j, : counts[j]],
                                              "full": ffns[j], "predictor": factors[j]})
+            if self.down_weighted:
+                layers[i]["ffn"]["down_norm"] = down_norms(ffns[j])  # [F], once per generation
         return dict(params, layers=layers)
 
     def ffn_elements(self, params: Params) -> list[int]:
@@ -182,6 +187,7 @@ class Hybrid(Stability):
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
         rows = n_keep_for(F, self.keep) + n_keep_for(F, self.dynamic)
         extra = self.predictor.elements_per_token() if self.select_by == "predictor" else 0
+        extra += F if self.down_weighted else 0
         sparse = set(self.sparse_layers())
         out = []
         for i, layer in enumerate(params["layers"]):
@@ -196,7 +202,7 @@ class Hybrid(Stability):
     def label(self) -> str:
         """"hybrid 0.2+0.2 r64 normalized_magnitude" (static + dynamic, predictor rank, rule)."""
         how = "oracle" if self.select_by == "oracle" else f"r{self.rank}"
-        return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}"
+        return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}" + ("+down" if self.down_weighted else "")
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), dynamic=self.dynamic, rank=self.rank, select_by=self.select_by)

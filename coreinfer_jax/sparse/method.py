@@ -5,7 +5,8 @@ one compile serves every prompt of a bucket. The runtime (pre-fill, gather, deco
 and the accounting (roofline, bench, eval) ask a method these questions and never its type:
 
   pre-fill   `selecting_layers()`: the layers whose FFN activations it reads;
-             `select(activation, valid, tables, layer)`: what it takes from one of them;
+             `select(activation, valid, tables, layer, ffn)`: what it takes from one of them
+             (`ffn`: that layer's FFN weights);
              `core_neurons(selected, tables)`: the per-layer results as core-neuron indices
              `int32 [B, n_sparse, n_max]` (None: nothing is kept);
              `tables()`: arrays it needs there, passed as traced arguments (not static);
@@ -95,9 +96,10 @@ class Method:
         return None
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None) -> jnp.ndarray:
-        """What a selecting layer's activations `[B, T, F]` over `valid` `[B, T]` give. `layer`
-        is None where one compiled program serves every layer (offload's streamed pre-fill)."""
+               layer: int | None, ffn: Params) -> jnp.ndarray:
+        """What a selecting layer's activations `[B, T, F]` over `valid` `[B, T]` give, with that
+        layer's FFN weights `ffn` at hand. `layer` is None where one compiled program serves every
+        layer (offload's streamed pre-fill)."""
         raise NotImplementedError(f"{type(self).__name__} selects in no layer")
 
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray | None:

@@ -16,6 +16,8 @@ per-layer budget (a different count per layer) is one compile per distinct count
   `|activation|`, summed over the prompt. Normalising per token gives every token the same
   weight: otherwise a few tokens with outsized activations (the first token of a sequence
   typically has them) would choose the neurons for the whole prompt.
+- `griffin`: GRIFFIN's statistic (per-token L2-normalised activations, L2 norm over tokens),
+  the closest published per-prompt selection, for side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -74,7 +76,21 @@ def normalized_magnitude(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: i
         return idx.astype(jnp.int32)
 
 
-RULES: dict[str, Rule] = {"paper": paper, "magnitude": magnitude, "normalized_magnitude": normalized_magnitude}
+def griffin(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep: float) -> jnp.ndarray:
+    """GRIFFIN's statistic (Dong et al. 2024): each token's activations L2-normalised, then each
+    neuron's L2 norm over the prompt's tokens; the `n_keep` largest are kept. Like
+    `normalized_magnitude` every token weighs the same, but squares favour neurons that are large
+    in a few tokens over ones that are moderate in many. `token_keep` is not used."""
+    with jax.named_scope("rule_griffin"):
+        a = activations.astype(jnp.float32) * valid[..., None]  # [B, T, F]
+        norm = jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True))  # [B, T, 1]
+        unit = a / jnp.where(norm > 0, norm, 1.0)
+        _, idx = lax.top_k(jnp.sum(unit * unit, axis=1), n_keep)  # [B, n_keep]; the sqrt keeps the order
+        return idx.astype(jnp.int32)
+
+
+RULES: dict[str, Rule] = {"paper": paper, "magnitude": magnitude, "normalized_magnitude": normalized_magnitude,
+                          "griffin": griffin}
 
 
 def check_rule(name: str) -> str:

@@ -68,7 +68,7 @@ class Similarity(CoreNeurons):
         return self.calibration.device_tables
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None) -> jnp.ndarray:
+               layer: int | None, ffn: Params) -> jnp.ndarray:
         """Each prompt's cluster `int32 [B]`: the centroid nearest its signature."""
         signature = sentence_signature(activation, valid, self.signature_size)  # [B, F]
         return assign_clusters(signature, tables["centroids"])

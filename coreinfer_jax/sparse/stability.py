@@ -23,7 +23,8 @@ class Stability(CoreNeurons):
     default scaled to the model's depth. `rule` names the selection rule (`rules.RULES`;
     "paper" is CoreInfer's stability-guided rule). `layer_keep`, when given, is a per-layer
     budget: the neuron count of each sparse layer, totalling what `keep` keeps uniformly
-    (the same FFN bytes per token), e.g. from `budget.Budget.layer_neurons`.
+    (the same FFN bytes per token), e.g. from `budget.Budget.layer_neurons`. `down_weighted`
+    ranks each neuron's activation times its down-projection row's norm (`weighted`).
     """
 
     keep: float = 0.4
@@ -31,6 +32,7 @@ class Stability(CoreNeurons):
     layers: tuple[int, int] | None = None
     rule: str = "paper"
     layer_keep: tuple[int, ...] | None = None
+    down_weighted: bool = False
     name: ClassVar[str] = "stability"
 
     def __post_init__(self) -> None:
@@ -56,7 +58,7 @@ class Stability(CoreNeurons):
         return frozenset(self.sparse_layers())
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None) -> jnp.ndarray:
+               layer: int | None, ffn: Params) -> jnp.ndarray:
         """That layer's core neurons `[B, n]` by `rule`: its budget's count, or `int(F * keep)`."""
         width = activation.shape[-1]
         if layer is None:
@@ -67,7 +69,15 @@ class Stability(CoreNeurons):
             n = n_keep_for(width, self.keep)
         else:
             n = dict(zip(self.sparse_layers(), self.layer_neurons(width)))[layer]
-        return RULES[self.rule](activation, valid, n, self.token_keep)
+        return RULES[self.rule](self.weighted(activation, ffn), valid, n, self.token_keep)
+
+    def weighted(self, activation: jnp.ndarray, ffn: Params) -> jnp.ndarray:
+        """With `down_weighted`, each neuron's activation times the norm of its down-projection row
+        (WINA / R-Sparse): its output's size, not just its input's. Norms are positive, so signs
+        (which the paper's rule counts) are kept."""
+        if not self.down_weighted:
+            return activation
+        return activation * down_norms(ffn).astype(activation.dtype)  # [B, T, F]
 
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray:
         """`[B, n_sparse, n_max]`: with a per-layer budget, layer j's count of ids come first and
@@ -79,13 +89,19 @@ class Stability(CoreNeurons):
     @property
     def label(self) -> str:
         """"stability keep 0.4", plus the rule unless it is the paper's and "+budget" with a budget."""
-        variant = "" if self.rule == "paper" and self.layer_keep is None else \
-            self.rule + ("+budget" if self.layer_keep is not None else "")
+        variant = "" if self.rule == "paper" and self.layer_keep is None and not self.down_weighted else \
+            self.rule + ("+budget" if self.layer_keep is not None else "") + ("+down" if self.down_weighted else "")
         return f"{self.name} keep {self.keep:g}" + (f" {variant}" if variant else "")
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), token_keep=self.token_keep, rule=self.rule,
-                    layer_neurons=list(self.layer_keep) if self.layer_keep else None)
+                    layer_neurons=list(self.layer_keep) if self.layer_keep else None,
+                    down_weighted=self.down_weighted)
+
+
+def down_norms(ffn: Params) -> jnp.ndarray:
+    """`||W_down[j]||` of every neuron `[F]` (neuron-major `w_down` `[F, D]`)."""
+    return jnp.sqrt(jnp.sum(jnp.square(ffn["w_down"].astype(jnp.float32)), axis=-1))
 
 
 def check_layer_budget(counts: tuple[int, ...], n_layers: int, width: int, keep: float) -> None:

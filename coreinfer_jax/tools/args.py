@@ -53,6 +53,8 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
     p.add_argument("--rule", choices=list(RULES), default=None,
                    help="the core's selection rule: paper (CoreInfer's, the stability default), magnitude, "
                         "normalized_magnitude, griffin (hybrid default: its recommended one)")
+    p.add_argument("--down-weighted", action="store_true",
+                   help="rank each neuron's activation times its down-projection row's norm (WINA-style)")
     p.add_argument("--dynamic", type=float, default=None,
                    help="hybrid: per-token neurons chosen at each step, a fraction of the FFN width")
     p.add_argument("--predictor", type=Path, default=None,
@@ -94,12 +96,18 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
         if args.layers is not None and tuple(args.layers) != budget.layers:
             raise BudgetError(f"--layers {args.layers[0]}:{args.layers[1]} but the budget {args.budget} is for "
                               f"{budget.layers[0]}:{budget.layers[1]}")
-        return [dataclasses.replace(budget.method(k), token_keep=args.token_keep) for k in keeps]
+        return [dataclasses.replace(budget.method(k), token_keep=args.token_keep, down_weighted=args.down_weighted)
+                for k in keeps]
     layer_keep = parse_layer_neurons(args.layer_neurons) if args.layer_neurons is not None else None
     if layer_keep is not None and len(keeps) > 1:
         raise MethodError("--layer-neurons fixes one total: give a single --keep")
-    return [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
-                        calibration=args.calibration, rule=rule, layer_keep=layer_keep) for k in keeps]
+    methods = [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
+                           calibration=args.calibration, rule=rule, layer_keep=layer_keep) for k in keeps]
+    if args.down_weighted:
+        if args.method != "stability":
+            raise MethodError("--down-weighted applies to the stability and hybrid methods")
+        methods = [dataclasses.replace(m, down_weighted=True) for m in methods]
+    return methods
 
 
 def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
@@ -117,7 +125,8 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
             raise PredictorError(f"the hybrid method needs a predictor and {predictor} does not exist; make it with "
                                  f"`python -m coreinfer_jax predictor --checkpoint {args.checkpoint} "
                                  f"--data WIKITEXT_FILE` or give --predictor DIR")
-    return Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep, **settings)
+    return Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep,
+                  down_weighted=args.down_weighted, **settings)
 
 
 def method_from_args(args: argparse.Namespace) -> Method:
