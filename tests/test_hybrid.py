@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from coreinfer_jax import Dense, Generator, Hybrid, Predictor, Stability
-from coreinfer_jax.calibrate.predictor import fit_predictor
+from coreinfer_jax.calibrate.predictor import ffn_inputs, fit_predictor, refine
+from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.predictor import PredictorError
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
@@ -277,3 +278,25 @@ def test_offload_refuses_the_hybrid_method(fitted) -> None:
     offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True)
     with pytest.raises(ValueError, match="offload mode cannot serve the hybrid method"):
         offloaded.generate_ids([[1, 2, 3]], 4, method=Hybrid(predictor=predictor, layers=(0, 2)))
+
+
+def test_refinement_lowers_the_hidden_activation_error(fitted) -> None:
+    gen, predictor = fitted("llama")
+    refined = refine(gen, predictor, CALIBRATION, steps=30, window=64, batch_tokens=256, progress=False)
+    assert refined.refine_steps == 30
+    x = np.asarray(ffn_inputs(gen.params, jax.numpy.asarray(np.reshape(CALIBRATION, (-1, 64))), cfg=gen.cfg,
+                              layers=predictor.layers), np.float64)  # [L, N, D]
+    act = activation_fn(gen.cfg)
+    for j in range(gen.cfg.num_layers):
+        w = {k: np.asarray(v, np.float64) for k, v in gen.params["layers"][j]["ffn"].items()}
+        hidden = np.asarray(act(x[j] @ w["w_gate"].T)) * (x[j] @ w["w_up"].T)  # NumPy: the true activations
+
+        def error(p: Predictor) -> float:
+            f = {k: v[j].astype(np.float64) for k, v in p.factors.items()}
+            got = np.asarray(act(x[j] @ f["a_gate"] @ f["b_gate"])) * (x[j] @ f["a_up"] @ f["b_up"])
+            return float(np.mean((got - hidden) ** 2) / np.mean(hidden ** 2))
+
+        assert error(refined) < 0.9 * error(predictor)
+    opt, opt_predictor = fitted("opt")
+    with pytest.raises(PredictorError, match="refinement is for gated FFNs"):
+        refine(opt, opt_predictor, CALIBRATION, steps=1, window=64)

@@ -9,6 +9,13 @@ Per layer, from FFN inputs `x` (after the pre-FFN norm) collected on calibration
 `[D, r]` and `B = U_r^T` `[r, F]`, so that `x A B` is the rank-`r` map closest to `x W^T` in
 expected squared error over inputs distributed like the calibration's (plain SVD: `L = I`).
 
+With `--refine-steps N` (gated FFNs), optax then fits each layer's four factors to the FFN's
+true hidden activations `act(x Wg^T) * (x Wu^T)` on calibration tokens (Adam, relative squared
+error), starting from the SVD: the SVD fits gate and up separately, while the neurons are
+ranked by their product. On SmolLM2 (12 WikiText-2 windows, static 0.2 + per-token 0.2,
+rank 64) 300 steps took perplexity from 34.3 to 32.9 (dense 23.4). A ReLU FFN's predictor
+scores the linear `fc1` output, for which the SVD is already the least-squares optimum.
+
 The text is tokenised and cut into windows; by default the first `--skip-tokens` tokens are
 left out, so a predictor fitted on WikiText-2 does not see the windows `eval --task wikitext`
 scores (the first ones).
@@ -17,6 +24,7 @@ scores (the first ones).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import sys
@@ -25,11 +33,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
-from coreinfer_jax.models.forward import ffn, forward, init_cache
+from coreinfer_jax.models.forward import activation_fn, ffn, forward, init_cache
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime.generator import Generator
@@ -47,21 +56,24 @@ def _ffn_input(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layers"))
-def input_moments(params: Params, tokens: jnp.ndarray, *, cfg: ModelConfig, layers: tuple[int, int]) -> jnp.ndarray:
-    """`sum_t x_t x_t^T` `float32 [L, D, D]` of the FFN inputs of layers `layers[0] .. layers[1]-1`
-    over all tokens of `tokens` `[B, T]` (full windows: every position is real)."""
+def ffn_inputs(params: Params, tokens: jnp.ndarray, *, cfg: ModelConfig, layers: tuple[int, int]) -> jnp.ndarray:
+    """The FFN inputs `[L, B * T, D]` of layers `layers[0] .. layers[1]-1` for `tokens` `[B, T]`."""
     B, T = tokens.shape
 
-    def moment(layer: int, x: jnp.ndarray) -> jnp.ndarray | None:
-        if not layers[0] <= layer < layers[1]:
-            return None
-        x = x.astype(jnp.float32).reshape(B * T, -1)  # [N, D]
-        return x.T @ x  # [D, D]
+    def take(layer: int, x: jnp.ndarray) -> jnp.ndarray | None:
+        return x.reshape(B * T, -1) if layers[0] <= layer < layers[1] else None
 
-    _, _, moments = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32),
-                            init_cache(cfg, B, T, params["embed"].dtype), select=moment, prefix=False,
-                            ffn_fn=_ffn_input)
-    return jnp.stack(moments)
+    _, _, xs = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32), init_cache(cfg, B, T, params["embed"].dtype),
+                       select=take, prefix=False, ffn_fn=_ffn_input)
+    return jnp.stack(xs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layers"))
+def input_moments(params: Params, tokens: jnp.ndarray, *, cfg: ModelConfig, layers: tuple[int, int]) -> jnp.ndarray:
+    """`sum_t x_t x_t^T` `float32 [L, D, D]` of those FFN inputs, over every token of `tokens`
+    (full windows: every position is real)."""
+    xs = ffn_inputs(params, tokens, cfg=cfg, layers=layers).astype(jnp.float32)  # [L, N, D]
+    return jnp.einsum("lnd,lne->lde", xs, xs)
 
 
 def whitened_factors(w: np.ndarray, second_moment: np.ndarray, rank: int, eps: float = DEFAULT_EPS
@@ -113,6 +125,50 @@ def fit_predictor(gen: Generator, token_ids: list[int], rank: int, layers: tuple
                      factors={name: np.stack(f) for name, f in factors.items()})
 
 
+def _relative_error(factors: Params, x: jnp.ndarray, hidden: jnp.ndarray, act) -> jnp.ndarray:
+    predicted = act((x @ factors["a_gate"]) @ factors["b_gate"]) * ((x @ factors["a_up"]) @ factors["b_up"])
+    return jnp.mean((predicted - hidden) ** 2) / jnp.mean(hidden ** 2)
+
+
+def refine(gen: Generator, predictor: Predictor, token_ids: list[int], steps: int, lr: float = 3e-3,
+           window: int = 256, batch_tokens: int = 1024, seed: int = 0, progress: bool = True) -> Predictor:
+    """`predictor` with each layer's factors fitted by `steps` Adam steps (minibatches of
+    `batch_tokens`) to the true hidden activations of the FFN inputs of `token_ids`."""
+    cfg = gen.cfg
+    if cfg.family == "opt":
+        raise PredictorError("refinement is for gated FFNs; a ReLU FFN's SVD predictor is already least-squares")
+    first, end = predictor.layers
+    window = min(window, cfg.max_position_embeddings)
+    n = len(token_ids) // window
+    if n < 1:
+        raise PredictorError(f"refinement needs at least one window of {window} tokens")
+    windows = np.asarray(token_ids[: n * window], np.int32).reshape(n, window)
+    xs = np.concatenate([np.asarray(ffn_inputs(gen.params, jnp.asarray(w[None]), cfg=cfg, layers=(first, end)))
+                         for w in windows], axis=1)  # [L, N, D]
+    act, tx = activation_fn(cfg), optax.adam(lr)
+
+    @jax.jit
+    def step(factors: Params, state: optax.OptState, x: jnp.ndarray, hidden: jnp.ndarray):
+        loss, grads = jax.value_and_grad(_relative_error)(factors, x, hidden, act)
+        updates, state = tx.update(grads, state, factors)
+        return optax.apply_updates(factors, updates), state, loss
+
+    rng = np.random.default_rng(seed)
+    fitted = {name: f.copy() for name, f in predictor.factors.items()}
+    for j in tqdm(range(end - first), desc="refine predictor", unit="layer", disable=not progress, file=sys.stderr):
+        w = gen.params["layers"][first + j]["ffn"]
+        x = jnp.asarray(xs[j])  # [N, D]
+        hidden = act(x @ w["w_gate"].T) * (x @ w["w_up"].T)  # [N, F]
+        factors = {name: jnp.asarray(f[j]) for name, f in predictor.factors.items()}
+        state = tx.init(factors)
+        for _ in range(steps):
+            rows = rng.integers(0, x.shape[0], batch_tokens)
+            factors, state, _ = step(factors, state, x[rows], hidden[rows])
+        for name in fitted:
+            fitted[name][j] = np.asarray(factors[name])
+    return dataclasses.replace(predictor, factors=fitted, refine_steps=steps)
+
+
 def default_predictor_dir(checkpoint: Path) -> Path:
     """Where `predictor` writes, and `--method hybrid` looks, by default: inside the checkpoint."""
     return Path(checkpoint) / "predictor"
@@ -129,6 +185,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="leave out the text's first tokens (those `eval --task wikitext` scores)")
     p.add_argument("--window", type=int, default=256, help="tokens per forward pass")
     p.add_argument("--eps", type=float, default=DEFAULT_EPS, help="ridge, relative to the mean input power")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="gated FFNs: optax steps fitting the factors to the true hidden activations (e.g. 300)")
+    p.add_argument("--refine-tokens", type=int, default=8192, help="calibration tokens the refinement fits on")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=main)
     return p
@@ -138,8 +197,8 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or default_predictor_dir(args.checkpoint)
     if out.exists() and not args.force:
         raise PredictorError(f"{out} already exists; remove it or choose another --out (or --force)")
-    if args.tokens < 1 or args.skip_tokens < 0:
-        raise CoreInferError("--tokens must be >= 1 and --skip-tokens >= 0")
+    if args.tokens < 1 or args.skip_tokens < 0 or args.refine_steps < 0 or args.refine_tokens < 1:
+        raise CoreInferError("--tokens and --refine-tokens must be >= 1, --skip-tokens and --refine-steps >= 0")
     if not args.data.is_file():
         raise FileNotFoundError(f"calibration data {args.data} does not exist")
     raw = args.data.read_bytes()
@@ -151,7 +210,11 @@ def main(args: argparse.Namespace) -> int:
                               parse_layers(args.layers) if args.layers else None, args.window,
                               eps=args.eps, data_sha256=hashlib.sha256(raw).hexdigest(),
                               model_name=load_metadata(args.checkpoint).get("source"))
+    if args.refine_steps:
+        predictor = refine(gen, predictor, ids[args.skip_tokens: args.skip_tokens + args.refine_tokens],
+                           args.refine_steps, window=args.window)
     predictor.save(out, overwrite=args.force)
+    refined = f", refined by {predictor.refine_steps} optax steps" if predictor.refine_steps else ""
     print(f"rank {predictor.rank} predictor for layers {predictor.layers[0]}:{predictor.layers[1]} from "
-          f"{predictor.tokens} tokens -> {out}")
+          f"{predictor.tokens} tokens{refined} -> {out}")
     return 0
