@@ -300,3 +300,26 @@ def test_refinement_lowers_the_hidden_activation_error(fitted) -> None:
     opt, opt_predictor = fitted("opt")
     with pytest.raises(PredictorError, match="refinement is for gated FFNs"):
         refine(opt, opt_predictor, CALIBRATION, steps=1, window=64)
+
+
+def test_sweep_runs_hybrid_rows_with_their_bytes(fitted, tiny_checkpoint, tmp_path) -> None:
+    from coreinfer_jax.tools.cli import main
+    from test_sweep import WIKI
+
+    gen, predictor = fitted("llama")
+    predictor.save(tmp_path / "pred")
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(WIKI)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--checkpoint", str(tiny_checkpoint("llama")), "--tasks", "wikitext", "--rules", "paper",
+                 "--keep", "0.5", "--layers", "0:2", "--hybrid", "0.25+0.25", "0+0.5:griffin", "0.25+0.25:oracle",
+                 "--predictor", str(tmp_path / "pred"), "--data", f"wikitext={wiki}", "--windows", "2",
+                 "--context-tokens", "24", "--scored-tokens", "8", "--out", str(out)]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense", "stability keep 0.5", "hybrid 0.25+0.25 r8 normalized_magnitude",
+                                          "hybrid 0+0.5 r8 griffin", "hybrid 0.25+0.25 oracle normalized_magnitude"]
+    dense, paper, hybrid, per_token, oracle = rows
+    # Same neurons per token as keep 0.5, plus the rank-8 factors of gate and up in both layers.
+    assert hybrid["ffn_bytes_per_token"] == per_token["ffn_bytes_per_token"] \
+        == paper["ffn_bytes_per_token"] + 2 * 2 * 8 * (64 + 128) * 4
+    assert oracle["ffn_bytes_per_token"] == dense["ffn_bytes_per_token"]

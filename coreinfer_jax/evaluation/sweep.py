@@ -7,7 +7,8 @@ budget is given. Each row reports the task's headline metric (`evaluate.HEADLINE
 bytes a decoded token reads, and the difference from the paper's rule at the same keep (so
 at equal FFN bytes), with the standard error of the per-example paired differences
 (TruthfulQA: ROUGE-L max per question; SQuAD: F1 per question; WikiText: NLL per token per
-window): a difference within two standard errors is reported as noise.
+window): a difference within two standard errors is reported as noise (with one example
+there is no standard error: n/a).
 
 Writes `DIR/sweep.json` (every row and setting), `DIR/sweep.md`, `DIR/pareto.png` and
 `DIR/records.jsonl` (every example's answer and scores, per row).
@@ -28,8 +29,11 @@ from tqdm import tqdm
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.evaluate import HEADLINE, TASKS, Settings, evaluate, fmt_metric
 from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.sparse.budget import Budget
+from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.method import Dense, Method
+from coreinfer_jax.sparse.predictor import Predictor
 from coreinfer_jax.sparse.rules import RULES
 from coreinfer_jax.sparse.stability import Stability
 from coreinfer_jax.tools.args import layers_arg
@@ -47,9 +51,11 @@ SECONDARY = {"truthfulqa": "rougeL_acc", "squad": "exact_match", "wikitext": "nl
 
 
 def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: float = 0.2,
-                  layers: tuple[int, int] | None = None, budget: Budget | None = None) -> list[Method]:
-    """Dense, every (rule, keep), then the budget's rule with its per-layer budget at every keep.
-    With a budget, every row uses the budget's sparse layers, so rows of one keep read the same bytes."""
+                  layers: tuple[int, int] | None = None, budget: Budget | None = None,
+                  hybrids: Sequence[Hybrid] = ()) -> list[Method]:
+    """Dense, every (rule, keep), then the budget's rule with its per-layer budget at every keep,
+    then the `hybrids` (on the same sparse layers). With a budget, every row uses the budget's
+    sparse layers, so rows of one keep read the same bytes."""
     if budget is not None:
         if layers is not None and tuple(layers) != budget.layers:
             raise CoreInferError(f"--layers {layers[0]}:{layers[1]} but the budget is for "
@@ -59,13 +65,32 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
     methods += [Stability(keep=k, token_keep=token_keep, layers=layers, rule=r) for r in rules for k in keeps]
     if budget is not None:
         methods += [dataclasses.replace(budget.method(k), token_keep=token_keep) for k in keeps]
-    return methods
+    return methods + [dataclasses.replace(h, layers=layers, token_keep=token_keep) for h in hybrids]
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of the per-example differences `a - b`."""
+def hybrid_arg(text: str) -> dict[str, Any]:
+    """`--hybrid KEEP+DYNAMIC[:RULE][:oracle]`, e.g. `0.2+0.2`, `0+0.4`, `0.2+0.2:griffin:oracle`."""
+    spec, *rest = text.split(":")
+    try:
+        keep, dynamic = (float(x) for x in spec.split("+"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:RULE][:oracle], got {text!r}") from None
+    settings: dict[str, Any] = {"keep": keep, "dynamic": dynamic}
+    for word in rest:
+        if word == "oracle":
+            settings["select_by"] = "oracle"
+        elif word in RULES:
+            settings["rule"] = word
+        else:
+            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}) nor oracle")
+    return settings
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
+    """Mean and standard error of the per-example differences `a - b` (None for one example:
+    one difference gives no estimate of its spread)."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
 
 
 def task_rows(task: str, methods: Sequence[Method], results: Sequence[Any], records: Sequence[dict[str, Any]],
@@ -85,7 +110,7 @@ def task_rows(task: str, methods: Sequence[Method], results: Sequence[Any], reco
                "ffn_bytes_per_token": nbytes, "per_example_unit": unit, "metrics": res.metrics,
                "seconds": res.seconds}
         # Rule rows are compared with the paper's rule at the same keep, a budget with its uniform keep.
-        references = {"paper": Stability(keep=d["keep"]).label} if d["rule"] else {}
+        references = {"paper": Stability(keep=d["keep"]).label} if d["method"] == "stability" else {}
         if d["layer_neurons"]:
             references["uniform"] = dataclasses.replace(m, layer_keep=None).label
         for name, ref in references.items():
@@ -94,7 +119,7 @@ def task_rows(task: str, methods: Sequence[Method], results: Sequence[Any], reco
                 continue
             mean, se = paired(scores[lab], scores[ref])
             row[f"delta_vs_{name}"] = res.metrics[metric] - ref_res.metrics[metric]
-            row[f"paired_vs_{name}"] = {"mean": mean, "se": se, "z": mean / se if se > 0 else float("nan")}
+            row[f"paired_vs_{name}"] = {"mean": mean, "se": se, "z": mean / se if se else None}
         rows.append(row)
     return rows
 
@@ -130,6 +155,8 @@ def write_outputs(report: dict[str, Any], records: Sequence[dict[str, Any]], out
 def _noise(p: dict[str, float] | None, higher_is_better: bool) -> str:
     if p is None:
         return ""
+    if p["se"] is None:
+        return "n/a (n = 1)"
     if not abs(p["mean"]) > 2 * p["se"]:
         return "within noise"
     # The per-example score runs the same way as the headline (wikitext: NLL, lower is better).
@@ -151,7 +178,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in rows:
             p = r.get("paired_vs_paper")
             delta = "" if "delta_vs_paper" not in r else f"{r['delta_vs_paper']:+.3g}"
-            pair = "" if p is None else f"{p['mean']:+.4f} ± {p['se']:.4f}"
+            pair = "" if p is None else f"{p['mean']:+.4f} ± " + ("n/a" if p["se"] is None else f"{p['se']:.4f}")
             out.append(f"| {r['label']} | {r['keep']:g} | {r['ffn_bytes_per_token'] / 1e6:.1f} | {fmt_metric(r['value'])} "
                        f"| {fmt_metric(r['secondary_value'])} | {delta} | {pair} | {_noise(p, r0['higher_is_better'])} |")
         out.append("")
@@ -228,6 +255,10 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--layers", type=layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
     s.add_argument("--budget", type=Path, default=None,
                    help="also run the budget's rule with its per-layer budget (made by the budget command)")
+    s.add_argument("--hybrid", type=hybrid_arg, nargs="+", default=[], metavar="KEEP+DYNAMIC[:RULE][:oracle]",
+                   help="also run hybrid rows: static core + per-token neurons (e.g. 0.2+0.2 0+0.4 0.2+0.2:oracle)")
+    s.add_argument("--predictor", type=Path, default=None,
+                   help="the hybrid rows' predictor (default: CHECKPOINT/predictor)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",
                    help="data file per task (default: the Hugging Face hub)")
     s.add_argument("--limit", type=int, default=None, help="first N questions of truthfulqa and squad")
@@ -245,7 +276,11 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(args.batch_size, not args.zero_shot, args.max_new_tokens, args.context_tokens,
                         args.scored_tokens)
     budget = Budget.load(args.budget) if args.budget else None
-    methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget)
+    predictor = None
+    if any(h.get("select_by") != "oracle" for h in args.hybrid):
+        predictor = Predictor.load(args.predictor or default_predictor_dir(args.checkpoint))
+    hybrids = [Hybrid(predictor=predictor, **h) for h in args.hybrid]
+    methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget, hybrids)
     gen = Generator.load(args.checkpoint, args.dtype)
     limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows}
     report = run_sweep(gen, args.tasks, methods, dict(args.data), limits, settings, args.out)
