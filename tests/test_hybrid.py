@@ -323,3 +323,18 @@ def test_sweep_runs_hybrid_rows_with_their_bytes(fitted, tiny_checkpoint, tmp_pa
     assert hybrid["ffn_bytes_per_token"] == per_token["ffn_bytes_per_token"] \
         == paper["ffn_bytes_per_token"] + 2 * 2 * 8 * (64 + 128) * 4
     assert oracle["ffn_bytes_per_token"] == dense["ffn_bytes_per_token"]
+
+
+def test_lm_eval_adapter_takes_a_hybrid_with_its_predictor(fitted, tiny_checkpoint, tmp_path) -> None:
+    from coreinfer_jax.evaluation.lm_eval_adapter import CoreInferLM
+
+    gen, predictor = fitted("llama")
+    predictor.save(tmp_path / "pred")
+    lm = CoreInferLM.create_from_arg_string(f"checkpoint={tiny_checkpoint('llama')},method=hybrid,keep=0.25,"
+                                            f"dynamic=0.25,rule=griffin,layers=0:2,predictor={tmp_path / 'pred'}")
+    assert lm.method.label == "hybrid 0.25+0.25 r8 griffin"
+    context, continuation = [5, 6, 7, 8, 9], [10, 11, 12]
+    got = lm._loglikelihood_tokens([(("", ""), context, continuation)])[0][0]
+    want = gen.score_ids([context], [continuation], method=Hybrid(keep=0.25, dynamic=0.25, rule="griffin",
+                                                                  layers=(0, 2), predictor=predictor))[0][0]
+    assert got == pytest.approx(float(want.sum()), abs=1e-4)

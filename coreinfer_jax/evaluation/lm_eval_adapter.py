@@ -21,10 +21,11 @@ Python:
     lm_eval.simple_evaluate(model="coreinfer_jax", tasks=["arc_easy"],
                             model_args="checkpoint=DIR,method=stability,keep=0.4")
 
-Model args: `checkpoint` (default: the converted SmolLM2), `method` (dense|stability|similarity),
-`keep`, `token_keep`, `layers` (START:END, half-open; these three are an error with
-method=dense, defaults as `make_method`), `calibration` (DIR from `python -m coreinfer_jax
-calibrate`, similarity only), `batch_size` (wins over lm-eval's `--batch_size`, whose
+Model args: `checkpoint` (default: the converted SmolLM2), `method`
+(dense|stability|similarity|hybrid), `keep`, `token_keep`, `layers` (START:END, half-open; these
+three are an error with method=dense, defaults as `make_method`), `rule` (stability, hybrid),
+`calibration` (DIR from `python -m coreinfer_jax calibrate`, similarity only), `dynamic` and
+`predictor` (hybrid: per-token fraction, DIR from `python -m coreinfer_jax predictor`), `batch_size` (wins over lm-eval's `--batch_size`, whose
 default is 1), `dtype` (float32|bfloat16|float16), `max_gen_toks` (default for tasks that
 set none). Anything else is an error.
 
@@ -40,6 +41,9 @@ Choices:
   first window starts from a lone BOS). `python -m coreinfer_jax eval --task wikitext`
   pre-fills a prefix densely and scores the rest sparsely.
 - Sampled generation (`do_sample`) seeds each batch with its index, so runs repeat exactly.
+  `do_sample=True` with temperature 0 is an error, as with lm-eval's `hf` model (Transformers
+  refuses a temperature of 0 when sampling): a task asking for samples does not get greedy
+  answers silently.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ log = logging.getLogger(__name__)
 # this module first would hide "hf", "vllm", ... from the same process.
 importlib.import_module("lm_eval.models")
 
-MODEL_ARGS = ("checkpoint", "method", "keep", "token_keep", "layers", "calibration", "batch_size", "dtype",
-              "max_gen_toks")
+MODEL_ARGS = ("checkpoint", "method", "keep", "token_keep", "layers", "rule", "calibration", "dynamic", "predictor",
+              "batch_size", "dtype", "max_gen_toks")
 DTYPES = ("float32", "bfloat16", "float16")
 # Generation kwargs `generate_until` understands (lm-eval's normalize_gen_kwargs maps the max aliases).
 GEN_KWARGS = {"until", "do_sample", "temperature", "top_p", "top_k",
@@ -92,17 +96,20 @@ class CoreInferLM(TemplateLM):
 
     def __init__(self, checkpoint: str | Path = DEFAULT_CHECKPOINT, method: str = "dense", keep: float | None = None,
                  token_keep: float | None = None, layers: str | tuple[int, int] | None = None,
-                 calibration: str | Path | None = None, batch_size: int = 8, dtype: str | None = None,
+                 rule: str | None = None, calibration: str | Path | None = None, dynamic: float | None = None,
+                 predictor: str | Path | None = None, batch_size: int = 8, dtype: str | None = None,
                  max_gen_toks: int = 256) -> None:
         super().__init__()
-        sparse: dict[str, Any] = {name: _number(name, value, float)
-                                  for name, value in (("keep", keep), ("token_keep", token_keep)) if value is not None}
+        sparse: dict[str, Any] = {name: _number(name, value, float) for name, value in
+                                  (("keep", keep), ("token_keep", token_keep), ("dynamic", dynamic)) if value is not None}
+        if rule is not None:
+            sparse["rule"] = str(rule)
         if layers is not None:
             sparse["layers"] = layers if isinstance(layers, tuple) else parse_layers(str(layers))
         if method == "dense" and sparse:
             # A dense run labelled keep=... in lm-eval's results would be misleading.
             raise CoreInferError(f"{', '.join(sparse)} only apply to sparse methods, not method=dense")
-        method_obj = make_method(str(method), **sparse, calibration=calibration)
+        method_obj = make_method(str(method), **sparse, calibration=calibration, predictor=predictor)
         self.batch_size = _number("batch_size", batch_size, int)
         self._max_gen_toks = _number("max_gen_toks", max_gen_toks, int)
         if self.batch_size < 1 or self._max_gen_toks < 1:
@@ -245,7 +252,11 @@ class CoreInferLM(TemplateLM):
         max_new = kwargs["max_gen_toks"]
         sampling = Sampling()
         if kwargs["do_sample"]:
-            sampling = Sampling(temperature=float(kwargs["temperature"]), top_k=int(kwargs.get("top_k") or 0),
+            temperature = float(kwargs.get("temperature", 0.0))  # lm-eval's hf model defaults to 0 too
+            if not temperature > 0:
+                raise CoreInferError(f"do_sample=True needs a temperature > 0, got {temperature}; "
+                                     "for greedy decoding set do_sample=False")
+            sampling = Sampling(temperature=temperature, top_k=int(kwargs.get("top_k") or 0),
                                 top_p=float(kwargs.get("top_p") or 1.0))
         room = self.max_length - max_new
         if room < 1:
