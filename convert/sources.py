@@ -95,7 +95,7 @@ class HFDirSource(Source):
         self.format = "hf-safetensors" if self._files[0].suffix == ".safetensors" else "hf-bin"
         # Reading every file's names up front finds a corrupt file before any work is done.
         read_names = self._safetensors_keys if self.format == "hf-safetensors" else self._bin_keys
-        self._names = {f: [n for n in read_names(f) if not n.startswith(_NOT_TEXT)] if self._text_of else read_names(f)
+        self._names = {f: [n for n in read_names(f) if not (self._text_of and n.startswith(_NOT_TEXT))]
                        for f in self._files}
 
     def _weight_files(self) -> list[Path]:

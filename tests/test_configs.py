@@ -74,3 +74,13 @@ def test_unsupported_configs_say_what_is_supported(hf: dict[str, Any], words: li
         ModelConfig.from_hf(hf)
     for word in words:
         assert word in str(info.value)
+
+
+def test_layer_types_must_fit_the_model() -> None:
+    hf = dict(_SMALL, architectures=["Gemma3ForCausalLM"], sliding_window=4)
+    with pytest.raises(ConfigError, match="for each of the 6 layers"):
+        ModelConfig.from_hf(dict(hf, layer_types=["full_attention"] * 5))
+    with pytest.raises(ConfigError, match="for each of the 6 layers"):
+        ModelConfig.from_hf(dict(hf, layer_types=["chunked_attention"] * 6))
+    with pytest.raises(ConfigError, match="need a sliding_window"):
+        ModelConfig.from_hf(dict(hf, sliding_window=None))
