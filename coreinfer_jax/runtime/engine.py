@@ -5,7 +5,9 @@ teacher-forced scoring.
 the last real position's logits and what the method keeps (`core_neurons`, e.g.
 `int32 [B, n_sparse_layers, n_keep]`; None for dense). The method's `decode_weights` then
 builds the decode-time weights once per generation (its own small jitted gather), and
-`decode` runs a `lax.while_loop` of single-token steps on them with the KV cache donated.
+`decode` runs a `lax.while_loop` of single-token steps on them with the KV cache donated,
+until the cache is full; `grow_cache` and `resume` continue it on a longer cache (decode
+attention reads every slot it is given, so the cache only grows as positions reach it).
 All are jitted at module level with the config, method and sampling as static arguments;
 prompt lengths are padded to buckets by the caller, so a new prompt length reuses the
 compiled code. Nothing here knows a method's type: it asks the protocol in `sparse.method`.
@@ -40,7 +42,9 @@ def prefill(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, tables: P
     reading = method.selecting_layers()
 
     def select(layer: int, activation: jnp.ndarray) -> jnp.ndarray | None:
-        return method.select(activation, valid, tables, layer) if layer in reading else None
+        if layer not in reading:
+            return None
+        return method.select(activation, valid, tables, layer, params["layers"][layer]["ffn"])
 
     with jax.named_scope("prefill"):
         h, cache, selected = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32), cache,
@@ -64,46 +68,87 @@ def decode(weights: Params, first_logits: jnp.ndarray, cache: Cache, lengths: jn
            max_new_tokens: jnp.ndarray, eos_ids: jnp.ndarray, key: jax.Array, *,
            cfg: ModelConfig, sampling: Sampling, max_steps: int,
            return_logits: bool = False, ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
-    """Generate up to `max_new_tokens` (<= `max_steps`) tokens per row after pre-fill.
+    """Generate up to `max_new_tokens` (<= `max_steps`) tokens per row after pre-fill, until
+    the rows' positions fill `cache` (its length is the attention window: see `resume`).
 
     `weights` are the method's decode weights (`method.decode_weights`) and `ffn_fn` its
-    `decode_ffn`.
+    `decode_ffn`. `eos_ids` may be padded with -1 (no token is -1), so that a different
+    number of stop tokens can share a compile. `key` is unused for greedy sampling.
 
-    Returns `tokens` `[B, max_steps]` (-1 past a row's end), `steps` (forward passes run),
-    the final `cache` (returned so the donated input buffers are updated in place), and with
-    `return_logits` the logits `[B, max_steps, V]` each token was chosen from.
+    Returns the loop state: `tokens` `[B, max_steps]` (-1 past a row's end), with
+    `return_logits` the `logits` `[B, max_steps, V]` each token was chosen from, and the rest
+    of `STATE`; the final `cache` (returned so the donated input buffers are updated in
+    place); `steps` (forward passes run so far) and `more` (whether a row still wants tokens
+    after the cache filled up: `resume` continues on a longer one).
     """
     B = lengths.shape[0]
-    key, sub = jax.random.split(key)
-    first = sample(first_logits, sub, sampling)  # [B]
-    out = jnp.full((B, max_steps), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos_ids) | (max_new_tokens <= 1)
-    state = {"i": jnp.int32(1), "token": first, "pos": lengths.astype(jnp.int32), "done": done,
-             "out": out, "cache": cache, "key": key}
+    state = {}
+    if not sampling.greedy:
+        key, sub = jax.random.split(key)
+        state["key"] = key
+    first = sample(first_logits, None if sampling.greedy else sub, sampling)  # [B]
+    state.update(i=jnp.int32(1), token=first, pos=lengths.astype(jnp.int32),
+                 done=jnp.isin(first, eos_ids) | (max_new_tokens <= 1),
+                 tokens=jnp.full((B, max_steps), -1, jnp.int32).at[:, 0].set(first))
     if return_logits:
         state["logits"] = jnp.zeros((B, max_steps, first_logits.shape[-1]), jnp.float32).at[:, 0].set(first_logits)
+    return _loop(weights, state, cache, max_new_tokens, eos_ids, cfg, sampling, ffn_fn)
+
+
+# What `decode` and `resume` carry from one step (and one call) to the next.
+STATE = ("i", "token", "pos", "done", "tokens", "key", "logits")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "ffn_fn"), donate_argnames=("state", "cache"),
+                   compiler_options=_LOOP_COMPILER_OPTIONS)
+def resume(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_tokens: jnp.ndarray,
+           eos_ids: jnp.ndarray, *, cfg: ModelConfig, sampling: Sampling, ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
+    """Continue `decode` from its returned `state` (the `STATE` entries) with a longer `cache`.
+
+    A decode step's attention reads every slot of the cache it is given, so the caller runs
+    the loop in segments on a cache that grows (`grow_cache`) as positions fill it: each
+    step reads at most about twice the live slots, and one compile per cache length serves
+    every generation that reaches it.
+    """
+    return _loop(weights, state, cache, max_new_tokens, eos_ids, cfg, sampling, ffn_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("slots",))
+def grow_cache(cache: Cache, *, slots: int) -> Cache:
+    """`cache` with empty slots appended up to `slots` per layer (`[B, Hkv, hd, slots]`)."""
+    return [{name: jnp.pad(c, [(0, 0)] * 3 + [(0, slots - c.shape[-1])]) for name, c in layer.items()}
+            for layer in cache]
+
+
+def _loop(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_tokens: jnp.ndarray,
+          eos_ids: jnp.ndarray, cfg: ModelConfig, sampling: Sampling, ffn_fn: FFN) -> dict[str, jnp.ndarray]:
+    slots = cache[0]["k"].shape[-1]
+
+    def wanted(s):
+        return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
 
     def running(s):
-        return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+        # A step at position `pos` writes slot `pos`: stop when that is past the cache.
+        return wanted(s) & (jnp.max(s["pos"]) < slots)
 
     def step(s):
         with jax.named_scope("decode_step"):
             h, cache, _ = forward(weights, cfg, s["token"][:, None], s["pos"], s["cache"], ffn_fn=ffn_fn)
             step_logits = logits(weights, cfg, h[:, 0])  # [B, V]
-        key, sub = jax.random.split(s["key"])
-        token = sample(step_logits, sub, sampling)
-        new = dict(s, i=s["i"] + 1, token=token, pos=s["pos"] + 1, cache=cache, key=key,
-                   out=s["out"].at[:, s["i"]].set(jnp.where(s["done"], -1, token)),
+        new = dict(s, i=s["i"] + 1, pos=s["pos"] + 1, cache=cache)
+        if sampling.greedy:  # no key to split: the loop draws no random bits
+            token = sample(step_logits, None, sampling)
+        else:
+            new["key"], sub = jax.random.split(s["key"])
+            token = sample(step_logits, sub, sampling)
+        new.update(token=token, tokens=s["tokens"].at[:, s["i"]].set(jnp.where(s["done"], -1, token)),
                    done=s["done"] | jnp.isin(token, eos_ids) | (s["i"] + 1 >= max_new_tokens))
-        if return_logits:
+        if "logits" in s:
             new["logits"] = s["logits"].at[:, s["i"]].set(step_logits)
         return new
 
-    final = lax.while_loop(running, step, state)
-    result = {"tokens": final["out"], "steps": final["i"] - 1, "cache": final["cache"]}
-    if return_logits:
-        result["logits"] = final["logits"]
-    return result
+    final = lax.while_loop(running, step, dict(state, cache=cache))
+    return dict(final, steps=final["i"] - 1, more=wanted(final))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ffn_fn"))

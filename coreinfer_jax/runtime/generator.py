@@ -29,6 +29,11 @@ from coreinfer_jax.sparse.method import Dense, Method
 
 MIN_BUCKET = 16
 CACHE_ROUND = 64
+# The first KV-cache length decode runs on (when the prompt fits); it doubles from there.
+# A power of two, like the prompt buckets.
+MIN_WINDOW = 256
+# Stop-token arrays are padded (with -1) to a power of two at least this long.
+MIN_STOP_IDS = 8
 
 
 def prompt_bucket(length: int, context: int) -> int:
@@ -43,6 +48,47 @@ def cache_length(bucket: int, max_new_tokens: int) -> int:
     """KV-cache slots, rounded up so nearby `max_new_tokens` values share a compile."""
     need = bucket + max_new_tokens
     return -(-need // CACHE_ROUND) * CACHE_ROUND
+
+
+def cache_windows(bucket: int, longest: int, max_new_tokens: int) -> list[int]:
+    """The KV-cache lengths decode runs on, one per segment, the last `cache_length`.
+
+    Decode attention reads every slot of the cache it is given, so the cache starts short
+    and doubles (`MIN_WINDOW`, 2x, 4x, ...) as positions fill it; a step reads at most about
+    twice the live slots instead of the whole padded length. The first step, at position
+    `longest`, needs a longer cache; a power of two longer than `longest` also holds the
+    `bucket` slots pre-fill writes.
+    """
+    final = cache_length(bucket, max_new_tokens)
+    windows = []
+    slots = MIN_WINDOW
+    while slots < final:
+        if slots > longest:
+            windows.append(slots)
+        slots *= 2
+    return windows + [final]
+
+
+def stop_ids(ids: Sequence[int], vocab_size: int) -> jnp.ndarray:
+    """Stop tokens as `int32 [n]`, padded with -1 (never a token) to a power of two >=
+    `MIN_STOP_IDS`: the array's length is part of the decode loop's compiled signature."""
+    ids = sorted(set(ids))
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InputError(f"stop token {bad[0]} is outside the vocabulary (ids 0..{vocab_size - 1})")
+    size = MIN_STOP_IDS
+    while size < len(ids):
+        size *= 2
+    return jnp.asarray(ids + [-1] * (size - len(ids)), jnp.int32)
+
+
+def check_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+    """Raise InputError if a token id is outside `0..vocab_size-1` (the embedding lookup would
+    read NaN past the end and wrap below 0, silently)."""
+    for row in rows:
+        if len(row) and not 0 <= min(row) <= max(row) < vocab_size:
+            bad = next(t for t in row if not 0 <= t < vocab_size)
+            raise InputError(f"{what} token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})")
 
 
 @dataclasses.dataclass
@@ -133,20 +179,24 @@ class Generator:
         """
         cfg = self.cfg
         method = method.validate(cfg)
-        if self.offloaded is not None and not method.sparse_layers():
-            raise MethodError("offload mode needs a sparse method (stability): a dense decode would stream "
-                             "every FFN weight for every token")
         tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
-        eos = jnp.asarray((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), jnp.int32)
+        windows = cache_windows(tokens.shape[1], max(len(p) for p in prompts), max_new_tokens)
+        eos = stop_ids((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), cfg.vocab_size)
+        limit = jnp.int32(max_new_tokens)
 
         t0 = time.perf_counter()
-        first_logits, cache, core, weights = self._prefill(tokens, lengths, cache_len, method)
+        first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method)
         jax.block_until_ready((first_logits, cache, core, weights))
         t1 = time.perf_counter()
-        out = engine.decode(weights, first_logits, cache, lengths, jnp.int32(max_new_tokens), eos,
-                            jax.random.key(seed), cfg=cfg, sampling=sampling,
-                            max_steps=cache_len - tokens.shape[1], return_logits=return_logits,
+        out = engine.decode(weights, first_logits, cache, lengths, limit, eos, jax.random.key(seed), cfg=cfg,
+                            sampling=sampling, max_steps=cache_len - tokens.shape[1], return_logits=return_logits,
                             ffn_fn=method.decode_ffn)
+        for slots in windows[1:]:
+            if not out["more"]:  # one host sync per segment
+                break
+            cache = engine.grow_cache(out.pop("cache"), slots=slots)
+            out = engine.resume(weights, {k: out[k] for k in engine.STATE if k in out}, cache, limit, eos, cfg=cfg,
+                                sampling=sampling, ffn_fn=method.decode_ffn)
         out = jax.block_until_ready(out)
         t2 = time.perf_counter()
 
@@ -175,6 +225,7 @@ class Generator:
             raise InputError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         if any(len(c) == 0 for c in continuations):
             raise InputError("continuation is empty")
+        check_ids(continuations, self.cfg.vocab_size, "continuation")
         longest = max(len(c) for c in continuations)
         tokens, lengths, _ = self._pack(contexts, longest)
         # Padded to a bucket so nearby continuation lengths share a compile.
@@ -189,6 +240,15 @@ class Generator:
         logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
         return [(logprobs[i, : len(c)], greedy[i, : len(c)]) for i, c in enumerate(continuations)]
 
+    @staticmethod
+    def _check_offload(method: Method) -> None:
+        if not method.sparse_layers():
+            raise MethodError("offload mode needs a sparse method (stability): a dense decode would stream "
+                              "every FFN weight for every token")
+        if not method.offload_supported:
+            raise MethodError(f"offload mode cannot serve the {method.name} method: it reads FFN rows chosen at "
+                              "every token, which would cross from host memory at every step")
+
     def _prefill(self, tokens: jnp.ndarray, lengths: jnp.ndarray, cache_len: int, method: Method):
         """Pre-fill (streamed in offload mode): first logits, cache, core neurons (None for
         dense) and the decode-time weights (core neurons gathered in the sparse layers)."""
@@ -198,6 +258,7 @@ class Generator:
                                                        method=method, cache_len=cache_len)
             weights = method.decode_weights(self.params, core)
         else:
+            self._check_offload(method)
             device_params, host_ffn = self.offloaded
             first_logits, cache, core = prefill_streamed(device_params, host_ffn, tokens, lengths, tables,
                                                          cfg=self.cfg, method=method, cache_len=cache_len)
@@ -210,6 +271,7 @@ class Generator:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("prompt is empty")
+        check_ids(prompts, self.cfg.vocab_size, "prompt")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > context:
             raise InputError(

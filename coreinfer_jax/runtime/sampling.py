@@ -31,8 +31,8 @@ class Sampling:
         return self.temperature == 0.0
 
 
-def sample(logits: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.ndarray:
-    """Token ids `[B]` from float32 logits `[B, V]`."""
+def sample(logits: jnp.ndarray, key: jax.Array | None, sampling: Sampling) -> jnp.ndarray:
+    """Token ids `[B]` from float32 logits `[B, V]`; greedy needs no `key`."""
     if sampling.greedy:
         return first_argmax(logits)
     logits = logits / sampling.temperature
