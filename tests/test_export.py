@@ -1,14 +1,18 @@
-"""A converted checkpoint rebuilt as a Transformers model (the benchmark's baseline) is the same model."""
+"""The benchmark: its Transformers baseline is the same model, its report follows from its timings and bytes."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from convert import torch_model_from_checkpoint
+from coreinfer_jax import Dense, Generator, Stability
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.tools import bench
 from coreinfer_jax.tools.bench import markdown, run_bench
-from coreinfer_jax import Dense, Stability
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "opt_350m_like"])
@@ -21,17 +25,63 @@ def test_rebuilt_torch_model_equals_the_original(name, tiny_checkpoint, tiny_tor
         np.testing.assert_allclose(rebuilt(ids).logits.numpy(), original(ids).logits.numpy(), atol=1e-5, rtol=0)
 
 
-def test_bench_reports_every_row_side_by_side(tiny_checkpoint) -> None:
+def test_bench_runs_every_row_side_by_side(tiny_checkpoint) -> None:
     report = run_bench(tiny_checkpoint("llama"), [Dense(), Stability(keep=0.5, layers=(1, 2))], new_tokens=8, reps=2,
                        prompt="The cat sat on the mat.")
-    names = [r["name"] for r in report["rows"]]
-    assert names == ["transformers-pytorch-eager", "jax-dense", "jax-stability-keep0.5"]
-    torch_row, dense, sparse = report["rows"]
+    assert [r["name"] for r in report["rows"]] == ["transformers-pytorch-eager", "jax-dense", "jax-stability-keep0.5"]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in report["rows"])
-    assert dense["vs_torch"] == pytest.approx(dense["decode_tokens_per_s"] / torch_row["decode_tokens_per_s"])
-    assert sparse["vs_dense"] == pytest.approx(sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"])
-    assert dense["speedup_bound"] == 1.0 and sparse["speedup_bound"] > 1.0
-    assert sparse["bytes_per_token"] < dense["bytes_per_token"]
-    assert report["bandwidth_gb_s"] > 0
     table = markdown(report)
     assert "jax-stability-keep0.5" in table and "transformers-pytorch-eager" in table
+
+
+def test_bench_arithmetic_from_known_timings(tiny_checkpoint, monkeypatch) -> None:
+    """Each runner returns a warm-up outlier, then three samples; the report's medians, ratios
+    and bounds follow from those and from the tiny Llama's bytes (tests/test_roofline.py)."""
+    timings = {  # (pre-fill s, decode tok/s): warm-up, then the repetitions
+        "torch": iter([(9.0, 1e4), (0.5, 10.0), (0.9, 40.0), (0.6, 20.0)]),
+        "dense": iter([(9.0, 1e4), (0.1, 40.0), (0.5, 90.0), (0.2, 50.0)]),
+        "stability": iter([(9.0, 1e4), (0.4, 100.0), (0.05, 70.0), (0.1, 75.0)]),
+    }  # medians, not means: 0.6 s and 20 tok/s, 0.2 s and 50 tok/s, 0.1 s and 75 tok/s
+
+    class FakeTorch:
+        def __init__(self, *args) -> None:
+            pass
+
+        def run(self, prompt_ids, new_tokens):
+            return next(timings["torch"])
+
+    def fake_generate(self, prompts, new_tokens, method, **kwargs):
+        prefill_s, tps = next(timings[method.name])
+        return SimpleNamespace(prefill_s=prefill_s, decode_tokens_per_s=tps)
+
+    bandwidths = iter([4e9, 6e9, 5e9, 1e9, 12e9, 5.5e9, 4.5e9, 3e9, 7e9])  # median 5e9 (mean 5.33e9)
+    monkeypatch.setattr(bench, "TorchRunner", FakeTorch)
+    monkeypatch.setattr(Generator, "generate_ids", fake_generate)
+    monkeypatch.setattr(bench, "bandwidth_probe", lambda: lambda: next(bandwidths))
+    report = run_bench(tiny_checkpoint("llama"), [Dense(), Stability(keep=0.5, layers=(1, 2))], new_tokens=8, reps=3,
+                       prompt="The cat sat on the mat.")
+    assert report["prompt_tokens"] < 16 and report["kv_slots_read"] == 64  # a 16-token bucket + 8 -> 64 slots
+    torch_row, dense, sparse = report["rows"]
+    # Weights 94592 (dense) and 94592 - 12288 (layer 1 at half) float32 elements, 64 KV slots of 512 bytes.
+    dense_bytes, sparse_bytes = 94592 * 4 + 64 * 512, (94592 - 12288) * 4 + 64 * 512
+    assert (dense["bytes_per_token"], sparse["bytes_per_token"]) == (dense_bytes, sparse_bytes)
+    assert [r["decode_tokens_per_s"] for r in report["rows"]] == [20.0, 50.0, 75.0]
+    assert [r["prefill_ms"] for r in report["rows"]] == pytest.approx([600.0, 200.0, 100.0])
+    assert report["bandwidth_gb_s"] == 5.0
+    assert (dense["vs_torch"], sparse["vs_torch"], sparse["vs_dense"]) == pytest.approx((2.5, 3.75, 1.5))
+    assert dense["bound_tokens_per_s"] == pytest.approx(5e9 / dense_bytes)
+    assert sparse["fraction_of_bound"] == pytest.approx(75.0 * sparse_bytes / 5e9)
+    assert sparse["speedup_bound"] == pytest.approx(dense_bytes / sparse_bytes)
+    assert sparse["fraction_of_speedup_bound"] == pytest.approx(1.5 * sparse_bytes / dense_bytes)
+    assert torch_row["vs_dense"] is None and dense["vs_dense"] == 1.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(reps=0), "--reps must be >= 1, got 0"),
+    (dict(new_tokens=1), "--new-tokens must be >= 2"),
+    (dict(methods=[Dense(), Stability(keep=0.5), Stability(keep=0.5)]), "row jax-stability-keep0.5 is given twice"),
+])
+def test_bench_refuses_settings_it_cannot_report(kwargs, message, tiny_checkpoint) -> None:
+    args = dict(methods=[Dense()], new_tokens=8, reps=2, torch_baseline=False)
+    with pytest.raises(CoreInferError, match=message):
+        run_bench(tiny_checkpoint("llama"), **{**args, **kwargs})

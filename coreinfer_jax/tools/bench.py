@@ -18,11 +18,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
 from coreinfer_jax.tools.profiling import maybe_profile
-from coreinfer_jax.tools.roofline import bandwidth_probe, bytes_per_token, median
+from coreinfer_jax.tools.roofline import bandwidth_probe, bytes_per_token, decode_kv_slots, median
 
 BENCH_PROMPT = (
     "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
@@ -83,18 +84,27 @@ class TorchRunner:
 def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
               torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT,
               torch_attention: str = "eager") -> dict[str, Any]:
+    if reps < 1:
+        raise CoreInferError(f"--reps must be >= 1, got {reps}")
+    if new_tokens < 2:
+        raise CoreInferError(f"--new-tokens must be >= 2 (the first token comes from pre-fill, decode makes the "
+                             f"rest), got {new_tokens}")
     gen = Generator.load(checkpoint, dtype)
     cfg, params = gen.cfg, gen.params
     prompt_ids = gen.encode(prompt)[0]
     methods = [m.validate(cfg) for m in methods]
+    names = [(f"transformers-pytorch-{torch_attention}", None)] if torch_baseline else []
+    names += [(label(m), m) for m in methods]
+    labels = [n for n, _ in names]
+    repeated = [n for n in labels if labels.count(n) > 1]
+    if repeated:  # its samples would merge into one row
+        raise CoreInferError(f"row {repeated[0]} is given twice (a repeated --keep?)")
     torch_runner = TorchRunner(checkpoint, dtype, torch_attention) if torch_baseline else None
 
     def jax_run(m: Method) -> tuple[float, float]:
         r = gen.generate_ids([prompt_ids], new_tokens, method=m, stop_at_eos=False)
         return r.prefill_s, r.decode_tokens_per_s
 
-    names = [(f"transformers-pytorch-{torch_attention}", None)] if torch_runner else []
-    names += [(label(m), m) for m in methods]
     runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda: torch_runner.run(prompt_ids, new_tokens))
                for n, m in names}
     samples: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in names}
@@ -109,13 +119,13 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
             bandwidths.append(probe())
 
     bandwidth = median(bandwidths)
-    context = len(prompt_ids) + new_tokens // 2
-    dense_bytes = bytes_per_token(cfg, params, Dense(), context)
+    kv_slots = decode_kv_slots(len(prompt_ids), new_tokens, cfg.max_position_embeddings)
+    dense_bytes = bytes_per_token(cfg, params, Dense(), kv_slots)
     rows = []
     for n, m in names:
         tps = median([s[1] for s in samples[n]])
         prefill_ms = median([s[0] for s in samples[n]]) * 1e3
-        b = bytes_per_token(cfg, params, m or Dense(), context)
+        b = bytes_per_token(cfg, params, m or Dense(), kv_slots)
         bound = bandwidth / b
         rows.append(Row(n, tps, prefill_ms, b, bound, tps / bound))
     torch_tps = rows[0].decode_tokens_per_s if torch_runner else None
@@ -129,7 +139,7 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
             r.fraction_of_speedup_bound = r.vs_dense / r.speedup_bound
     return {
         "checkpoint": str(checkpoint), "dtype": str(params["embed"].dtype), "prompt_tokens": len(prompt_ids),
-        "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9,
+        "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9, "kv_slots_read": kv_slots,
         "rows": [asdict(r) for r in rows],
     }
 
@@ -146,7 +156,8 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"decode, batch 1, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, greedy, "
-        f"{report['dtype']}, median of {report['reps']}; read bandwidth {report['bandwidth_gb_s']:.1f} GB/s",
+        f"{report['dtype']}, median of {report['reps']}; read bandwidth {report['bandwidth_gb_s']:.1f} GB/s; "
+        f"{report['kv_slots_read']:.0f} KV-cache slots read per step (mean)",
         "",
         "| row | decode tok/s | vs torch | vs jax dense | speed-up bound | of bound | MB/token "
         "| tok/s bound | of bandwidth | pre-fill ms |",

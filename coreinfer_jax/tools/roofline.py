@@ -9,17 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.runtime.generator import cache_windows, prompt_bucket
 from coreinfer_jax.sparse.method import Method
 
 
-def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, context: int) -> int:
-    """Bytes one decode step reads: every weight it touches, plus the KV cache at `context`.
+def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, kv_slots: float) -> int:
+    """Bytes one decode step reads: every weight it touches, plus `kv_slots` slots of the KV cache.
 
     The token embedding contributes one row unless it is also the (tied) LM head, which
     reads all of it; sparse layers read only their kept neurons (`n_keep`, or the layer's
-    count of a per-layer budget) of their `F` FFN neurons.
+    count of a per-layer budget) of their `F` FFN neurons. Attention reads every slot of the
+    cache it is given, live or not: `kv_slots` is that cache length (`decode_kv_slots`).
     """
     itemsize = jnp.dtype(params["embed"].dtype).itemsize
     total = ffn_bytes_per_token(cfg, params, method)
@@ -35,8 +38,18 @@ def bytes_per_token(cfg: ModelConfig, params: Params, method: Method, context: i
             total += sum(x.size for x in jax.tree.leaves(params[name])) * itemsize
     if "pos_embed" in params:
         total += cfg.hidden_size * itemsize
-    kv = 2 * cfg.num_layers * context * cfg.num_kv_heads * cfg.head_dim * itemsize
-    return total + kv
+    kv = 2 * cfg.num_layers * kv_slots * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return round(total + kv)
+
+
+def decode_kv_slots(prompt_tokens: int, new_tokens: int, context: int) -> float:
+    """Cache slots a decode step reads, averaged over the `new_tokens - 1` steps of one
+    prompt's generation: the step at position p runs on the first of `cache_windows` longer than p."""
+    if new_tokens < 2:
+        raise CoreInferError(f"a generation of {new_tokens} token(s) runs no decode step")
+    windows = cache_windows(prompt_bucket(prompt_tokens, context), prompt_tokens, new_tokens)
+    positions = range(prompt_tokens, prompt_tokens + new_tokens - 1)
+    return float(np.mean([next(w for w in windows if w > p) for p in positions]))
 
 
 def ffn_bytes_per_token(cfg: ModelConfig, params: Params, method: Method) -> int:
