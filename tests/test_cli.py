@@ -1,4 +1,4 @@
-"""`python -m coreinfer_jax generate`: JSON output, profiling, and one-line errors."""
+"""`python -m coreinfer_jax generate`: JSON output, profiling, one-line input errors, and tracebacks for bugs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from coreinfer_jax import Generator, Stability
+from coreinfer_jax.errors import InputError
+from coreinfer_jax.tools.cli import main
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -104,3 +106,23 @@ def test_stop_at_newline_ends_the_answer(ckpt: Path) -> None:
     cut = gen.generate("The cat sat on the", max_new_tokens=30, stop_at_eos=False, stop_at_newline=True)
     assert cut.tokens[0] == full.tokens[0][:first]
     assert cut.texts[0] == gen.tokenizer.decode(full.tokens[0][:first], skip_special_tokens=True)
+
+
+def broken(error: Exception):
+    def load(*args, **kwargs):
+        raise error
+    return load
+
+
+@pytest.mark.parametrize("error", [ValueError("an axis mismatch in NumPy"), RuntimeError("XLA failed")])
+def test_a_bug_keeps_its_traceback(ckpt: Path, monkeypatch, error: Exception) -> None:
+    # Not the user's input: `main` must not turn it into one `error:` line.
+    monkeypatch.setattr(Generator, "load", broken(error))
+    with pytest.raises(type(error), match=str(error)):
+        main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi"])
+
+
+def test_a_project_error_is_one_line(ckpt: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(Generator, "load", broken(InputError("token id 999 is outside the vocabulary")))
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == "error: token id 999 is outside the vocabulary\n"

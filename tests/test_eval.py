@@ -177,6 +177,34 @@ def test_loss_rule_and_relative_column() -> None:
     assert within_loss(ppl) == 0.6 and "104.5%" in markdown(ppl)
 
 
+def test_a_dense_metric_of_zero_or_no_dense_row() -> None:
+    zero = [EvalResult("squad", "dense", 1.0, 3, {"f1": 0.0}), EvalResult("squad", "stability", 0.4, 3, {"f1": 0.0}),
+            EvalResult("squad", "stability", 0.6, 3, {"f1": 0.2})]
+    assert within_loss(zero) == 0.4  # equal to dense: nothing lost
+    table = markdown(zero)
+    assert table.count("| n/a (dense 0) |") == 3
+    assert "smallest keep within 5% of dense f1: 0.4 (dense f1 is 0" in table
+    fell = [EvalResult("squad", "dense", 1.0, 3, {"f1": 0.5}), EvalResult("squad", "stability", 0.4, 3, {"f1": 0.0})]
+    assert within_loss(fell) is None and "within 5% of dense f1: none\n" in markdown(fell) + "\n"
+    alone = [EvalResult("squad", "stability", 0.4, 3, {"f1": 0.4})]
+    assert "within 5% of dense f1: n/a (no dense row)" in markdown(alone)
+
+
+def test_eval_with_nothing_to_score_or_a_row_twice_is_one_clear_line(tiny_checkpoint, tmp_path: Path,
+                                                                     capsys) -> None:
+    squad = json.loads(write_squad(tmp_path / "s.json").read_text())
+    for qa in squad["data"][0]["paragraphs"][0]["qas"]:
+        qa["answers"] = []
+    (tmp_path / "s.json").write_text(json.dumps(squad))
+    argv = ["eval", "--checkpoint", str(tiny_checkpoint("llama")), "--zero-shot", "--keep", "0.5"]
+    assert main(argv + ["--task", "squad", "--data", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no squad example to score in {tmp_path / 's.json'} (3 unanswerable questions are not scored)" \
+        in err and "Traceback" not in err
+    assert main(argv + ["0.5", "--task", "truthfulqa", "--data", str(write_truthfulqa(tmp_path / "t.csv"))]) == 2
+    assert "error: row 'stability keep 0.5' is given twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--keep", "1.5"], "keep must be in (0, 1]"),
     (["--method", "nope"], "invalid choice"),

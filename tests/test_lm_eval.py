@@ -20,6 +20,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from coreinfer_jax import Sampling, make_method
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.lm_eval_adapter import CoreInferLM
 
 PAIRS = [
@@ -164,6 +165,16 @@ def test_generate_until_sampling_and_newline_stop(dense: CoreInferLM) -> None:
     want = [dense.tokenizer.decode(t, skip_special_tokens=True).split("\n")[0] for t in out.tokens]
     assert [got[i] for i in order] == want
     assert len(set(got)) > 1
+
+
+@pytest.mark.parametrize("kwargs", [{"do_sample": True, "temperature": 0.0}, {"do_sample": True}])
+def test_sampling_at_temperature_zero_is_an_error_as_with_transformers(dense: CoreInferLM, tiny_torch_model,
+                                                                       kwargs: dict) -> None:
+    with pytest.raises(CoreInferError, match="do_sample=True needs a temperature > 0, got 0.0"):
+        dense.generate_until(requests("generate_until", [("Hi", {"until": ["."], **kwargs})]), disable_tqdm=True)
+    # lm-eval's hf model hands the same request (a missing temperature as 0.0) to Transformers, which refuses it.
+    with pytest.raises(ValueError, match="strictly positive float"):
+        tiny_torch_model("llama").generate(torch.tensor([[5, 6]]), max_new_tokens=2, do_sample=True, temperature=0.0)
 
 
 def write_tasks(root: Path, gen_targets: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p."""
+"""Next-token sampling: greedy, temperature, top-k, top-p, and the seed of a sampled generation."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from coreinfer_jax import Generator
 from coreinfer_jax.runtime.sampling import Sampling, sample
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.5, 0.3, 0.15]], jnp.float32))
@@ -48,9 +49,20 @@ def test_top_k_and_top_p_cut_the_tail() -> None:
     assert set(draws(Sampling(temperature=2.0, top_p=0.01))) == {1}
 
 
-def test_same_key_same_tokens() -> None:
-    s = Sampling(temperature=0.8, top_k=3)
-    assert (draws(s, 50) == draws(s, 50)).all()
+def test_the_seed_decides_a_sampled_generation(tiny_checkpoint) -> None:
+    """The same seed repeats a generation, another seed changes it, and every step draws
+    afresh: with all-zero weights every logit is equal, so a step that reused its key would
+    repeat the previous step's token."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    flat = Generator(gen.cfg, jax.tree.map(jnp.zeros_like, gen.params), gen.tokenizer)
+    s = Sampling(temperature=1.0)
+    prompts = [[5, 6, 7], [8, 9]]
+    first = flat.generate_ids(prompts, 24, sampling=s, seed=1, stop_at_eos=False).tokens
+    assert flat.generate_ids(prompts, 24, sampling=s, seed=1, stop_at_eos=False).tokens == first
+    assert flat.generate_ids(prompts, 24, sampling=s, seed=2, stop_at_eos=False).tokens != first
+    for row in first:  # 24 uniform draws from 320 tokens are ~23 distinct ones; a reused key gives 1 or 2
+        assert len(set(row)) > 12
+    assert first[0] != first[1]
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}])

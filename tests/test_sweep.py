@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import jax.numpy as jnp
 
@@ -16,11 +17,12 @@ from coreinfer_jax.runtime import engine
 from coreinfer_jax.calibrate.budget import measure
 from coreinfer_jax.sparse.budget import Budget, BudgetError, allocate
 from coreinfer_jax.tools.cli import main
-from coreinfer_jax.evaluation.evaluate import wikitext_windows
 from coreinfer_jax.tools.roofline import bytes_per_token, ffn_bytes_per_token
 from coreinfer_jax.sparse.rules import RULES
-from coreinfer_jax.evaluation.sweep import pareto_front
+from coreinfer_jax.evaluation.evaluate import EvalResult, wikitext_windows
+from coreinfer_jax.evaluation.sweep import markdown, pareto_front, task_rows
 from eval_files import write_truthfulqa
+from method_reference import reference_select
 
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]
 WIKI = " = Cats = \n\n The cat sat on the mat . It is black and it sleeps all day long . \n" * 40
@@ -132,10 +134,83 @@ def test_measured_budget_round_trips_and_serves_its_keeps(gen, tmp_path: Path) -
         Budget.load(tmp_path / "bad.json")
 
 
+def torch_nll(model, context: list[int], scored: list[int], layer: int | None = None,
+              kept: np.ndarray | None = None) -> float:
+    """NLL of `scored` after `context` in Transformers; with `layer`, that layer's FFN keeps
+    only `kept` neurons at the scored positions (teacher-forced sparse decoding, restated)."""
+    hooks = []
+    if layer is not None:
+        mask = torch.zeros(model.config.intermediate_size)
+        mask[torch.as_tensor(kept)] = 1.0
+
+        def masked(module, args):
+            x = args[0].clone()
+            x[:, len(context):] *= mask  # the context is pre-filled densely
+            return (x,)
+
+        hooks.append(model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(masked))
+    with torch.no_grad():
+        logits = model(torch.tensor([context + scored[:-1]])).logits[0, len(context) - 1:].double()
+    for h in hooks:
+        h.remove()
+    return -float(torch.log_softmax(logits, -1)[torch.arange(len(scored)), torch.tensor(scored)].sum())
+
+
+def test_measured_sensitivity_is_the_loss_of_sparsifying_one_layer(gen, tiny_torch_model) -> None:
+    """Sensitivity of layer j: NLL per scored token with only layer j sparse, minus dense,
+    restated with Transformers and the paper's rule in NumPy (tests/method_reference.py)."""
+    model = tiny_torch_model("llama")
+    windows = wikitext_windows(gen, WIKI, 24, 8, 2)
+    budget = measure(gen, windows, "paper", [0.5], layers=(0, 2))
+    increase, dense = np.zeros(2), 0.0
+    for context, scored in windows:
+        acts: dict[int, np.ndarray] = {}  # the context's activations, [T, F] per layer
+        hooks = [model.model.layers[j].mlp.down_proj.register_forward_pre_hook(
+            lambda m, a, j=j: acts.__setitem__(j, a[0][0].numpy().copy())) for j in (0, 1)]
+        with torch.no_grad():
+            model(torch.tensor([context]))
+        for h in hooks:
+            h.remove()
+        base = torch_nll(model, context, scored)
+        dense += base
+        for j in (0, 1):
+            kept, _ = reference_select(acts[j], 0.5, 0.2)
+            increase[j] += torch_nll(model, context, scored, j, kept) - base
+    assert budget.dense_nll_per_token == pytest.approx(dense / 16, abs=1e-4)
+    np.testing.assert_allclose(budget.sensitivity[0.5], increase / 16, atol=1e-4)
+    assert np.abs(increase).min() > 1e-2  # each layer's loss is measured, not a zero
+
+
 def test_pareto_front() -> None:
     points = [(1.0, 0.3), (2.0, 0.5), (2.0, 0.4), (3.0, 0.45), (4.0, 0.6)]
     assert pareto_front(points, higher_is_better=True) == [0, 1, 4]
     assert pareto_front([(1.0, 30.0), (2.0, 20.0), (3.0, 25.0)], higher_is_better=False) == [0, 1]
+
+
+def sweep_rows(f1s: dict[str, list[float]]) -> list[dict]:
+    """`task_rows` for SQuAD results whose per-question F1s are `f1s` (by row label)."""
+    methods = [Dense(), Stability(keep=0.5), Stability(keep=0.5, rule="normalized_magnitude")]
+    records = [{"label": m.label, "f1": f} for m in methods for f in f1s[m.label]]
+    results = [EvalResult("squad", m.name, 1.0, len(f1s[m.label]),
+                          {"f1": float(np.mean(f1s[m.label])), "exact_match": 0.0}) for m in methods]
+    return task_rows("squad", methods, results, records, [3, 2, 2])
+
+
+def test_paired_differences_and_their_noise_verdict() -> None:
+    # Differences 0.3, 0.1, 0.2: mean 0.2, sample SD 0.1, SE 0.1 / sqrt(3) = 0.0577 < 0.2 / 2.
+    rows = sweep_rows({"dense": [0.5] * 3, "stability keep 0.5": [0.1, 0.3, 0.2],
+                       "stability keep 0.5 normalized_magnitude": [0.4, 0.4, 0.4]})
+    p = rows[2]["paired_vs_paper"]
+    assert (p["mean"], p["se"], p["z"]) == pytest.approx((0.2, 0.1 / 3 ** 0.5, 0.2 * 3 ** 0.5 / 0.1))
+    assert "| +0.2000 ± 0.0577 | better |" in markdown({"tasks": ["squad"], "rows": rows})
+
+
+def test_one_example_has_no_standard_error() -> None:
+    rows = sweep_rows({"dense": [0.5], "stability keep 0.5": [0.1], "stability keep 0.5 normalized_magnitude": [0.4]})
+    assert rows[2]["paired_vs_paper"] == {"mean": pytest.approx(0.3), "se": None, "z": None}
+    table = markdown({"tasks": ["squad"], "rows": rows})
+    assert "| +0.3000 ± n/a | n/a (n = 1) |" in table and "noise" not in table
+    json.dumps(rows, allow_nan=False)  # no NaN in the report
 
 
 def test_sweep_writes_json_markdown_and_plot(gen, tiny_checkpoint, tmp_path: Path, capsys) -> None:

@@ -163,7 +163,14 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
     """One `EvalResult` per method on the same examples; per-example records (answers,
     scores) are appended to `records` when given."""
     methods = [m.validate(gen.cfg) for m in methods]
+    labels = [m.label for m in methods]
+    repeated = [lab for lab in labels if labels.count(lab) > 1]
+    if repeated:  # its records would merge into one row's
+        raise CoreInferError(f"row {repeated[0]!r} is given twice (a repeated --keep?)")
     examples, extra = load_task(gen, task, data, limit, settings)
+    if not examples:
+        skipped = f" ({extra['skipped_unanswerable']:.0f} unanswerable questions are not scored)" if extra else ""
+        raise CoreInferError(f"no {task} example to score in {data or 'the dataset'}{skipped}")
     run = {"truthfulqa": truthfulqa, "squad": squad, "wikitext": wikitext}[task]
     results = []
     with tqdm(total=len(examples) * len(methods), desc=f"eval {task}", unit="ex") as bar:
@@ -182,7 +189,8 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
 
 
 def relative_to_dense(results: Sequence[EvalResult]) -> list[float | None]:
-    """Each row's headline metric relative to the dense row's (1.0 = no loss); None without one."""
+    """Each row's headline metric relative to the dense row's (1.0 = no loss); None without a
+    dense row or when the dense metric is 0 (`markdown` says which)."""
     dense = next((r for r in results if r.method == "dense"), None)
     out: list[float | None] = []
     for r in results:
@@ -193,12 +201,18 @@ def relative_to_dense(results: Sequence[EvalResult]) -> list[float | None]:
 
 
 def within_loss(results: Sequence[EvalResult], tolerance: float = 0.05) -> float | None:
-    """The smallest `keep` whose headline metric stays within `tolerance` (relative) of dense."""
+    """The smallest `keep` whose headline metric stays within `tolerance` (relative) of dense:
+    at least `(1 - tolerance)` times dense's (at most `(1 + tolerance)` times, lower is better),
+    which a row equal to a dense metric of 0 also meets. None without a dense row or a row within."""
+    dense = next((r for r in results if r.method == "dense"), None)
+    if dense is None:
+        return None
     ok = []
-    for r, rel in zip(results, relative_to_dense(results)):
-        _, higher_is_better = HEADLINE[r.task]
-        if r.method != "dense" and rel is not None and (rel >= 1 - tolerance if higher_is_better
-                                                          else rel <= 1 + tolerance):
+    for r in results:
+        name, higher_is_better = HEADLINE[r.task]
+        value, base = r.metrics[name], dense.metrics[name]
+        if r.method != "dense" and (value >= base * (1 - tolerance) if higher_is_better
+                                    else value <= base * (1 + tolerance)):
             ok.append(r.keep)
     return min(ok) if ok else None
 
@@ -206,15 +220,25 @@ def within_loss(results: Sequence[EvalResult], tolerance: float = 0.05) -> float
 def markdown(results: Sequence[EvalResult]) -> str:
     names = [k for k in results[0].metrics if k not in ("tokens", "skipped_unanswerable")]
     headline, _ = HEADLINE[results[0].task]
+    dense = next((r for r in results if r.method == "dense"), None)
     lines = [f"| task | method | keep | n | {' | '.join(names)} | {headline} vs dense |",
              "|---|---|---:|---:|" + "---:|" * (len(names) + 1)]
     for r, rel in zip(results, relative_to_dense(results)):
         cells = " | ".join(fmt_metric(r.metrics[k]) for k in names)
-        lines.append(f"| {r.task} | {r.method}{_variant(r)} | {r.keep:g} | {r.n} | {cells} | "
-                     f"{'' if rel is None else f'{rel:.1%}'} |")
+        if rel is not None:
+            versus = f"{rel:.1%}"
+        else:  # a ratio to 0 says nothing; without a dense row there is none
+            versus = "n/a (dense 0)" if dense else ""
+        lines.append(f"| {r.task} | {r.method}{_variant(r)} | {r.keep:g} | {r.n} | {cells} | {versus} |")
     keep = within_loss(results)
     lines.append("")
-    lines.append(f"smallest keep within 5% of dense {headline}: {'none' if keep is None else f'{keep:g}'}")
+    if dense is None:
+        summary = "n/a (no dense row)"
+    else:
+        summary = "none" if keep is None else f"{keep:g}"
+        if not dense.metrics[headline]:
+            summary += f" (dense {headline} is 0: a row within is one that is not below it)"
+    lines.append(f"smallest keep within 5% of dense {headline}: {summary}")
     return "\n".join(lines)
 
 
