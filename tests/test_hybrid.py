@@ -24,7 +24,7 @@ from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.predictor import PredictorError
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from method_reference import reference_select
-from test_sparse import PROMPTS, ffn_modules, flat
+from test_sparse import PROMPTS, ffn_modules, flat, generate_with_decode_masks
 
 CALIBRATION = list(np.random.default_rng(0).integers(3, 300, size=4 * 64 * 4))  # 4 batches of 4 windows of 64
 EPS = 1e-3
@@ -139,25 +139,7 @@ def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], k
         mask[torch.topk(score, n_dynamic).indices] = 1.0
         return mask
 
-    def one_token(t: torch.Tensor) -> bool:
-        return t.numel() == t.shape[-1]
-
-    hooks = []
-    for i in layers:
-        if family == "opt":
-            hooks.append(mods[i].register_forward_hook(
-                lambda m, a, o, i=i: o * keep_mask(i, o.reshape(1, 1, -1)) if one_token(o) else o))
-        else:
-            hooks.append(mods[i].register_forward_pre_hook(
-                lambda m, a, i=i: (a[0] * keep_mask(i, a[0]),) if one_token(a[0]) else a))
-    try:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out[0, len(ids):].tolist()
+    return generate_with_decode_masks(model, family, ids, list(layers), keep_mask, n)
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -51,19 +53,27 @@ def torch_masked_generate(model: torch.nn.Module, family: str, ids: list[int], m
         mask = torch.zeros(mods[i].out_features if family == "opt" else mods[i].in_features)
         mask[torch.as_tensor(kept)] = 1.0
         masks[i] = mask
+    return generate_with_decode_masks(model, family, ids, list(masks), lambda i, a: masks[i], n), core
+
+
+def generate_with_decode_masks(model: torch.nn.Module, family: str, ids: list[int], layers: list[int],
+                               mask: Callable[[int, torch.Tensor], torch.Tensor], n: int) -> list[int]:
+    """`n` greedy tokens where every decode step multiplies the FFN activation of each of `layers`
+    (OPT: fc1's output; Llama: down_proj's input) by `mask(layer, activation [1, 1, F])` `[F]`."""
+    mods = ffn_modules(model, family)
 
     def only_decode(t: torch.Tensor) -> bool:
         return t.numel() == t.shape[-1]  # one token: a decode step, not the pre-fill
 
     hooks = []
-    for i, mask in masks.items():
+    for i in layers:
         if family == "opt":
             # Zeroing fc1's output (bias included) removes the neuron; ReLU(0) = 0.
             hooks.append(mods[i].register_forward_hook(
-                lambda m, a, o, mask=mask: o * mask if only_decode(o) else o))
+                lambda m, a, o, i=i: o * mask(i, o.reshape(1, 1, -1)) if only_decode(o) else o))
         else:
             hooks.append(mods[i].register_forward_pre_hook(
-                lambda m, a, mask=mask: (a[0] * mask,) if only_decode(a[0]) else a))
+                lambda m, a, i=i: (a[0] * mask(i, a[0]),) if only_decode(a[0]) else a))
     try:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -71,7 +81,7 @@ def torch_masked_generate(model: torch.nn.Module, family: str, ids: list[int], m
     finally:
         for h in hooks:
             h.remove()
-    return out[0, len(ids):].tolist(), core
+    return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "opt_350m_like"])
