@@ -100,7 +100,7 @@ def test_dynamic_zero_equals_stability(name, fitted) -> None:
     np.testing.assert_array_equal(got.core_neurons, want.core_neurons)
 
 
-@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("name", ["llama", "opt", "gemma3"])
 @pytest.mark.parametrize("keep,select_by", [(0.0, "predictor"), (0.5, "predictor"), (0.5, "oracle")])
 def test_all_neurons_between_static_and_dynamic_equals_dense(name, keep, select_by, fitted) -> None:
     """keep + dynamic = 1 reads every neuron exactly once: a dynamic index repeating a core index

@@ -43,8 +43,8 @@ SELECT_BY = ("predictor", "oracle")
 # What `Hybrid()` resolves to per model family when keep, dynamic or rule are left unset,
 # chosen on ../shared/data (docs/hybrid.md): ReLU models keep most of their quality with a
 # per-prompt core alone, gated ones need the per-token share.
-RECOMMENDED = {"llama": {"keep": 0.2, "dynamic": 0.2, "rule": "normalized_magnitude"},
-               "opt": {"keep": 0.3, "dynamic": 0.1, "rule": "paper"}}
+RECOMMENDED = {"gated": {"keep": 0.2, "dynamic": 0.2, "rule": "normalized_magnitude"},
+               "relu": {"keep": 0.3, "dynamic": 0.1, "rule": "paper"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,8 @@ class Hybrid(Stability):
     def validate(self, cfg: ModelConfig) -> Hybrid:
         """This method with unset settings resolved for `cfg` (its family's recommended ones, the
         default sparse layers); raises without a predictor fitted for this model and layers."""
-        unset = {k: v for k, v in RECOMMENDED[cfg.family].items() if getattr(self, k) is None}
+        kind = "relu" if cfg.family == "opt" else "gated"
+        unset = {k: v for k, v in RECOMMENDED[kind].items() if getattr(self, k) is None}
         method = dataclasses.replace(self, **unset) if unset else self
         layers = resolve_layers(method.layers, method.keep + method.dynamic, cfg)
         if method.select_by == "predictor":
