@@ -86,7 +86,6 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
     if hybrid:
         return [hybrid_from_args(args, k) for k in keeps or [None]]
     keeps = keeps or args.default_keeps
-    rule = args.rule or "paper"
     if args.budget is not None:
         if args.method != "stability" or args.layer_neurons is not None:
             raise MethodError("--budget needs --method stability and no --layer-neurons")
@@ -102,7 +101,7 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
     if layer_keep is not None and len(keeps) > 1:
         raise MethodError("--layer-neurons fixes one total: give a single --keep")
     methods = [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
-                           calibration=args.calibration, rule=rule, layer_keep=layer_keep) for k in keeps]
+                           calibration=args.calibration, rule=args.rule, layer_keep=layer_keep) for k in keeps]
     if args.down_weighted:
         if args.method != "stability":
             raise MethodError("--down-weighted applies to the stability and hybrid methods")
