@@ -28,15 +28,15 @@ def test_qwen_window_applies_from_max_window_layers_on(cls, use_sliding_window: 
     hf = cls(**_SMALL, use_sliding_window=use_sliding_window, sliding_window=8, max_window_layers=max_window_layers)
     for d in (hf.to_dict(), _raw(hf)):
         cfg = ModelConfig.from_hf(d)
-        assert cfg.layer_types == tuple(hf.layer_types)
-        assert [cfg.window(t) for t in cfg.layer_types] == [
+        assert cfg.attention_types == tuple(hf.layer_types)
+        assert [cfg.window(t) for t in cfg.attention_types] == [
             hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
 
 
 @pytest.mark.parametrize("cls,window", [(MistralConfig, 16), (Phi3Config, 16), (Phi3Config, None)])
 def test_mistral_and_phi3_window_every_layer(cls, window: int | None) -> None:
     cfg = ModelConfig.from_hf(cls(**_SMALL, sliding_window=window).to_dict())
-    assert cfg.layer_types == ("full_attention" if window is None else "sliding_attention",) * 6
+    assert cfg.attention_types == ("full_attention" if window is None else "sliding_attention",) * 6
     assert cfg.sliding_window == window
 
 
@@ -48,9 +48,9 @@ def test_gemma3_layer_pattern_and_rope_as_transformers_reads_them() -> None:
     hf = Gemma3TextConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
     assert hf.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
     ours, theirs = ModelConfig.from_hf(raw), ModelConfig.from_hf(dict(hf.to_dict(), architectures=raw["architectures"]))
-    for field in ("layer_types", "sliding_window", "rope_theta", "rope_scaling", "sliding_rope_theta"):
+    for field in ("attention_types", "sliding_window", "rope_theta", "rope_scaling", "sliding_rope_theta"):
         assert getattr(ours, field) == getattr(theirs, field), field
-    assert ours.layer_types == tuple(hf.layer_types)
+    assert ours.attention_types == tuple(hf.layer_types)
     assert (ours.rope_theta, ours.sliding_rope_theta, ours.rope["factor"]) == (1e6, 1e4, 8.0)
     # Sliding layers: plain RoPE at base 1e4; global layers: base 1e6 slowed down 8 times.
     assert inverse_frequencies(ours, "sliding_attention")[1] == pytest.approx(1e4 ** (-2 / 32))

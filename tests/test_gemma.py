@@ -58,7 +58,7 @@ def test_gemma3_270m_converts_with_its_layer_pattern(gemma3: Generator, gemma3_c
     cfg = gemma3.cfg
     assert (cfg.family, cfg.num_layers, cfg.vocab_size, cfg.tie_word_embeddings) == ("gemma", 18, 262144, True)
     # Every sixth layer is global (RoPE base 1e6); the others see the last 512 positions (base 1e4).
-    assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17]
+    assert [i for i, t in enumerate(cfg.attention_types) if t == "full_attention"] == [5, 11, 17]
     assert (cfg.sliding_window, cfg.rope_theta, cfg.sliding_rope_theta) == (512, 1e6, 1e4)
 
 
@@ -113,7 +113,7 @@ def test_multimodal_gemma3_converts_its_text_model(layout: str, tmp_path: Path,
         save_file(renamed, src / "model.safetensors", metadata={"format": "pt"})
     gen = Generator.load(convert_checkpoint(src, tmp_path / "out"))
     want_types = tuple(TINY_CONFIGS["gemma3"][1]["layer_types"])
-    assert (gen.cfg.architecture, gen.cfg.layer_types) == ("Gemma3ForCausalLM", want_types)
+    assert (gen.cfg.architecture, gen.cfg.attention_types) == ("Gemma3ForCausalLM", want_types)
     ours = full_forward_logits(gen, IDS)
     for b, ids in enumerate(IDS):
         np.testing.assert_allclose(ours[b, : len(ids)], hf_logits(model, ids), atol=1e-4, rtol=0)

@@ -40,7 +40,7 @@ class ModelConfig:
     after the FFN, norms scaled by `1 + weight`, embeddings scaled by sqrt(hidden)) or "opt"
     (LayerNorm, learned positions, ReLU FFN).
 
-    `layer_types[i]` is "full_attention" or "sliding_attention" (only the last
+    `attention_types[i]` is "full_attention" or "sliding_attention" (only the last
     `sliding_window` positions are visible), as Transformers names them; sliding layers use
     RoPE base `sliding_rope_theta` when set (Gemma 3), else the same RoPE as the others.
     """
@@ -64,8 +64,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     sliding_window: int | None = None
-    # Empty: every layer sliding when `sliding_window` is set, else full (checkpoints
-    # converted before per-layer types were recorded).
+    # Each layer's type where they differ; empty when all layers are alike (then they slide
+    # when `sliding_window` is set), so that a config with more layers is a `replace` away.
     layer_types: tuple[str, ...] = ()
     sliding_rope_theta: float | None = None
     qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3, Gemma 3)
@@ -82,10 +82,8 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.layer_types:
-            kind = FULL if self.sliding_window is None else SLIDING
-            object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
-        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {FULL, SLIDING}:
+        if self.layer_types and (len(self.layer_types) != self.num_layers
+                                 or not set(self.layer_types) <= {FULL, SLIDING}):
             raise ConfigError(f"layer_types must name {FULL!r} or {SLIDING!r} for each of the "
                               f"{self.num_layers} layers, got {list(self.layer_types)}")
         if SLIDING in self.layer_types and self.sliding_window is None:
@@ -109,16 +107,21 @@ class ModelConfig:
     def rope(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
 
+    @property
+    def attention_types(self) -> tuple[str, ...]:
+        """Every layer's attention type, "full_attention" or "sliding_attention"."""
+        return self.layer_types or ((FULL if self.sliding_window is None else SLIDING),) * self.num_layers
+
     def window(self, layer_type: str) -> int | None:
         """How many past positions a layer of `layer_type` sees (None: all)."""
         return self.sliding_window if layer_type == SLIDING else None
 
     def only_layer_type(self) -> str:
         """The one type of every layer; a model mixing types needs each layer's own."""
-        if len(set(self.layer_types)) != 1:
+        if self.layer_types:
             raise ConfigError(f"{self.architecture} mixes {FULL} and {SLIDING} layers: "
                               f"each layer must be run with its own type")
-        return self.layer_types[0]
+        return self.attention_types[0]
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -178,6 +181,8 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         window, layer_types = _attention_windows(arch, hf)
         rope = _rope_from_hf(hf, layer_types)
+        if len(layer_types) == hf["num_hidden_layers"] and set(layer_types) in ({FULL}, {SLIDING}):
+            window, layer_types = (None if layer_types[0] == FULL else window), ()  # all alike
         qwen2 = arch == "Qwen2ForCausalLM"
         attention_bias = hf.get("attention_bias", False)
         return cls(

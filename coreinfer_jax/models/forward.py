@@ -206,7 +206,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jnp.ndarray, start: jnp.nd
     rope = rope_tables(cfg, positions)  # per layer type
     new_cache, selected = [], []
     for i, (p, kv) in enumerate(zip(params["layers"], cache)):
-        kind = cfg.layer_types[i]
+        kind = cfg.attention_types[i]
         with jax.named_scope(f"layer_{i}"):
             x, kv, score = block(p, x, positions, start, kv, rope and rope[kind], cfg, prefix, ffn_fn, kind)
             if select is not None:

@@ -50,7 +50,7 @@ def rope_tables(cfg: ModelConfig, positions: jnp.ndarray) -> dict[str, Tables] |
     if cfg.family == "opt":
         return None
     return {kind: rotary_tables(jnp.asarray(inverse_frequencies(cfg, kind)), positions)
-            for kind in sorted(set(cfg.layer_types))}
+            for kind in sorted(set(cfg.attention_types))}
 
 
 def rotary_tables(inv_freq: jnp.ndarray, positions: jnp.ndarray) -> Tables:
