@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
-import httpx2
 import huggingface_hub
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -67,8 +67,9 @@ def _refusing(error: Exception) -> Callable[..., str]:
     return snapshot_download
 
 
-def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{REPO}"))
+def _response(status: int) -> mock.Mock:
+    """What the hub errors read of an HTTP response (its type is the hub client's own)."""
+    return mock.Mock(status_code=status, headers={})
 
 
 @pytest.mark.parametrize("error,words", [
