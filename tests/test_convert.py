@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from conftest import TINY_CONFIGS
-from convert import convert_checkpoint, keymap
+from convert import convert_checkpoint, keymap, torch_model_from_checkpoint
 from coreinfer_jax.models.checkpoint import load_checkpoint, load_metadata, load_params
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import count_params, flat_shapes, param_shapes, path_str
@@ -108,6 +108,15 @@ def test_fused_and_renamed_tensors_follow_transformers(tiny_checkpoint: Callable
                          ("post_ffn_norm", gemma.post_feedforward_layernorm)):
         np.testing.assert_array_equal(layer[ours]["scale"], theirs.weight.detach().numpy(), err_msg=ours)
     np.testing.assert_array_equal(layer["attn"]["k_norm"], gemma.self_attn.k_norm.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("name", ["phi3", "gemma3"])
+def test_export_rebuilds_the_transformers_model(name: str, tiny_checkpoint: Callable[[str], Path],
+                                                tiny_torch_model: Callable[[str], PreTrainedModel]) -> None:
+    model = torch_model_from_checkpoint(tiny_checkpoint(name), attn_implementation="eager")
+    ids = torch.tensor([[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(ids).logits.numpy(), tiny_torch_model(name)(ids).logits.numpy())
 
 
 def test_key_table_aliases_and_ignored_names(tiny_checkpoint: Callable[[str], Path]) -> None:
