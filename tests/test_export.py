@@ -44,8 +44,12 @@ def test_bench_arithmetic_from_known_timings(tiny_checkpoint, monkeypatch) -> No
     }  # medians, not means: 0.6 s and 20 tok/s, 0.2 s and 50 tok/s, 0.1 s and 75 tok/s
 
     class FakeTorch:
-        def __init__(self, *args) -> None:
-            pass
+        @classmethod
+        def from_checkpoint(cls, *args) -> FakeTorch:
+            return cls()
+
+        def peak_memory(self) -> tuple[int, str]:
+            return 1, "process max RSS"
 
         def run(self, prompt_ids, new_tokens):
             return next(timings["torch"])

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
@@ -24,12 +25,15 @@ from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
 from coreinfer_jax.tools.profiling import maybe_profile
 from coreinfer_jax.tools.roofline import bandwidth_probe, bytes_per_token, decode_kv_slots, median
+from coreinfer_jax.tools.shapes import HF_CONFIGS, ShapesError, model_config, random_params, random_prompt
+from coreinfer_jax.tools.torch_baseline import TorchRunner, max_rss
 
 BENCH_PROMPT = (
     "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
     "and continuing through the republic, the age of the emperors, and the eventual division of the "
     "empire into eastern and western halves. In this essay we describe"
 )
+RANDOM_PROMPT_TOKENS = 47  # as long as BENCH_PROMPT is in SmolLM2's tokenizer
 
 
 @dataclass
@@ -44,78 +48,93 @@ class Row:
     vs_dense: float | None = None
     speedup_bound: float | None = None
     fraction_of_speedup_bound: float | None = None
+    compile_s: float | None = None  # the first (warm-up) call's seconds minus the median timed call's
+    peak_memory_bytes: int | None = None  # after the row's warm-up: see `peak_memory`
+    peak_memory_kind: str | None = None
 
 
-class TorchRunner:
-    """Transformers `generate` (greedy, eager-mode PyTorch) on the checkpoint's exact weights,
-    with Transformers' `attention` implementation ("eager" or "sdpa")."""
-
-    def __init__(self, checkpoint: Path, dtype: str | None, attention: str):
-        import torch
-
-        from convert import torch_model_from_checkpoint
-
-        self.torch = torch
-        self.model = torch_model_from_checkpoint(checkpoint, dtype, attention)
-
-    def run(self, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
-        """(pre-fill seconds, decode tokens/s), from timestamps Transformers' own loop gives us
-        after each generated token (a stopping criterion that never stops): pre-fill ends with
-        the first token, decode covers the remaining `new_tokens - 1`."""
-        torch = self.torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        stamps: list[float] = []
-
-        class Clock(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                stamps.append(time.perf_counter())
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-        x = torch.tensor([prompt_ids])
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            self.model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([Clock()]))
-        assert len(stamps) == new_tokens, (len(stamps), new_tokens)
-        return stamps[0] - t0, (new_tokens - 1) / (stamps[-1] - stamps[0])
+def peak_memory() -> tuple[int, str]:
+    """`(bytes, kind)`: the default device's peak bytes in use where JAX reports it ("device
+    peak"), else this process's maximum resident set ("process max RSS", e.g. on the CPU
+    backend, where it includes Python, the libraries and any host copies). Both are peaks over
+    the whole process so far, not per row."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak"
+    return max_rss()
 
 
-def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
-              torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT,
-              torch_attention: str = "eager") -> dict[str, Any]:
+def check_run_settings(new_tokens: int, reps: int) -> None:
     if reps < 1:
         raise CoreInferError(f"--reps must be >= 1, got {reps}")
     if new_tokens < 2:
         raise CoreInferError(f"--new-tokens must be >= 2 (the first token comes from pre-fill, decode makes the "
                              f"rest), got {new_tokens}")
+
+
+def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
+              torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT,
+              torch_attention: str = "eager") -> dict[str, Any]:
+    """The bench of a converted checkpoint: its tokenizer's `prompt`, Transformers on the same weights."""
+    check_run_settings(new_tokens, reps)
     gen = Generator.load(checkpoint, dtype)
+    torch_runner = TorchRunner.from_checkpoint(checkpoint, dtype, torch_attention) if torch_baseline else None
+    report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, torch_runner,
+                     f"transformers-pytorch-{torch_attention}")
+    return {"checkpoint": str(checkpoint), "model": str(checkpoint), **report}
+
+
+def run_random_bench(shape: str, methods: list[Method], new_tokens: int = 128, reps: int = 5,
+                     torch_baseline: bool = False, dtype: str | None = None, tiny: bool = False,
+                     torch_attention: str = "eager", torch_device: str = "cpu") -> dict[str, Any]:
+    """The bench of a real model's shapes (`shapes.HF_CONFIGS`) with random weights made on the
+    device, on a stand-in prompt of random ids; Transformers, where asked, on its own random
+    initialisation of the same config (only speed is compared)."""
+    check_run_settings(new_tokens, reps)
+    dtype = dtype or "float32"
+    cfg, hf = model_config(shape, tiny)
+    gen = Generator(cfg, random_params(cfg, dtype), tokenizer=None)
+    torch_runner = TorchRunner.from_hf_config(hf, dtype, torch_attention, torch_device) if torch_baseline else None
+    report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, torch_runner,
+                     f"transformers-pytorch-{torch_attention}")
+    return {"model": f"{shape}{' (tiny)' if tiny else ''}, random weights", **report}
+
+
+def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_tokens: int, reps: int,
+            torch_runner: TorchRunner | None, torch_name: str = "transformers-pytorch-eager") -> dict[str, Any]:
+    """Every row decodes `prompt_ids` greedily for `new_tokens`: warm-up runs first, then
+    `reps` repetitions interleaved across rows; medians. `torch_runner`'s row is `torch_name`."""
     cfg, params = gen.cfg, gen.params
-    prompt_ids = gen.encode(prompt)[0]
     methods = [m.validate(cfg) for m in methods]
-    names = [(f"transformers-pytorch-{torch_attention}", None)] if torch_baseline else []
+    names = [(torch_name, None)] if torch_runner else []
     names += [(label(m), m) for m in methods]
     labels = [n for n, _ in names]
     repeated = [n for n in labels if labels.count(n) > 1]
     if repeated:  # its samples would merge into one row
         raise CoreInferError(f"row {repeated[0]} is given twice (a repeated --keep?)")
-    torch_runner = TorchRunner(checkpoint, dtype, torch_attention) if torch_baseline else None
 
     def jax_run(m: Method) -> tuple[float, float]:
         r = gen.generate_ids([prompt_ids], new_tokens, method=m, stop_at_eos=False)
         return r.prefill_s, r.decode_tokens_per_s
 
+    def timed(n: str) -> tuple[float, float, float]:
+        t = time.perf_counter()
+        prefill_s, tps = runners[n]()
+        return prefill_s, tps, time.perf_counter() - t
+
     runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda: torch_runner.run(prompt_ids, new_tokens))
                for n, m in names}
-    samples: dict[str, list[tuple[float, float]]] = {n: [] for n, _ in names}
-    for n, _ in names:
-        runners[n]()  # warm-up: compilation, first-touch allocation
+    samples: dict[str, list[tuple[float, float, float]]] = {n: [] for n, _ in names}
+    first, memory = {}, {}
+    for n, m in names:
+        first[n] = timed(n)[2]  # warm-up: compilation, first-touch allocation
+        memory[n] = peak_memory() if m is not None else torch_runner.peak_memory()
     # The host's bandwidth drifts by tens of percent within minutes, so it is sampled
     # between the rows of every repetition, like the rows themselves.
     probe, bandwidths = bandwidth_probe(), []
     for _ in tqdm(range(reps), desc="bench", file=sys.stderr):
         for n, _ in names:
-            samples[n].append(runners[n]())
+            samples[n].append(timed(n))
             bandwidths.append(probe())
 
     bandwidth = median(bandwidths)
@@ -127,7 +146,9 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
         prefill_ms = median([s[0] for s in samples[n]]) * 1e3
         b = bytes_per_token(cfg, params, m or Dense(), kv_slots)
         bound = bandwidth / b
-        rows.append(Row(n, tps, prefill_ms, b, bound, tps / bound))
+        compile_s = max(0.0, first[n] - median([s[2] for s in samples[n]]))
+        rows.append(Row(n, tps, prefill_ms, b, bound, tps / bound, compile_s=compile_s,
+                        peak_memory_bytes=memory[n][0], peak_memory_kind=memory[n][1]))
     torch_tps = rows[0].decode_tokens_per_s if torch_runner else None
     dense_row = next((r for r in rows if r.name == "jax-dense"), None)
     for r in rows:
@@ -138,9 +159,9 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
             r.speedup_bound = dense_bytes / r.bytes_per_token
             r.fraction_of_speedup_bound = r.vs_dense / r.speedup_bound
     return {
-        "checkpoint": str(checkpoint), "dtype": str(params["embed"].dtype), "prompt_tokens": len(prompt_ids),
-        "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9, "kv_slots_read": kv_slots,
-        "rows": [asdict(r) for r in rows],
+        "dtype": str(params["embed"].dtype), "device": str(jax.devices()[0].device_kind),
+        "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9,
+        "kv_slots_read": kv_slots, "rows": [asdict(r) for r in rows],
     }
 
 
@@ -153,32 +174,52 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def _memory(r: dict[str, Any]) -> str:
+    if r.get("peak_memory_bytes") is None:
+        return ""
+    return f"{r['peak_memory_bytes'] / 2**30:.2f} ({'RSS' if 'RSS' in r['peak_memory_kind'] else r['peak_memory_kind']})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"decode, batch 1, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, greedy, "
-        f"{report['dtype']}, median of {report['reps']}; read bandwidth {report['bandwidth_gb_s']:.1f} GB/s; "
+        f"{report['model']} on {report['device']}: decode, batch 1, {report['prompt_tokens']}-token prompt, "
+        f"{report['new_tokens']} new tokens, greedy, {report['dtype']}, median of {report['reps']}; "
+        f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s; "
         f"{report['kv_slots_read']:.0f} KV-cache slots read per step (mean)",
         "",
         "| row | decode tok/s | vs torch | vs jax dense | speed-up bound | of bound | MB/token "
-        "| tok/s bound | of bandwidth | pre-fill ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tok/s bound | of bandwidth | pre-fill ms | compile s | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['name']} | {r['decode_tokens_per_s']:.1f} | {_fmt(r['vs_torch'], '.2f')} "
             f"| {_fmt(r['vs_dense'], '.2f')} | {_fmt(r['speedup_bound'], '.2f')} "
             f"| {_fmt(r['fraction_of_speedup_bound'], '.0%')} | {r['bytes_per_token'] / 1e6:.1f} "
-            f"| {r['bound_tokens_per_s']:.1f} | {r['fraction_of_bound']:.0%} | {r['prefill_ms']:.1f} |"
+            f"| {r['bound_tokens_per_s']:.1f} | {r['fraction_of_bound']:.0%} | {r['prefill_ms']:.1f} "
+            f"| {_fmt(r.get('compile_s'), '.1f')} | {_memory(r)} |"
         )
     return "\n".join(lines)
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    if args.random_weights and args.shapes is None:
+        raise ShapesError(f"--random-weights needs --shapes NAME ({', '.join(HF_CONFIGS)})")
+    if args.shapes is not None and not args.random_weights:
+        raise ShapesError("--shapes needs --random-weights: no checkpoint of these models is read")
+    if args.tiny and args.shapes is None:
+        raise ShapesError("--tiny applies to --shapes, --suite and --compile-depths")
     methods: list[Method] = [Dense()]
     if args.method != "dense":
+        if args.shapes is not None and args.method == "hybrid":
+            raise ShapesError("--method hybrid needs a predictor fitted to real weights; random weights have none")
         methods += methods_from_args(args, args.keep)
     with maybe_profile(args.profile):
-        report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
-                           torch_attention=args.torch_attention)
+        if args.shapes is not None:
+            report = run_random_bench(args.shapes, methods, args.new_tokens, args.reps, not args.no_torch,
+                                      args.dtype, args.tiny, args.torch_attention)
+        else:
+            report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
+                               torch_attention=args.torch_attention)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

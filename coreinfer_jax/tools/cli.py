@@ -17,8 +17,11 @@ from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense
 from coreinfer_jax.tools.args import add_method_args, add_model_args, method_from_args
 from coreinfer_jax.tools.bench import bench_main
+from coreinfer_jax.tools.compile_time import compile_main
+from coreinfer_jax.tools.device_suite import suite_main
 from coreinfer_jax.tools.profiling import maybe_profile
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
+from coreinfer_jax.tools.shapes import HF_CONFIGS
 
 # The project's own input errors print one line; anything else is a bug and shows its traceback.
 USER_ERRORS = (CoreInferError, FileNotFoundError)
@@ -45,6 +48,15 @@ def generate_main(args: argparse.Namespace) -> int:
               f"compile {compile_s:.2f}s, pre-fill {out.prefill_s * 1e3:.1f} ms, "
               f"decode {out.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
     return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """`bench`: the device suite, compile time vs depth, or the decode-speed table."""
+    if args.suite is not None:
+        return suite_main(args)
+    if args.compile_depths is not None:
+        return compile_main(args)
+    return bench_main(args)
 
 
 def result_json(out: GenerationResult, compile_s: float, offload: bool, gen: Generator) -> dict[str, Any]:
@@ -101,7 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Transformers' attention implementation for the baseline row")
     b.add_argument("--json", action="store_true")
     b.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace of the whole run")
-    b.set_defaults(func=bench_main)
+    b.add_argument("--shapes", default=None, metavar="NAME",
+                   help=f"a real model's shapes instead of a checkpoint ({', '.join(HF_CONFIGS)}); "
+                        "needs --random-weights")
+    b.add_argument("--random-weights", action="store_true",
+                   help="random params of --shapes made on the device, a prompt of random token ids")
+    b.add_argument("--tiny", action="store_true",
+                   help="tiny widths of --shapes, or the tiny shapes and short runs of --suite (CPU, ~1 minute)")
+    b.add_argument("--compile-depths", type=int, nargs="+", default=None, metavar="LAYERS",
+                   help="instead of decoding: compile seconds of pre-fill and decode at these depths "
+                        "(--shapes' family at tiny width, default smollm2-135m)")
+    b.add_argument("--suite", choices=["device"], default=None,
+                   help="device: the tests that can use an accelerator, the SmolLM2- and 8B-shape bench and "
+                        "memory-limited mode against Transformers (one JSON + markdown table in --out)")
+    b.add_argument("--out", type=Path, default=Path("device_suite"), help="--suite's output directory")
+    b.set_defaults(func=bench_command)
 
     evaluate.add_parser(sub, add_model_args, add_method_args)
     add_model_args(similarity.add_parser(sub))
