@@ -1,7 +1,7 @@
 """The decode loop: segments on a growing KV cache, stop tokens, what it compiles and copies.
 
 Decode attention reads every slot of the cache it is given, so generation runs in segments
-on a cache that doubles as positions fill it (`generator.cache_windows`). The tiny models'
+on a cache that doubles as positions fill it (`batching.cache_windows`). The tiny models'
 context (128) is below the real first window (256 slots), so these tests shrink it.
 """
 
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.errors import InputError
 from coreinfer_jax.models.forward import cache_shape
-from coreinfer_jax.runtime import engine, generator
-from coreinfer_jax.runtime.generator import cache_windows, stop_ids
+from coreinfer_jax.runtime import batching, engine
+from coreinfer_jax.runtime.batching import cache_windows, stop_ids
 from coreinfer_jax.runtime.sampling import Sampling
 
 GROW = engine.grow_cache  # the jitted program, before `small_windows` wraps it
@@ -30,7 +30,7 @@ PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90], [7, 8, 9], [11, 12, 13
 @pytest.fixture
 def small_windows(monkeypatch) -> list[int]:
     """Windows from 16 slots, and the cache lengths `grow_cache` is asked for, in order."""
-    monkeypatch.setattr(generator, "MIN_WINDOW", 16)
+    monkeypatch.setattr(batching, "MIN_WINDOW", 16)
     grown: list[int] = []
 
     def recording(cache, *, slots):
@@ -72,9 +72,9 @@ def test_segments_carry_the_sampling_key_and_stop_where_a_row_ends(tiny_checkpoi
     kwargs = dict(max_new_tokens=60, sampling=Sampling(temperature=1.0), seed=3, stop_at_eos=False)
     row = gen.generate_ids([PROMPTS[0]], **kwargs).tokens[0]
     assert small_windows == [32, 64, 128]
-    monkeypatch.setattr(generator, "MIN_WINDOW", 1024)
+    monkeypatch.setattr(batching, "MIN_WINDOW", 1024)
     assert gen.generate_ids([PROMPTS[0]], **kwargs).tokens[0] == row
-    monkeypatch.setattr(generator, "MIN_WINDOW", 16)
+    monkeypatch.setattr(batching, "MIN_WINDOW", 16)
     # Token k is chosen at position len + k - 1: stop at a token first chosen in the third
     # segment (positions 32..63, a 64-slot cache).
     n = len(PROMPTS[0])

@@ -10,7 +10,7 @@ import torch
 import jax.numpy as jnp
 
 from coreinfer_jax import Generator, Stability
-from coreinfer_jax.sparse.rules import RULES, griffin
+from coreinfer_jax.sparse.rules import RULES
 from test_sparse import PROMPTS, ffn_modules, flat
 
 
@@ -28,7 +28,7 @@ def test_griffin_equals_numpy_restatement_and_ignores_padding() -> None:
     lengths = [9, 6]
     valid = np.arange(9)[None, :] < np.array(lengths)[:, None]
     padded = np.where(valid[..., None], acts, 1e3)  # padding that would dominate if it counted
-    got = np.asarray(griffin(jnp.asarray(padded), jnp.asarray(valid), 12, 0.2))
+    got = np.asarray(RULES["griffin"](jnp.asarray(padded), jnp.asarray(valid), 12, 0.2))
     for b, n in enumerate(lengths):
         np.testing.assert_array_equal(np.sort(got[b]), numpy_griffin(acts[b, :n], 12))
     assert 5 in got[0]

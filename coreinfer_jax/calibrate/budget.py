@@ -31,7 +31,8 @@ from coreinfer_jax.evaluation.data import load_wikitext
 from coreinfer_jax.evaluation.evaluate import wikitext_windows
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime import engine
-from coreinfer_jax.runtime.generator import Generator, cache_length, prompt_bucket
+from coreinfer_jax.runtime.batching import cache_length, prompt_bucket
+from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.budget import Budget
 from coreinfer_jax.sparse.method import Dense
 from coreinfer_jax.sparse.registry import parse_layers

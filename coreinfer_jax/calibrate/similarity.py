@@ -45,7 +45,8 @@ from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.runtime.generator import Generator, prompt_bucket
+from coreinfer_jax.runtime.batching import prompt_bucket
+from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.artifact import model_identity
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, default_calibration_layer, signature_size
 from coreinfer_jax.sparse.selection import SIMILARITY_TOKEN_FRACTION, n_keep_for, rank_bound, sentence_signature, token_core_counts

@@ -162,7 +162,7 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
              records: list[dict[str, Any]] | None = None) -> list[EvalResult]:
     """One `EvalResult` per method on the same examples; per-example records (answers,
     scores) are appended to `records` when given."""
-    methods = [m.validate(gen.cfg) for m in methods]
+    methods = [gen.resolve(m) for m in methods]
     labels = [m.label for m in methods]
     repeated = [lab for lab in labels if labels.count(lab) > 1]
     if repeated:  # its records would merge into one row's
@@ -282,7 +282,7 @@ def main(args: argparse.Namespace) -> int:
     methods: list[Method] = [] if args.no_dense and args.method != "dense" else [Dense()]
     if args.method != "dense":
         methods += methods_from_args(args, args.keep)
-    gen = Generator.load(args.checkpoint, args.dtype)
+    gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     records: list[dict[str, Any]] = []
     results = evaluate(gen, args.task, methods, args.data, args.limit, settings, records)
     if args.records:

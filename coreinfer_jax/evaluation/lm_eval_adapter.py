@@ -27,7 +27,8 @@ three are an error with method=dense, defaults as `make_method`), `rule` (stabil
 `calibration` (DIR from `python -m coreinfer_jax calibrate`, similarity only), `dynamic` and
 `predictor` (hybrid: per-token fraction, DIR from `python -m coreinfer_jax predictor`), `batch_size` (wins over lm-eval's `--batch_size`, whose
 default is 1), `dtype` (float32|bfloat16|float16), `max_gen_toks` (default for tasks that
-set none). Anything else is an error.
+set none), `mesh` (DATAxTENSOR, e.g. 1x4: the model split over devices) and `share` (row|batch:
+one core set per batch, stability and similarity). Anything else is an error.
 
 Choices:
 - As in generation, the first continuation token is predicted by the dense pre-fill: tasks
@@ -48,6 +49,7 @@ Choices:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from pathlib import Path
@@ -65,6 +67,7 @@ from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.registry import make_method, parse_layers
+from coreinfer_jax.sparse.rules import check_share
 
 log = logging.getLogger(__name__)
 # lm-eval registers its built-in models only into an empty registry: without this, importing
@@ -98,7 +101,7 @@ class CoreInferLM(TemplateLM):
                  token_keep: float | None = None, layers: str | tuple[int, int] | None = None,
                  rule: str | None = None, calibration: str | Path | None = None, dynamic: float | None = None,
                  predictor: str | Path | None = None, batch_size: int = 8, dtype: str | None = None,
-                 max_gen_toks: int = 256) -> None:
+                 max_gen_toks: int = 256, mesh: str | None = None, share: str | None = None) -> None:
         super().__init__()
         sparse: dict[str, Any] = {name: _number(name, value, float) for name, value in
                                   (("keep", keep), ("token_keep", token_keep), ("dynamic", dynamic)) if value is not None}
@@ -110,14 +113,18 @@ class CoreInferLM(TemplateLM):
             # A dense run labelled keep=... in lm-eval's results would be misleading.
             raise CoreInferError(f"{', '.join(sparse)} only apply to sparse methods, not method=dense")
         method_obj = make_method(str(method), **sparse, calibration=calibration, predictor=predictor)
+        if share is not None:
+            if method not in ("stability", "similarity"):
+                raise CoreInferError(f"share applies to the stability and similarity methods, not method={method}")
+            method_obj = dataclasses.replace(method_obj, share=check_share(str(share)))
         self.batch_size = _number("batch_size", batch_size, int)
         self._max_gen_toks = _number("max_gen_toks", max_gen_toks, int)
         if self.batch_size < 1 or self._max_gen_toks < 1:
             raise CoreInferError(f"batch_size and max_gen_toks must be >= 1, got {batch_size} and {max_gen_toks}")
         if dtype is not None and dtype not in DTYPES:
             raise CoreInferError(f"model arg dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.gen = Generator.load(checkpoint, dtype)
-        self.method = method_obj.validate(self.gen.cfg)  # a bad layer range fails now, not mid-run
+        self.gen = Generator.load(checkpoint, dtype, mesh=None if mesh is None else str(mesh))
+        self.method = self.gen.resolve(method_obj)  # a bad layer range fails now, not mid-run
         self.tokenizer = self.gen.tokenizer
 
     @classmethod

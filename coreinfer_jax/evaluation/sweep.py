@@ -128,7 +128,7 @@ def run_sweep(gen: Generator, tasks: Sequence[str], methods: Sequence[Method], d
               limits: dict[str, int | None], settings: Settings, out: Path) -> dict[str, Any]:
     """Evaluate `methods` on every task and return the report. The outputs in `out` are
     rewritten after each task, so a long sweep that stops keeps the tasks it finished."""
-    methods = [m.validate(gen.cfg) for m in methods]
+    methods = [gen.resolve(m) for m in methods]
     ffn_bytes = [ffn_bytes_per_token(gen.cfg, gen.params, m) for m in methods]
     report: dict[str, Any] = {"tasks": [], "settings": dataclasses.asdict(settings), "limits": limits,
                               "data": {k: str(v) for k, v in data.items()}, "rows": []}
@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
         predictor = Predictor.load(args.predictor or default_predictor_dir(args.checkpoint))
     hybrids = [Hybrid(predictor=predictor, **h) for h in args.hybrid]
     methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget, hybrids)
-    gen = Generator.load(args.checkpoint, args.dtype)
+    gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows}
     report = run_sweep(gen, args.tasks, methods, dict(args.data), limits, settings, args.out)
     print(markdown(report))

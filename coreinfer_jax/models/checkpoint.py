@@ -24,10 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params, abstract_params, count_params
+from coreinfer_jax.models.sharding import param_shardings
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("COREINFER_HOME", Path.home() / ".cache" / "coreinfer_jax")) / "smollm2-135m"
 
@@ -86,16 +88,22 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "metadata.json").read_text())
 
 
-def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on_device: bool = True) -> Params:
-    """The param tree as arrays on the default device, or as host NumPy arrays.
+def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on_device: bool = True,
+                mesh: Mesh | None = None) -> Params:
+    """The param tree as arrays on the default device, split over `mesh` (each device reads
+    only its own shard from disk), or as host NumPy arrays (`on_device=False`).
 
     On-device restores need the sharding: without one Orbax returns host NumPy arrays, which
     every jitted call would copy to the device again.
     """
     path = Path(path).absolute()
     stored = load_metadata(path)["dtype"]
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if on_device else None
-    target = abstract_params(cfg, stored, sharding)
+    if mesh is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_params(cfg, stored), param_shardings(cfg, mesh))
+    else:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if on_device else None
+        target = abstract_params(cfg, stored, sharding)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     if dtype is not None and dtype != stored:
@@ -115,13 +123,13 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, dtype: str | None = None,
-                    on_device: bool = True) -> tuple[ModelConfig, Params, Any]:
+def load_checkpoint(path: str | Path, dtype: str | None = None, on_device: bool = True,
+                    mesh: Mesh | None = None) -> tuple[ModelConfig, Params, Any]:
     """Load (config, params, tokenizer) from a directory written by `python -m convert`."""
     from transformers import AutoTokenizer
 
     path = check_checkpoint_dir(path)
     cfg = ModelConfig.load(path / "config.json")
-    params = load_params(path, cfg, dtype, on_device)
+    params = load_params(path, cfg, dtype, on_device, mesh)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return cfg, params, tokenizer

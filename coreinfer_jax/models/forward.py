@@ -24,6 +24,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.models.rope import apply_rotary, rope_tables
+from coreinfer_jax.models.sharding import constrain_cache
 
 Cache = list[dict[str, jnp.ndarray]]
 # Called as select(layer_index, activation [B, T, F]) in pre-fill; its results are collected.
@@ -55,7 +56,8 @@ def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, in
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> Cache:
     shape = cache_shape(cfg, batch, length)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    return [{"k": constrain_cache(jnp.zeros(shape, dtype)), "v": constrain_cache(jnp.zeros(shape, dtype))}
+            for _ in range(cfg.num_layers)]
 
 
 def norm(p: dict[str, jnp.ndarray], x: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:

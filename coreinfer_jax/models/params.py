@@ -86,19 +86,19 @@ def param_shapes(cfg: ModelConfig) -> Params:
     return tree
 
 
-def _is_shape(x: Any) -> bool:
+def is_shape(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
 def abstract_params(cfg: ModelConfig, dtype: Any, sharding: jax.sharding.Sharding | None = None) -> Params:
     """`param_shapes` as `jax.ShapeDtypeStruct`s, e.g. as an Orbax restore target."""
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sharding), param_shapes(cfg),
-                        is_leaf=_is_shape)
+                        is_leaf=is_shape)
 
 
 def flat_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """`param_shapes` flattened to "layers/3/ffn/w_up"-style paths."""
-    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_shape)[0]
     return {path_str(p): s for p, s in leaves}
 
 
@@ -108,7 +108,7 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 def unflatten(cfg: ModelConfig, flat: dict[str, Any]) -> Params:
     """Inverse of `flat_shapes`: put arrays keyed by path into the param tree."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_shape)
     return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p)] for p, _ in leaves])
 
 

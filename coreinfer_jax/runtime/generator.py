@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -17,79 +18,19 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from coreinfer_jax.errors import InputError, MethodError
-from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.models.sharding import DATA, TENSOR, MeshError, check_model_fits, make_mesh, place_params
 from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime.batching import cache_length, cache_windows, check_ids, prompt_bucket, stop_ids
 from coreinfer_jax.runtime.offload import place_core_weights, prefill_streamed, split_params
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense, Method
-
-MIN_BUCKET = 16
-CACHE_ROUND = 64
-# The first KV-cache length decode runs on (when the prompt fits); it doubles from there.
-# A power of two, like the prompt buckets.
-MIN_WINDOW = 256
-# Stop-token arrays are padded (with -1) to a power of two at least this long.
-MIN_STOP_IDS = 8
-
-
-def prompt_bucket(length: int, context: int) -> int:
-    """Padded pre-fill length: the next power of two >= `length` (at least 16, at most `context`)."""
-    bucket = MIN_BUCKET
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, context)
-
-
-def cache_length(bucket: int, max_new_tokens: int) -> int:
-    """KV-cache slots, rounded up so nearby `max_new_tokens` values share a compile."""
-    need = bucket + max_new_tokens
-    return -(-need // CACHE_ROUND) * CACHE_ROUND
-
-
-def cache_windows(bucket: int, longest: int, max_new_tokens: int) -> list[int]:
-    """The KV-cache lengths decode runs on, one per segment, the last `cache_length`.
-
-    Decode attention reads every slot of the cache it is given, so the cache starts short
-    and doubles (`MIN_WINDOW`, 2x, 4x, ...) as positions fill it; a step reads at most about
-    twice the live slots instead of the whole padded length. The first step, at position
-    `longest`, needs a longer cache; a power of two longer than `longest` also holds the
-    `bucket` slots pre-fill writes.
-    """
-    final = cache_length(bucket, max_new_tokens)
-    windows = []
-    slots = MIN_WINDOW
-    while slots < final:
-        if slots > longest:
-            windows.append(slots)
-        slots *= 2
-    return windows + [final]
-
-
-def stop_ids(ids: Sequence[int], vocab_size: int) -> jnp.ndarray:
-    """Stop tokens as `int32 [n]`, padded with -1 (never a token) to a power of two >=
-    `MIN_STOP_IDS`: the array's length is part of the decode loop's compiled signature."""
-    ids = sorted(set(ids))
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise InputError(f"stop token {bad[0]} is outside the vocabulary (ids 0..{vocab_size - 1})")
-    size = MIN_STOP_IDS
-    while size < len(ids):
-        size *= 2
-    return jnp.asarray(ids + [-1] * (size - len(ids)), jnp.int32)
-
-
-def check_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
-    """Raise InputError if a token id is outside `0..vocab_size-1` (the embedding lookup would
-    read NaN past the end and wrap below 0, silently)."""
-    for row in rows:
-        if len(row) and not 0 <= min(row) <= max(row) < vocab_size:
-            bad = next(t for t in row if not 0 <= t < vocab_size)
-            raise InputError(f"{what} token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})")
-
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -123,16 +64,38 @@ class Generator:
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any, offload: bool = False,
-                 host_memory: str = "auto"):
-        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+                 host_memory: str = "auto", mesh: str | tuple[int, int] | Mesh | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.mesh = None if mesh is None else make_mesh(mesh)
+        if self.mesh is not None:
+            if offload:
+                raise MeshError("offload mode runs on one device; it cannot be combined with a mesh")
+            params = place_params(params, cfg, self.mesh)
+        self.params = params
         self.offloaded = split_params(params, cfg, host_memory) if offload else None
 
     @classmethod
     def load(cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, dtype: str | None = None, offload: bool = False,
-             host_memory: str = "auto") -> Generator:
+             host_memory: str = "auto", mesh: str | tuple[int, int] | Mesh | None = None) -> Generator:
+        """`mesh` ("DATAxTENSOR", e.g. "1x4", or a `(data, tensor)` Mesh) splits the model over
+        devices (`models.sharding`): each device restores only its own shard of every weight."""
+        if mesh is not None:
+            mesh = make_mesh(mesh)
+            check_model_fits(ModelConfig.load(check_checkpoint_dir(checkpoint) / "config.json"), mesh)
         # Offloaded: restore to host memory, so the full model never has to fit the device.
-        return cls(*load_checkpoint(checkpoint, dtype, on_device=not offload), offload=offload,
-                   host_memory=host_memory)
+        return cls(*load_checkpoint(checkpoint, dtype, on_device=not offload, mesh=mesh), offload=offload,
+                   host_memory=host_memory, mesh=mesh)
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """The context the compiled programs run in: the model's mesh, if it has one."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def resolve(self, method: Method) -> Method:
+        """`method` validated for this model, with shard-local selection over the mesh's tensor axis."""
+        method = method.validate(self.cfg)
+        if self.mesh is not None and self.mesh.shape[TENSOR] > 1:
+            method = method.sharded(self.mesh.shape[TENSOR]).validate(self.cfg)
+        return method
 
     @functools.cached_property
     def newline_tokens(self) -> frozenset[int]:
@@ -178,36 +141,39 @@ class Generator:
         `max_new_tokens`; the stopping token is part of `tokens`.
         """
         cfg = self.cfg
-        method = method.validate(cfg)
+        method = self.resolve(method)
+        rows = len(prompts)
+        prompts = self._fill_data_shards(prompts)
         tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
         windows = cache_windows(tokens.shape[1], max(len(p) for p in prompts), max_new_tokens)
         eos = stop_ids((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), cfg.vocab_size)
         limit = jnp.int32(max_new_tokens)
 
-        t0 = time.perf_counter()
-        first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method)
-        jax.block_until_ready((first_logits, cache, core, weights))
-        t1 = time.perf_counter()
-        out = engine.decode(weights, first_logits, cache, lengths, limit, eos, jax.random.key(seed), cfg=cfg,
-                            sampling=sampling, max_steps=cache_len - tokens.shape[1], return_logits=return_logits,
-                            ffn_fn=method.decode_ffn)
-        for slots in windows[1:]:
-            if not out["more"]:  # one host sync per segment
-                break
-            cache = engine.grow_cache(out.pop("cache"), slots=slots)
-            out = engine.resume(weights, {k: out[k] for k in engine.STATE if k in out}, cache, limit, eos, cfg=cfg,
-                                sampling=sampling, ffn_fn=method.decode_ffn)
-        out = jax.block_until_ready(out)
-        t2 = time.perf_counter()
+        with self.on_mesh():
+            t0 = time.perf_counter()
+            first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method)
+            jax.block_until_ready((first_logits, cache, core, weights))
+            t1 = time.perf_counter()
+            out = engine.decode(weights, first_logits, cache, lengths, limit, eos, jax.random.key(seed), cfg=cfg,
+                                sampling=sampling, max_steps=cache_len - tokens.shape[1],
+                                return_logits=return_logits, ffn_fn=method.decode_ffn)
+            for slots in windows[1:]:
+                if not out["more"]:  # one host sync per segment
+                    break
+                cache = engine.grow_cache(out.pop("cache"), slots=slots)
+                out = engine.resume(weights, {k: out[k] for k in engine.STATE if k in out}, cache, limit, eos,
+                                    cfg=cfg, sampling=sampling, ffn_fn=method.decode_ffn)
+            out = jax.block_until_ready(out)
+            t2 = time.perf_counter()
 
         steps = int(out["steps"])
-        generated = np.asarray(out["tokens"])[:, :max_new_tokens]
+        generated = np.asarray(out["tokens"])[:rows, :max_new_tokens]
         token_lists = [[int(t) for t in row if t >= 0] for row in generated]
         return GenerationResult(
-            texts=[], tokens=token_lists, prompt_tokens=[len(p) for p in prompts],
+            texts=[], tokens=token_lists, prompt_tokens=[len(p) for p in prompts[:rows]],
             prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, method=method,
-            core_neurons=None if core is None else np.asarray(core),
-            logits=np.asarray(out["logits"])[:, :max_new_tokens] if return_logits else None,
+            core_neurons=None if core is None else np.asarray(core)[:rows],
+            logits=np.asarray(out["logits"])[:rows, :max_new_tokens] if return_logits else None,
         )
 
     def score_ids(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
@@ -220,25 +186,35 @@ class Generator:
         Returns, per row, the log-probability of each continuation token `[C]` and whether
         it was the greedy choice `[C]`.
         """
-        method = method.validate(self.cfg)
+        method = self.resolve(method)
         if len(contexts) != len(continuations):
             raise InputError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         if any(len(c) == 0 for c in continuations):
             raise InputError("continuation is empty")
         check_ids(continuations, self.cfg.vocab_size, "continuation")
         longest = max(len(c) for c in continuations)
+        rows = len(contexts)
+        contexts, continuations = self._fill_data_shards(contexts), self._fill_data_shards(continuations)
         tokens, lengths, _ = self._pack(contexts, longest)
         # Padded to a bucket so nearby continuation lengths share a compile.
         chunk = prompt_bucket(longest, self.cfg.max_position_embeddings)
         targets = np.zeros((len(contexts), chunk), np.int32)
         for row, c in zip(targets, continuations):
             row[: len(c)] = c
-        first_logits, cache, _, weights = self._prefill(tokens, lengths, cache_length(tokens.shape[1], chunk),
-                                                        method)
-        logprobs, greedy = engine.score_continuation(weights, first_logits, cache, lengths, jnp.asarray(targets),
-                                                     cfg=self.cfg, ffn_fn=method.decode_ffn)
+        with self.on_mesh():
+            first_logits, cache, _, weights = self._prefill(tokens, lengths, cache_length(tokens.shape[1], chunk),
+                                                            method)
+            logprobs, greedy = engine.score_continuation(weights, first_logits, cache, lengths,
+                                                         jnp.asarray(targets), cfg=self.cfg, ffn_fn=method.decode_ffn)
         logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
-        return [(logprobs[i, : len(c)], greedy[i, : len(c)]) for i, c in enumerate(continuations)]
+        return [(logprobs[i, : len(c)], greedy[i, : len(c)]) for i, c in enumerate(continuations[:rows])]
+
+    def _fill_data_shards(self, rows: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+        """`rows` with copies of the last appended until they split evenly over the mesh's data
+        axis (the copies' results are dropped; a batch-shared core set counts them too)."""
+        rows = list(rows)
+        data = 1 if self.mesh is None else self.mesh.shape[DATA]
+        return rows + rows[-1:] * (-len(rows) % data)
 
     @staticmethod
     def _check_offload(method: Method) -> None:

@@ -144,6 +144,9 @@ class Hybrid(Stability):
         kind = "relu" if cfg.family == "opt" else "gated"
         unset = {k: v for k, v in RECOMMENDED[kind].items() if getattr(self, k) is None}
         method = dataclasses.replace(self, **unset) if unset else self
+        if method.shards != 1 or method.share != "row":
+            raise MethodError("the hybrid method picks per-row neurons from every device's rows at each step: it "
+                              "supports neither shards (tensor parallelism) nor share='batch' yet")
         layers = resolve_layers(method.layers, method.keep + method.dynamic, cfg)
         if method.select_by == "predictor":
             if method.predictor is None:

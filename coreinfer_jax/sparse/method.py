@@ -38,6 +38,7 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import FFN, ffn
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers
+from coreinfer_jax.sparse.rules import check_share
 from coreinfer_jax.sparse.selection import n_keep_for
 
 # The paper sparsifies layers strictly between 5 and 27 of 32 (6..26); other depths scale.
@@ -80,6 +81,11 @@ class Method:
 
     def validate(self, cfg: ModelConfig) -> Method:
         """This method with every default resolved for `cfg`; raises MethodError if it cannot run on it."""
+        return self
+
+    def sharded(self, shards: int) -> Method:
+        """This method for tensor parallelism over `shards` devices (`CoreNeurons`: shard-local
+        selection); a method that keeps everything needs nothing."""
         return self
 
     def sparse_layers(self) -> range:
@@ -139,32 +145,63 @@ class Dense(Method):
 class CoreNeurons(Method):
     """Base of the CoreInfer methods: in `sparse_layers()`, decode reads only the per-prompt core
     neurons that pre-fill chose, gathered once per generation. Subclasses are frozen
-    dataclasses with `keep` and `layers` (half-open, resolved by `validate`) fields."""
+    dataclasses with `keep` and `layers` (half-open, resolved by `validate`), `shards` and
+    `share` fields.
+
+    `shards` N > 1 is shard-local selection (`rules.top_neurons`): each of N equal blocks of
+    neurons keeps `int(F / N * keep)` of its own, so that under tensor parallelism over N
+    devices the gather stays on the device holding the rows. `share="batch"` keeps one set for
+    the whole batch, gathered once as `[K, D]` instead of `[B, K, D]`."""
 
     keep: float
     layers: tuple[int, int] | None
+    shards: int
+    share: str
+
+    def check_sharing(self, cfg: ModelConfig) -> None:
+        """Raise MethodError unless `shards` divides the FFN width and `share` is known."""
+        check_share(self.share)
+        if self.shards < 1 or cfg.intermediate_size % self.shards:
+            raise MethodError(f"shards={self.shards} must be >= 1 and divide the FFN width {cfg.intermediate_size}")
+        if n_keep_for(cfg.intermediate_size // self.shards, self.keep) < 1:
+            raise MethodError(f"keep={self.keep} keeps no neuron of a shard's {cfg.intermediate_size // self.shards}")
+
+    def sharded(self, shards: int) -> CoreNeurons:
+        """Shard-local selection over `shards` devices; a method already sharded otherwise is refused."""
+        if self.shards not in (1, shards):
+            raise MethodError(f"the method selects over shards={self.shards} but the mesh's tensor axis has {shards}")
+        return dataclasses.replace(self, shards=shards)
 
     def sparse_layers(self) -> range:
         assert self.layers is not None, "call validate(cfg) first"
         return range(*self.layers)
 
     def layer_neurons(self, width: int) -> tuple[int, ...]:
-        return (n_keep_for(width, self.keep),) * len(self.sparse_layers())
+        return (self.shards * n_keep_for(width // self.shards, self.keep),) * len(self.sparse_layers())
 
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
-        """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`.
+        """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`
+        (`[B, K, D]`; `[K, D]` of row 0 when the batch shares one set).
 
         Only the FFNs of sparse layers enter the jitted gather: a jitted function returning the
         other weights would copy them (the whole model) on every generation.
         """
         sparse = self.sparse_layers()
         width = params["layers"][sparse[0]]["ffn"]["w_up"].shape[0]
-        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse], core,
-                                      counts=self.layer_neurons(width))
+        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse],
+                                      core[:1] if self.share == "batch" else core,
+                                      counts=self.layer_neurons(width), shards=self.shards,
+                                      shared=self.share == "batch")
         layers = list(params["layers"])
         for i, layer_ffn in zip(sparse, gathered):
             layers[i] = dict(layers[i], ffn=layer_ffn)
         return dict(params, layers=layers)
 
+    @property
+    def sharing_label(self) -> str:
+        """" shared" / " 4 shards" / "": what the label adds for `share` and `shards`."""
+        return (" shared" if self.share == "batch" else "") + (f" {self.shards} shards" if self.shards > 1 else "")
+
     def describe(self) -> dict[str, Any]:
-        return dict(super().describe(), keep=self.keep, layers=list(self.layers) if self.layers else None)
+        return dict(super().describe(), keep=self.keep, layers=list(self.layers) if self.layers else None,
+                    shards=self.shards, share=self.share)

@@ -1,9 +1,12 @@
 """Core-neuron selection rules: which `n_keep` FFN neurons a prompt keeps in one sparse layer.
 
-Every rule is a pure function `(activations [B, T, F], valid [B, T], n_keep, token_keep) ->
-int32 [B, n_keep]` with static shapes: padding tokens never count, ties are taken in index
-order (`lax.top_k`), and the result always has `n_keep` entries. `n_keep` is static, so a
-per-layer budget (a different count per layer) is one compile per distinct count.
+A rule is a score `(activations [B, T, F], valid [B, T], token_keep) -> [B, F]` (`SCORES`):
+padding tokens never count. `top_neurons` keeps the `n_keep` highest-scoring neurons, with
+static shapes (ties in index order, `lax.top_k`; always `n_keep` entries): among all F, or
+shard-locally (`shards`: each of N equal blocks of neurons, the rows one tensor-parallel
+device holds, keeps `n_keep / N` of its own), per row or once for the whole batch (`share`).
+`RULES[name](activations, valid, n_keep, token_keep)` is the plain per-row, global choice.
+`n_keep` is static, so a per-layer budget is one compile per distinct count.
 
 - `paper`: CoreInfer's stability-guided rule (`selection.select_core_neurons`), unchanged.
   Each token votes for its largest *signed* activations. Right for ReLU models (OPT), where an
@@ -31,36 +34,34 @@ from jax import lax
 from coreinfer_jax.errors import MethodError
 from coreinfer_jax.sparse.selection import stability_counts
 
+Score = Callable[[jnp.ndarray, jnp.ndarray, float], jnp.ndarray]
 Rule = Callable[[jnp.ndarray, jnp.ndarray, int, float], jnp.ndarray]
+SHARES = ("row", "batch")
 
 
-def paper(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep: float) -> jnp.ndarray:
-    """The paper's stability-guided rule (`select_core_neurons`), for any `n_keep`.
+def paper(activations: jnp.ndarray, valid: jnp.ndarray, token_keep: float) -> jnp.ndarray:
+    """The paper's stability-guided rule (`select_core_neurons`).
 
-    Ranks neurons by the number of tokens that have them among their
+    Scores neurons by the number of tokens that have them among their
     `floor(token_keep * P / T)` largest signed activations (P: positives over the T tokens).
     """
     with jax.named_scope("rule_paper"):
-        _, idx = lax.top_k(stability_counts(activations, valid, token_keep), n_keep)  # [B, n_keep]
-        return idx.astype(jnp.int32)
+        return stability_counts(activations, valid, token_keep)  # [B, F]
 
 
-def magnitude(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep: float) -> jnp.ndarray:
+def magnitude(activations: jnp.ndarray, valid: jnp.ndarray, token_keep: float) -> jnp.ndarray:
     """The paper's counting with each token voting for its largest `|activation|`.
 
     Per token the `limit = floor(token_keep * P / T)` neurons of largest magnitude (P counts
     the *signed* positives, so each token votes for as many neurons as under the paper's rule)
-    are token-wise core; the `n_keep` neurons core in the most tokens are kept.
+    are token-wise core; a neuron scores the number of tokens it is core in.
     """
     with jax.named_scope("rule_magnitude"):
-        counts = stability_counts(activations, valid, token_keep, by_magnitude=True)  # [B, F]
-        _, idx = lax.top_k(counts, n_keep)  # [B, n_keep]
-        return idx.astype(jnp.int32)
+        return stability_counts(activations, valid, token_keep, by_magnitude=True)  # [B, F]
 
 
-def normalized_magnitude(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int,
-                         token_keep: float) -> jnp.ndarray:
-    """The `n_keep` neurons with the largest summed share of each token's activation magnitude.
+def normalized_magnitude(activations: jnp.ndarray, valid: jnp.ndarray, token_keep: float) -> jnp.ndarray:
+    """Each neuron's summed share of each token's activation magnitude.
 
     Score of neuron j: `sum_t |a[t, j]| / sum_j' |a[t, j']|` over the real tokens t. Each token
     contributes a distribution over neurons that sums to 1, so every token weighs the same and
@@ -72,11 +73,10 @@ def normalized_magnitude(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: i
         total = m.sum(-1, keepdims=True)  # [B, T, 1]
         # Padding (and an all-zero token) has total 0: it contributes nothing rather than NaN.
         share = m / jnp.where(total > 0, total, 1.0)  # [B, T, F]
-        _, idx = lax.top_k(share.sum(1), n_keep)  # [B, n_keep]
-        return idx.astype(jnp.int32)
+        return share.sum(1)  # [B, F]
 
 
-def griffin(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep: float) -> jnp.ndarray:
+def griffin(activations: jnp.ndarray, valid: jnp.ndarray, token_keep: float) -> jnp.ndarray:
     """GRIFFIN's statistic (Dong et al. 2024): each token's activations L2-normalised, then each
     neuron's L2 norm over the prompt's tokens; the `n_keep` largest are kept. Like
     `normalized_magnitude` every token weighs the same, but squares favour neurons that are large
@@ -85,12 +85,45 @@ def griffin(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_kee
         a = activations.astype(jnp.float32) * valid[..., None]  # [B, T, F]
         norm = jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True))  # [B, T, 1]
         unit = a / jnp.where(norm > 0, norm, 1.0)
-        _, idx = lax.top_k(jnp.sum(unit * unit, axis=1), n_keep)  # [B, n_keep]; the sqrt keeps the order
-        return idx.astype(jnp.int32)
+        return jnp.sum(unit * unit, axis=1)  # [B, F]; the sqrt keeps the order
 
 
-RULES: dict[str, Rule] = {"paper": paper, "magnitude": magnitude, "normalized_magnitude": normalized_magnitude,
-                          "griffin": griffin}
+SCORES: dict[str, Score] = {"paper": paper, "magnitude": magnitude, "normalized_magnitude": normalized_magnitude,
+                            "griffin": griffin}
+
+
+def top_neurons(scores: jnp.ndarray, n_keep: int, shards: int = 1, share: str = "row") -> jnp.ndarray:
+    """The `n_keep` highest `scores` `[B, F]` as `int32 [B, n_keep]`, ties in index order.
+
+    With `shards` N, neuron block s (rows `s*F/N .. (s+1)*F/N`, what tensor-parallel device s
+    holds) contributes its own `n_keep / N` best, in ids block s of the result: the gather then
+    never crosses devices. `share="batch"` ranks the scores summed over the rows and gives
+    every row the same set (one gathered copy serves the batch).
+    """
+    B, F = scores.shape
+    if share == "batch":
+        scores = scores.sum(0, keepdims=True)  # [1, F]
+    block = F // shards
+    _, idx = lax.top_k(scores.reshape(scores.shape[0], shards, block), n_keep // shards)  # [B', N, n/N]
+    idx = (idx + jnp.arange(shards)[:, None] * block).reshape(scores.shape[0], n_keep)  # [B', n_keep]
+    return jnp.broadcast_to(idx, (B, n_keep)).astype(jnp.int32)
+
+
+def _plain(score: Score) -> Rule:
+    def rule(activations: jnp.ndarray, valid: jnp.ndarray, n_keep: int, token_keep: float) -> jnp.ndarray:
+        return top_neurons(score(activations, valid, token_keep), n_keep)
+
+    rule.__doc__ = score.__doc__
+    return rule
+
+
+RULES: dict[str, Rule] = {name: _plain(score) for name, score in SCORES.items()}
+
+
+def check_share(share: str) -> str:
+    if share not in SHARES:
+        raise MethodError(f"unknown share {share!r}; choose one of: {', '.join(SHARES)}")
+    return share
 
 
 def check_rule(name: str) -> str:

@@ -15,6 +15,7 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError
 from coreinfer_jax.sparse.method import CoreNeurons, check_fraction, resolve_layers
+from coreinfer_jax.sparse.rules import top_neurons
 from coreinfer_jax.sparse.selection import assign_clusters, n_keep_for, sentence_signature
 
 
@@ -26,11 +27,18 @@ class Similarity(CoreNeurons):
     `calibration` is a `Calibration` or its directory. It takes no part in equality and hashing:
     the compiled pre-fill depends only on the fields copied from it below (its arrays are
     traced arguments), so calibrations of the same shapes share one compile.
+
+    `shards` and `share` (`method.CoreNeurons`) rank the neurons by their place in the
+    cluster's list (unlisted ones last, in index order): shard-local, each shard keeps its own
+    best-listed neurons; shared, the batch keeps the neurons listed highest over its rows'
+    clusters (summed `list_length - rank`).
     """
 
     calibration: Calibration | str | Path = dataclasses.field(compare=False, repr=False)
     keep: float = 0.4
     layers: tuple[int, int] | None = None
+    shards: int = 1
+    share: str = "row"
     layer: int = dataclasses.field(init=False)
     signature_size: int = dataclasses.field(init=False)
     width: int = dataclasses.field(init=False)
@@ -46,13 +54,14 @@ class Similarity(CoreNeurons):
 
     @property
     def n_keep(self) -> int:
-        return n_keep_for(self.width, self.keep)
+        return self.shards * n_keep_for(self.width // self.shards, self.keep)
 
     def validate(self, cfg: ModelConfig) -> Similarity:
         """This method with `layers` resolved for `cfg`; raises if the calibration was made for
         another model or holds fewer than `n_keep` neurons per list."""
         self.calibration.check_model(cfg)
         layers = resolve_layers(self.layers, self.keep, cfg)
+        self.check_sharing(cfg)
         if self.n_keep > self.calibration.list_length:
             raise CalibrationError(
                 f"keep={self.keep} needs {self.n_keep} neurons per layer but the calibration stores "
@@ -76,11 +85,24 @@ class Similarity(CoreNeurons):
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray:
         return cluster_core_neurons(tables["neurons"], selected[0], method=self)
 
+    @property
+    def label(self) -> str:
+        return f"{self.name} keep {self.keep:g}" + self.sharing_label
+
 
 @functools.partial(jax.jit, static_argnames=("method",))
 def cluster_core_neurons(neurons: jnp.ndarray, cluster: jnp.ndarray, *, method: Similarity) -> jnp.ndarray:
     """The first `n_keep` neurons of each sparse layer's list `[B, n_sparse, n_keep]` of each
-    row's `cluster` `[B]`, from the calibration's `neurons` `[k, num_layers, list_length]`."""
+    row's `cluster` `[B]`, from the calibration's `neurons` `[k, num_layers, list_length]`
+    (with `shards` or `share`: the best-listed ones, see `Similarity`)."""
     first, end = method.layers
     with jax.named_scope("cluster_core_neurons"):
-        return jnp.take(neurons[:, first:end, : method.n_keep], cluster, axis=0)
+        if method.shards == 1 and method.share == "row":
+            return jnp.take(neurons[:, first:end, : method.n_keep], cluster, axis=0)
+        lists = jnp.take(neurons[:, first:end], cluster, axis=0)  # [B, n_sparse, L]
+        B, n_sparse, L = lists.shape
+        rank_score = jnp.broadcast_to(jnp.arange(L, 0, -1, dtype=jnp.int32), lists.shape)  # first listed scores L
+        scores = jnp.zeros((B, n_sparse, method.width), jnp.int32).at[
+            jnp.arange(B)[:, None, None], jnp.arange(n_sparse)[None, :, None], lists].set(rank_score)
+        return jnp.stack([top_neurons(scores[:, j], method.n_keep, method.shards, method.share)
+                          for j in range(n_sparse)], axis=1)  # [B, n_sparse, n_keep]

@@ -11,7 +11,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.method import CoreNeurons, check_fraction, resolve_layers
-from coreinfer_jax.sparse.rules import RULES, check_rule
+from coreinfer_jax.sparse.rules import SCORES, check_rule, top_neurons
 from coreinfer_jax.sparse.selection import n_keep_for
 
 
@@ -25,6 +25,8 @@ class Stability(CoreNeurons):
     budget: the neuron count of each sparse layer, totalling what `keep` keeps uniformly
     (the same FFN bytes per token), e.g. from `budget.Budget.layer_neurons`. `down_weighted`
     ranks each neuron's activation times its down-projection row's norm (`weighted`).
+    `shards` and `share` (`method.CoreNeurons`): shard-local selection for tensor parallelism,
+    one set for the whole batch.
     """
 
     keep: float = 0.4
@@ -33,6 +35,8 @@ class Stability(CoreNeurons):
     rule: str = "paper"
     layer_keep: tuple[int, ...] | None = None
     down_weighted: bool = False
+    shards: int = 1
+    share: str = "row"
     name: ClassVar[str] = "stability"
 
     def __post_init__(self) -> None:
@@ -47,8 +51,12 @@ class Stability(CoreNeurons):
         """This method with `layers` resolved for `cfg`; raises on a range outside the model or
         a per-layer budget of the wrong length, range or total."""
         method = dataclasses.replace(self, layers=resolve_layers(self.layers, self.keep, cfg))
+        method.check_sharing(cfg)
         if method.layer_keep is not None:
             check_layer_budget(method.layer_keep, len(method.sparse_layers()), cfg.intermediate_size, method.keep)
+            if any(n % method.shards for n in method.layer_keep):
+                raise MethodError(f"per-layer budget counts must be multiples of shards={method.shards} (each "
+                                  f"shard keeps an equal share), got {list(method.layer_keep)}")
         return method
 
     def layer_neurons(self, width: int) -> tuple[int, ...]:
@@ -66,10 +74,11 @@ class Stability(CoreNeurons):
             # does not know which layer it runs, so it cannot serve per-layer counts.
             if self.layer_keep is not None:
                 raise MethodError("a per-layer budget (layer_keep) is not supported in offload mode")
-            n = n_keep_for(width, self.keep)
+            n = self.layer_neurons(width)[0]
         else:
             n = dict(zip(self.sparse_layers(), self.layer_neurons(width)))[layer]
-        return RULES[self.rule](self.weighted(activation, ffn), valid, n, self.token_keep)
+        scores = SCORES[self.rule](self.weighted(activation, ffn), valid, self.token_keep)  # [B, F]
+        return top_neurons(scores, n, self.shards, self.share)
 
     def weighted(self, activation: jnp.ndarray, ffn: Params) -> jnp.ndarray:
         """With `down_weighted`, each neuron's activation times the norm of its down-projection row
@@ -91,7 +100,7 @@ class Stability(CoreNeurons):
         """"stability keep 0.4", plus the rule unless it is the paper's and "+budget" with a budget."""
         variant = "" if self.rule == "paper" and self.layer_keep is None and not self.down_weighted else \
             self.rule + ("+budget" if self.layer_keep is not None else "") + ("+down" if self.down_weighted else "")
-        return f"{self.name} keep {self.keep:g}" + (f" {variant}" if variant else "")
+        return f"{self.name} keep {self.keep:g}" + (f" {variant}" if variant else "") + self.sharing_label
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), token_keep=self.token_keep, rule=self.rule,

@@ -15,7 +15,7 @@ from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
 from coreinfer_jax.sparse.predictor import PredictorError
 from coreinfer_jax.sparse.method import Method
 from coreinfer_jax.sparse.registry import METHODS, make_method, parse_layers
-from coreinfer_jax.sparse.rules import RULES
+from coreinfer_jax.sparse.rules import RULES, SHARES
 
 
 def layers_arg(text: str) -> tuple[int, int]:
@@ -31,6 +31,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"converted checkpoint directory (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--mesh", default=None, metavar="DATAxTENSOR",
+                   help="split the model over DATA x TENSOR devices, e.g. 1x4 (tensor parallel over 4; "
+                        "sparse methods select shard-locally); default: one device")
 
 
 def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_keeps: bool = False) -> None:
@@ -62,6 +65,11 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
     p.add_argument("--select-by", choices=list(SELECT_BY), default="predictor",
                    help="hybrid: choose per-token neurons by the predictor, or by the true activations "
                         "(oracle: a quality bound that reads every weight)")
+    p.add_argument("--share", choices=list(SHARES), default="row",
+                   help="core neurons per row, or one set for the whole batch (gathered once: batch throughput)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="shard-local selection over N equal blocks of neurons, as a tensor-parallel mesh of N "
+                        "does (set by --mesh; give it alone to measure its quality on one device)")
     p.add_argument("--layer-neurons", default=None,
                    help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
     p.add_argument("--budget", type=Path, default=None,
@@ -95,8 +103,8 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
         if args.layers is not None and tuple(args.layers) != budget.layers:
             raise BudgetError(f"--layers {args.layers[0]}:{args.layers[1]} but the budget {args.budget} is for "
                               f"{budget.layers[0]}:{budget.layers[1]}")
-        return [dataclasses.replace(budget.method(k), token_keep=args.token_keep, down_weighted=args.down_weighted)
-                for k in keeps]
+        return [dataclasses.replace(budget.method(k), token_keep=args.token_keep, down_weighted=args.down_weighted,
+                                    share=args.share, shards=args.shards) for k in keeps]
     layer_keep = parse_layer_neurons(args.layer_neurons) if args.layer_neurons is not None else None
     if layer_keep is not None and len(keeps) > 1:
         raise MethodError("--layer-neurons fixes one total: give a single --keep")
@@ -106,6 +114,10 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
         if args.method != "stability":
             raise MethodError("--down-weighted applies to the stability and hybrid methods")
         methods = [dataclasses.replace(m, down_weighted=True) for m in methods]
+    if args.share != "row" or args.shards != 1:
+        if args.method not in ("stability", "similarity"):
+            raise MethodError("--share and --shards apply to the stability and similarity methods")
+        methods = [dataclasses.replace(m, share=args.share, shards=args.shards) for m in methods]
     return methods
 
 
@@ -115,6 +127,9 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
     saying how to make it)."""
     if args.budget is not None or args.layer_neurons is not None or args.calibration is not None:
         raise MethodError("--budget, --layer-neurons and --calibration do not apply to --method hybrid")
+    if args.share != "row" or args.shards != 1:
+        raise MethodError("--share and --shards do not apply to --method hybrid (it picks per-row neurons at "
+                          "every step)")
     settings = {k: v for k, v in (("keep", keep), ("dynamic", args.dynamic), ("rule", args.rule),
                                   ("layers", args.layers)) if v is not None}
     predictor = None

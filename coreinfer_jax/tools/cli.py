@@ -28,8 +28,8 @@ USER_ERRORS = (CoreInferError, FileNotFoundError)
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    gen = Generator.load(args.checkpoint, args.dtype, offload=args.offload)
-    method = method_from_args(args).validate(gen.cfg)
+    gen = Generator.load(args.checkpoint, args.dtype, offload=args.offload, mesh=args.mesh)
+    method = gen.resolve(method_from_args(args))
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     prompt = format_prompt(args.task, args.prompt)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, method=method, sampling=sampling,

@@ -12,7 +12,7 @@ import numpy as np
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.runtime.generator import cache_windows, prompt_bucket
+from coreinfer_jax.runtime.batching import cache_windows, prompt_bucket
 from coreinfer_jax.sparse.method import Method
 
 

@@ -1,0 +1,105 @@
+"""Runs generation on a device mesh in a process of its own (the device count is fixed when JAX
+starts, so `tests/test_mesh.py` starts this with `JAX_NUM_CPU_DEVICES`).
+
+    python tests/mesh_worker.py JOBS.json OUT.json
+
+Each job: `checkpoint`, `mesh`, `prompts` (token ids), `new_tokens`, `methods` (settings for
+`make_method` plus `share`, `calibration`); optional `score` (continuations to score with
+each method), `hlo` (also compile the gather and decode programs of each sparse method and
+report their collectives) and `error_mesh` (a mesh to try, reporting its error line).
+Writes, per job, each method's tokens, core neurons and scores, and what was asked besides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax import Generator
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime.batching import cache_windows, stop_ids
+from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.sparse.gather import gather_core_layers
+from coreinfer_jax.sparse.registry import make_method
+
+
+def build_method(settings: dict[str, Any]) -> Any:
+    settings = dict(settings)
+    sharing = {k: settings.pop(k) for k in ("share", "shards") if k in settings}
+    layers = settings.pop("layers", None)
+    method = make_method(settings.pop("method"), layers=tuple(layers) if layers else None, **settings)
+    return dataclasses.replace(method, **sharing) if sharing else method
+
+
+def collectives(text: str) -> dict[str, list[str]]:
+    """Result shapes of each all-gather and all-reduce in compiled HLO text."""
+    return {op: re.findall(rf"= (\S+) {op}\(", text) for op in ("all-gather", "all-reduce")}
+
+
+def compiled_programs(gen: Generator, method: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """The collectives of the gather and decode programs this generation runs."""
+    tokens, lengths, cache_len = gen._pack(prompts, new_tokens)
+    window = cache_windows(tokens.shape[1], max(map(len, prompts)), new_tokens)[0]
+    with gen.on_mesh():
+        first, cache, core = engine.prefill(gen.params, tokens, lengths, method.tables(), cfg=gen.cfg, method=method,
+                                            cache_len=window)
+        sparse = method.sparse_layers()
+        width = gen.cfg.intermediate_size
+        shared = method.share == "batch"
+        gather = gather_core_layers.lower([gen.params["layers"][i]["ffn"] for i in sparse],
+                                          core[:1] if shared else core, counts=method.layer_neurons(width),
+                                          shards=method.shards, shared=shared).compile().as_text()
+        weights = method.decode_weights(gen.params, core)
+        decode = engine.decode.lower(weights, first, cache, lengths, jnp.int32(new_tokens),
+                                     stop_ids((), gen.cfg.vocab_size), jax.random.key(0), cfg=gen.cfg,
+                                     sampling=Sampling(), max_steps=cache_len - tokens.shape[1],
+                                     ffn_fn=method.decode_ffn).compile().as_text()
+        w_up = weights["layers"][sparse[0]]["ffn"]["w_up"]
+    return {"gather": collectives(gather), "decode": collectives(decode),
+            "core_w_up_shape": list(w_up.shape),
+            "core_w_up_shard_shapes": sorted({tuple(s.data.shape) for s in w_up.addressable_shards})}
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "error_mesh" in job:
+        try:
+            Generator.load(job["checkpoint"], mesh=job["error_mesh"])
+            out["error"] = None
+        except CoreInferError as e:
+            out["error"] = str(e)
+        return out
+    gen = Generator.load(job["checkpoint"], mesh=job["mesh"])
+    w_up = gen.params["layers"][0]["ffn"]["w_up"]
+    out["w_up_shard_shape"] = list(w_up.addressable_shards[0].data.shape)
+    out["methods"] = []
+    for settings in job["methods"]:
+        method = build_method(settings)
+        result = gen.generate_ids(job["prompts"], job["new_tokens"], method=method, stop_at_eos=False)
+        row: dict[str, Any] = {"tokens": result.tokens,
+                               "core": None if result.core_neurons is None else result.core_neurons.tolist()}
+        if "score" in job:
+            row["score"] = [lp.tolist() for lp, _ in gen.score_ids(job["prompts"], job["score"], method=method)]
+        if job.get("hlo") and settings["method"] != "dense":
+            row["hlo"] = compiled_programs(gen, gen.resolve(method), job["prompts"], job["new_tokens"])
+        out["methods"].append(row)
+    return out
+
+
+def main(jobs_path: str, out_path: str) -> None:
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    results = {"devices": jax.device_count(), "jobs": [run_job(job) for job in jobs]}
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,197 @@
+"""Models split over a device mesh (`models.sharding`): 8 CPU devices forced in a subprocess
+(`mesh_worker.py`) against the same generations on this process's single device.
+
+Tensor parallelism changes only the order of floating-point sums, so greedy tokens equal one
+device's; sparse methods under `1xN` select shard-locally, which one device reproduces with
+`shards=N`. The compiled programs are inspected for the collectives they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import SENTENCES
+from coreinfer_jax import Generator
+from coreinfer_jax.calibrate.similarity import calibrate
+from coreinfer_jax.errors import MethodError
+from coreinfer_jax.models.sharding import MeshError, make_mesh, parse_mesh
+from coreinfer_jax.sparse.rules import top_neurons
+from mesh_worker import build_method
+
+HERE = Path(__file__).parent
+PROMPTS = [[5, 17, 33, 8, 90, 41, 12], [7, 99, 23, 64], [150, 3, 77, 18, 200, 9], [44, 45, 46]]
+SCORE = [[12, 13, 14], [60], [8, 9], [21, 22, 23, 24]]
+NEW = 12
+SPARSE = {"method": "stability", "keep": 0.5, "layers": [0, 2]}
+MAGNITUDE = dict(SPARSE, rule="normalized_magnitude")
+SHARED = dict(SPARSE, share="batch")
+DENSE = {"method": "dense"}
+
+
+def run_worker(jobs: list[dict[str, Any]], tmp: Path, devices: int = 8, timeout: int = 600) -> dict[str, Any]:
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, str(HERE / "mesh_worker.py"), str(tmp / "jobs.json"), str(tmp / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp / "out.json").read_text())
+    assert out["devices"] == devices
+    return out
+
+
+@pytest.fixture(scope="module")
+def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
+    """One worker process for every mesh job here (JAX starts once)."""
+    tmp = tmp_path_factory.mktemp("mesh")
+    cal = calibrate(Generator.load(tiny_checkpoint("llama")), SENTENCES, clusters=4, progress=False)
+    cal_dir = str(cal.save(tmp / "calibration"))
+    similarity = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": cal_dir}
+    jobs = {
+        "llama 2x2": dict(checkpoint=str(tiny_checkpoint("llama")), mesh="2x2", hlo=True, score=SCORE,
+                          methods=[DENSE, SPARSE, MAGNITUDE, SHARED, similarity]),
+        "llama_tied 1x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="1x4", hlo=True,
+                               methods=[DENSE, SPARSE, SHARED]),
+        "llama_tied 2x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="2x4", methods=[DENSE, SPARSE]),
+        "opt 1x4": dict(checkpoint=str(tiny_checkpoint("opt")), mesh="1x4", methods=[DENSE, SPARSE]),
+    }
+    for family in ("mistral", "qwen2", "qwen3", "phi3", "gemma3"):
+        jobs[f"{family} 1x2"] = dict(checkpoint=str(tiny_checkpoint(family)), mesh="1x2", methods=[DENSE, SPARSE])
+    errors = {"too many devices": dict(checkpoint=str(tiny_checkpoint("llama")), error_mesh="4x4"),
+              "kv heads": dict(checkpoint=str(tiny_checkpoint("llama")), error_mesh="1x4")}
+    for job in jobs.values():
+        job.update(prompts=PROMPTS, new_tokens=NEW)
+    out = run_worker(list(jobs.values()) + list(errors.values()), tmp)["jobs"]
+    return {"jobs": dict(zip(jobs, out)), "errors": dict(zip(errors, out[len(jobs):])),
+            "calibration": cal_dir, "checkpoints": {name: job["checkpoint"] for name, job in jobs.items()}}
+
+
+def one_device(checkpoint: str, settings: dict[str, Any], tensor: int) -> tuple[Any, Generator]:
+    """This process's single-device generation with the rule the mesh's tensor axis implies."""
+    gen = Generator.load(checkpoint)
+    method = build_method(settings)
+    if settings["method"] != "dense":
+        method = dataclasses.replace(method, shards=tensor)
+    return gen.generate_ids(PROMPTS, NEW, method=method, stop_at_eos=False), gen, method
+
+
+@pytest.mark.parametrize("job", ["llama 2x2", "llama_tied 1x4", "llama_tied 2x4", "opt 1x4", "mistral 1x2",
+                                 "qwen2 1x2", "qwen3 1x2", "phi3 1x2", "gemma3 1x2"])
+def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
+    """Dense and every sparse method: the same greedy tokens and core neurons as one device
+    running the same shard-local rule."""
+    ran = mesh_run["jobs"][job]
+    tensor = parse_mesh(job.split()[1])[1]
+    checkpoint = mesh_run["checkpoints"][job]
+    settings = [DENSE, SPARSE, MAGNITUDE, SHARED, "similarity"] if job == "llama 2x2" else \
+        [DENSE, SPARSE, SHARED] if job == "llama_tied 1x4" else [DENSE, SPARSE]
+    for s, got in zip(settings, ran["methods"]):
+        if s == "similarity":
+            s = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": mesh_run["calibration"]}
+        want, _, _ = one_device(checkpoint, s, tensor)
+        assert got["tokens"] == want.tokens, (job, s)
+        if want.core_neurons is not None:
+            np.testing.assert_array_equal(np.array(got["core"]), want.core_neurons)
+
+
+def test_weights_are_split_over_the_tensor_axis(mesh_run) -> None:
+    """Each device holds F / tensor rows of every FFN matrix (tiny models: F = 128, D = 64)."""
+    assert mesh_run["jobs"]["llama 2x2"]["w_up_shard_shape"] == [64, 64]
+    assert mesh_run["jobs"]["llama_tied 1x4"]["w_up_shard_shape"] == [32, 64]
+    assert mesh_run["jobs"]["qwen3 1x2"]["w_up_shard_shape"] == [64, 64]
+
+
+def test_core_neurons_are_shard_local(mesh_run) -> None:
+    """Block s of each row's ids lies in device s's rows; the gathered core weights are split on
+    K the same way, so each device holds its own K / tensor rows."""
+    for job, tensor in (("llama 2x2", 2), ("llama_tied 1x4", 4)):
+        core = np.array(mesh_run["jobs"][job]["methods"][1]["core"])  # [B, n_sparse, K]
+        K = core.shape[-1]
+        blocks = core.reshape(*core.shape[:2], tensor, K // tensor) // (128 // tensor)
+        assert (blocks == np.arange(tensor)[:, None]).all()
+        hlo = mesh_run["jobs"][job]["methods"][1]["hlo"]
+        data = 2 if job.startswith("llama 2x2") else 1
+        assert hlo["core_w_up_shape"] == [len(PROMPTS), K, 64]
+        assert hlo["core_w_up_shard_shapes"] == [[len(PROMPTS) // data, K // tensor, 64]]
+
+
+def test_no_ffn_weight_crosses_devices(mesh_run) -> None:
+    """The gather runs no collective at all, and decode gathers nothing: each attention block and
+    FFN ends in one all-reduce of the `[B, 1, D]` output (plus the vocabulary-split embedding's)."""
+    for job in ("llama 2x2", "llama_tied 1x4"):
+        for hlo in (m["hlo"] for m in mesh_run["jobs"][job]["methods"][1:3]):
+            assert hlo["gather"] == {"all-gather": [], "all-reduce": []}
+            assert hlo["decode"]["all-gather"] == []
+            outputs = [s for s in hlo["decode"]["all-reduce"] if s.endswith(",64]{2,1,0}")]
+            assert len(outputs) == 2 * 2 + 1, hlo["decode"]["all-reduce"]
+
+
+def test_batch_shared_core_is_one_set_gathered_once(mesh_run) -> None:
+    """share="batch": every row has the same ids, and the gathered weights are `[K, D]`."""
+    for job, index in (("llama 2x2", 3), ("llama_tied 1x4", 2)):
+        got = mesh_run["jobs"][job]["methods"][index]
+        core = np.array(got["core"])
+        assert (core == core[:1]).all()
+        assert len(got["hlo"]["core_w_up_shape"]) == 2
+
+
+def test_scores_under_a_mesh_equal_one_device(mesh_run) -> None:
+    """Teacher-forced log-probabilities (dense and shard-local sparse) within float32 noise."""
+    checkpoint = mesh_run["checkpoints"]["llama 2x2"]
+    gen = Generator.load(checkpoint)
+    for settings, got in zip([DENSE, SPARSE], mesh_run["jobs"]["llama 2x2"]["methods"]):
+        method = build_method(settings)
+        if settings["method"] != "dense":
+            method = dataclasses.replace(method, shards=2)
+        want = gen.score_ids(PROMPTS, SCORE, method=method)
+        for (lp, _), g in zip(want, got["score"]):
+            np.testing.assert_allclose(np.array(g), lp, atol=1e-4)
+
+
+def test_bad_meshes_say_what_is_wrong(mesh_run) -> None:
+    assert "needs 16 devices but 8 are available" in mesh_run["errors"]["too many devices"]["error"]
+    assert "does not divide the model's 2 KV heads" in mesh_run["errors"]["kv heads"]["error"]
+    with pytest.raises(MeshError, match="DATAxTENSOR"):
+        parse_mesh("4")
+    with pytest.raises(MeshError, match="needs 2 devices"):
+        make_mesh("1x2")
+
+
+def test_shard_local_top_k_equals_numpy(rng=np.random.default_rng(0)) -> None:
+    """Each block's own best, in index order on ties; one shard is the global top-k; shared sums rows."""
+    scores = rng.integers(0, 5, size=(3, 24)).astype(np.float32)
+    got = np.asarray(top_neurons(jax.numpy.asarray(scores), 8, shards=4))
+    for b in range(3):
+        want = [s * 6 + j for s in range(4) for j in sorted(range(6), key=lambda j: (-scores[b, s * 6 + j], j))[:2]]
+        assert got[b].tolist() == want
+    one = np.asarray(top_neurons(jax.numpy.asarray(scores), 8))
+    assert [sorted(r) for r in one.tolist()] == [sorted(np.argsort(-s, kind="stable")[:8].tolist()) for s in scores]
+    shared = np.asarray(top_neurons(jax.numpy.asarray(scores), 8, share="batch"))
+    assert (shared == np.argsort(-scores.sum(0), kind="stable")[:8]).all()
+
+
+def test_sharding_settings_are_checked(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    with pytest.raises(MethodError, match="shards=3 must be >= 1 and divide the FFN width 128"):
+        gen.generate_ids(PROMPTS[:1], 2, method=build_method(dict(SPARSE, shards=3)))
+    with pytest.raises(MethodError, match="unknown share"):
+        gen.generate_ids(PROMPTS[:1], 2, method=build_method(dict(SPARSE, share="column")))
+    with pytest.raises(MeshError, match="offload mode runs on one device"):
+        Generator.load(tiny_checkpoint("llama"), offload=True, mesh="1x1")
+
+
+def test_batch_shared_with_one_row_equals_per_row(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    row = gen.generate_ids(PROMPTS[:1], NEW, method=build_method(SPARSE), stop_at_eos=False)
+    shared = gen.generate_ids(PROMPTS[:1], NEW, method=build_method(SHARED), stop_at_eos=False)
+    assert shared.tokens == row.tokens
+    np.testing.assert_array_equal(shared.core_neurons, row.core_neurons)
