@@ -7,12 +7,14 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import pytest
 
 from coreinfer_jax.tools import bench
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.device_suite import MEASURED
 from coreinfer_jax.tools.roofline import bandwidth_probe
+from coreinfer_jax.tools.shapes import model_config, random_params
 
 SHAPES = ("smollm2-135m", "llama-3-8b")
 
@@ -56,9 +58,13 @@ def test_measured_rows_have_positive_finite_numbers_and_skipped_rows_none(suite)
             assert all(x is None for x in numbers), r
     tests = next(r for r in report["rows"] if r["part"] == "tests")
     assert tests["tests"] > 10 and tests["seconds"] > 0
-    # Memory-limited mode holds the weights a decode step reads, not the whole model (nor the KV cache).
+    # Memory-limited mode holds every non-FFN weight and the FFN rows a step reads, not the whole model.
     offload = next(r for r in report["rows"] if r["part"] == "offload" and r["status"] == "measured")
-    assert 0 < offload["device_weight_bytes"] < offload["bytes_per_token"]
+    cfg, _ = model_config("llama-3-8b", tiny=True)
+    params = random_params(cfg, "bfloat16")
+    ffn = sum(x.nbytes for layer in params["layers"] for x in layer["ffn"].values())
+    model = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert model - ffn < offload["device_weight_bytes"] < model
 
 
 def test_markdown_lists_every_row(suite) -> None:

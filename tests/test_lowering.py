@@ -149,6 +149,7 @@ def programs() -> dict[str, Program]:
     return rec.programs
 
 
+@pytest.mark.slow  # the recording compiles about 25 programs on the CPU (~30 s on 2 cores)
 def test_the_recording_covers_every_program(programs) -> None:
     want = {f"{s}/{p}" for s in ("dense", "stability", "similarity", "hybrid") for p in ("prefill", "decode")}
     want |= {f"{s}/score_continuation" for s in ("stability", "hybrid")}
@@ -158,11 +159,11 @@ def test_the_recording_covers_every_program(programs) -> None:
     assert want <= set(programs), sorted(want - set(programs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_every_program_lowers_for_gpu_and_tpu(programs, platform) -> None:
     lowered = [(name, *lower(p, platform)) for name, p in sorted(programs.items())]
     assert not check_programs(lowered)
-    assert all(f"jax.uses_shape_polymorphism" not in text for _, text, _ in lowered)
     # The programs really were lowered for `platform`, not for this host.
     decode_text = dict((n, t) for n, t, _ in lowered)["dense/decode"]
     assert "stablehlo.while" in decode_text
@@ -202,6 +203,7 @@ def test_the_pattern_matches_each_callback_spelling() -> None:
                               '{mhlo.frontend_attributes = {_xla_buffer_placement = "pinned_host"}}')
 
 
+@pytest.mark.slow
 def test_recorded_arguments_are_shapes_not_buffers(programs) -> None:
     # A donated cache is deleted after its call; the recording must not hold the buffer.
     _, args, _ = programs["dense/decode"]
