@@ -34,6 +34,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, metavar="DATAxTENSOR",
                    help="split the model over DATA x TENSOR devices, e.g. 1x4 (tensor parallel over 4; "
                         "sparse methods select shard-locally); default: one device")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes (hosts) drive one --mesh: process 0's address (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=1, help="with --coordinator: how many processes")
+    p.add_argument("--process-id", type=int, default=0, help="with --coordinator: this process's index")
 
 
 def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_keeps: bool = False) -> None:

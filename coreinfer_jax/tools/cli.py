@@ -12,6 +12,7 @@ from coreinfer_jax.calibrate import budget, predictor, similarity
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation import evaluate, sweep
 from coreinfer_jax.evaluation.tasks import TEMPLATES, format_prompt
+from coreinfer_jax.runtime.distributed import initialize, is_main_process
 from coreinfer_jax.runtime.generator import GenerationResult, Generator
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense
@@ -40,6 +41,8 @@ def generate_main(args: argparse.Namespace) -> int:
     with maybe_profile(args.profile):
         out = gen.generate(prompt, **kwargs)
     compile_s = max(0.0, (warm.prefill_s + warm.decode_s) - (out.prefill_s + out.decode_s))
+    if not is_main_process():
+        return 0
     if args.json:
         print(json.dumps(result_json(out, compile_s, args.offload, gen)))
     else:
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "coordinator", None) is not None:
+            initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
