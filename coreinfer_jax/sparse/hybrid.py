@@ -157,6 +157,9 @@ class Hybrid(Stability):
                                      f"{method.predictor.layers[1]}, not for the sparse layers {layers[0]}:{layers[1]}")
         return dataclasses.replace(method, layers=layers)
 
+    def batch_shared(self) -> None:
+        return None  # its per-token neurons are each row's own
+
     @property
     def decode_ffn(self) -> TokenNeurons:
         return TokenNeurons(self.dynamic, self.select_by)

@@ -16,6 +16,8 @@ and the accounting (roofline, bench, eval) ask a method these questions and neve
              argument of the decode loop), where a token-adaptive method picks neurons per
              token (`hybrid.Hybrid`); the others run `forward.ffn` and share one compiled loop;
              `offload_supported`: whether memory-limited mode can serve it;
+  batches    `per_row_weights`: decode reads a gathered copy per row; `batch_shared()`: the
+             method with one set for the whole batch (None: it has none);
   accounting `sparse_layers()`, `layer_neurons(width)` (static rows per sparse layer),
              `ffn_elements(params)` (FFN weight elements a decode step reads, per layer),
              `label` and `describe()` (how rows and JSON name it).
@@ -87,6 +89,15 @@ class Method:
         """This method for tensor parallelism over `shards` devices (`CoreNeurons`: shard-local
         selection); a method that keeps everything needs nothing."""
         return self
+
+    def batch_shared(self) -> Method | None:
+        """This method with one neuron set for the whole batch, or None if it has no such mode."""
+        return None
+
+    @property
+    def per_row_weights(self) -> bool:
+        """Whether decode reads a gathered copy of FFN rows per batch row (not shared weights)."""
+        return False
 
     def sparse_layers(self) -> range:
         return range(0)
@@ -171,6 +182,13 @@ class CoreNeurons(Method):
         if self.shards not in (1, shards):
             raise MethodError(f"the method selects over shards={self.shards} but the mesh's tensor axis has {shards}")
         return dataclasses.replace(self, shards=shards)
+
+    def batch_shared(self) -> CoreNeurons:
+        return dataclasses.replace(self, share="batch")
+
+    @property
+    def per_row_weights(self) -> bool:
+        return self.share != "batch"
 
     def sparse_layers(self) -> range:
         assert self.layers is not None, "call validate(cfg) first"

@@ -17,6 +17,7 @@ from coreinfer_jax.runtime.generator import GenerationResult, Generator
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense
 from coreinfer_jax.tools.args import add_method_args, add_model_args, method_from_args
+from coreinfer_jax.tools.batch_bench import batch_main
 from coreinfer_jax.tools.bench import bench_main
 from coreinfer_jax.tools.compile_time import compile_main
 from coreinfer_jax.tools.device_suite import suite_main
@@ -59,6 +60,8 @@ def bench_command(args: argparse.Namespace) -> int:
         return suite_main(args)
     if args.compile_depths is not None:
         return compile_main(args)
+    if args.batch is not None:
+        return batch_main(args)
     return bench_main(args)
 
 
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device: the tests that can use an accelerator, the SmolLM2- and 8B-shape bench and "
                         "memory-limited mode against Transformers (one JSON + markdown table in --out)")
     b.add_argument("--out", type=Path, default=Path("device_suite"), help="--suite's output directory")
+    b.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
+                   help="instead of the batch-1 table: throughput at these batch sizes, dense vs per-row vs "
+                        "batch-shared core neurons (--keep: one value, default 0.4)")
     b.set_defaults(func=bench_command)
 
     evaluate.add_parser(sub, add_model_args, add_method_args)
