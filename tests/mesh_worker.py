@@ -6,7 +6,9 @@ starts, so `tests/test_mesh.py` starts this with `JAX_NUM_CPU_DEVICES`).
 Each job: `checkpoint`, `mesh`, `prompts` (token ids), `new_tokens`, `methods` (settings for
 `make_method` plus `share`, `calibration`); optional `score` (continuations to score with
 each method), `hlo` (also compile the gather and decode programs of each sparse method and
-report their collectives) and `error_mesh` (a mesh to try, reporting its error line).
+report their collectives), `lower` (every program the job's generations and scoring run,
+lowered for cuda and tpu, checked for host callbacks by `test_lowering`) and `error_mesh` (a
+mesh to try, reporting its error line).
 Writes, per job, each method's tokens, core neurons and scores, and what was asked besides.
 """
 
@@ -67,6 +69,34 @@ def compiled_programs(gen: Generator, method: Any, prompts: list[list[int]], new
             "core_w_up_shard_shapes": sorted({tuple(s.data.shape) for s in w_up.addressable_shards})}
 
 
+def lowered_programs(gen: Generator, job: dict[str, Any]) -> dict[str, Any]:
+    """Every program generation and scoring run on the mesh (each method of the job), lowered
+    for cuda and tpu: their names, and `test_lowering.check_programs`' findings per platform."""
+    import pytest
+
+    from test_lowering import Recorder, check_programs, lower
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        rec = Recorder(monkeypatch)
+        for settings in job["methods"]:
+            rec.scenario = settings["method"] + ("-" + settings["share"] if "share" in settings else "")
+            method = build_method(settings)
+            gen.generate_ids(job["prompts"], job["new_tokens"], method=method, stop_at_eos=False)
+            gen.score_ids(job["prompts"], job["score"], method=method)
+    def unplaced(x: Any) -> Any:
+        # Small inputs (token ids, lengths) were uncommitted arrays on device 0: jit places them.
+        if isinstance(x, jax.ShapeDtypeStruct) and isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return x
+
+    programs = {name: (fn, jax.tree.map(unplaced, args), jax.tree.map(unplaced, kwargs))
+                for name, (fn, args, kwargs) in rec.programs.items()}
+    with gen.on_mesh():
+        findings = {platform: check_programs([(name, *lower(p, platform)) for name, p in programs.items()])
+                    for platform in ("cuda", "tpu")}
+    return {"programs": sorted(programs), "findings": findings}
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "error_mesh" in job:
@@ -79,6 +109,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     gen = Generator.load(job["checkpoint"], mesh=job["mesh"])
     w_up = gen.params["layers"][0]["ffn"]["w_up"]
     out["w_up_shard_shape"] = list(w_up.addressable_shards[0].data.shape)
+    if job.get("lower"):
+        out["lowered"] = lowered_programs(gen, job)
     out["methods"] = []
     for settings in job["methods"]:
         method = build_method(settings)

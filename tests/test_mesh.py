@@ -61,7 +61,8 @@ def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
                           methods=[DENSE, SPARSE, MAGNITUDE, SHARED, similarity]),
         "llama_tied 1x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="1x4", hlo=True,
                                methods=[DENSE, SPARSE, SHARED]),
-        "llama_tied 2x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="2x4", methods=[DENSE, SPARSE]),
+        "llama_tied 2x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="2x4", lower=True, score=SCORE,
+                               methods=[DENSE, SPARSE, SHARED]),
         "opt 1x4": dict(checkpoint=str(tiny_checkpoint("opt")), mesh="1x4", methods=[DENSE, SPARSE]),
     }
     for family in ("mistral", "qwen2", "qwen3", "phi3", "gemma3"):
@@ -93,7 +94,7 @@ def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
     tensor = parse_mesh(job.split()[1])[1]
     checkpoint = mesh_run["checkpoints"][job]
     settings = [DENSE, SPARSE, MAGNITUDE, SHARED, "similarity"] if job == "llama 2x2" else \
-        [DENSE, SPARSE, SHARED] if job == "llama_tied 1x4" else [DENSE, SPARSE]
+        [DENSE, SPARSE, SHARED] if job.startswith("llama_tied") else [DENSE, SPARSE]
     for s, got in zip(settings, ran["methods"]):
         if s == "similarity":
             s = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": mesh_run["calibration"]}
@@ -133,6 +134,15 @@ def test_no_ffn_weight_crosses_devices(mesh_run) -> None:
             assert hlo["decode"]["all-gather"] == []
             outputs = [s for s in hlo["decode"]["all-reduce"] if s.endswith(",64]{2,1,0}")]
             assert len(outputs) == 2 * 2 + 1, hlo["decode"]["all-reduce"]
+
+
+def test_sharded_programs_lower_for_gpu_and_tpu(mesh_run) -> None:
+    """Every program a 2x4-mesh generation and scoring run (dense, shard-local, batch-shared),
+    lowered for cuda and tpu with their shardings: no host callback (`test_lowering`)."""
+    lowered = mesh_run["jobs"]["llama_tied 2x4"]["lowered"]
+    for kind in ("prefill", "gather_core_layers", "decode", "score_continuation"):
+        assert any(name.endswith("/" + kind) and name.startswith("stability") for name in lowered["programs"]), kind
+    assert lowered["findings"] == {"cuda": [], "tpu": []}
 
 
 def test_batch_shared_core_is_one_set_gathered_once(mesh_run) -> None:
