@@ -74,10 +74,10 @@ def check_run_settings(new_tokens: int, reps: int) -> None:
 
 def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, reps: int = 5,
               torch_baseline: bool = True, dtype: str | None = None, prompt: str = BENCH_PROMPT,
-              torch_attention: str = "eager") -> dict[str, Any]:
+              torch_attention: str = "eager", mesh: str | None = None) -> dict[str, Any]:
     """The bench of a converted checkpoint: its tokenizer's `prompt`, Transformers on the same weights."""
     check_run_settings(new_tokens, reps)
-    gen = Generator.load(checkpoint, dtype)
+    gen = Generator.load(checkpoint, dtype, mesh=mesh)
     torch_runner = TorchRunner.from_checkpoint(checkpoint, dtype, torch_attention) if torch_baseline else None
     report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, torch_runner,
                      f"transformers-pytorch-{torch_attention}")
@@ -105,7 +105,7 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
     """Every row decodes `prompt_ids` greedily for `new_tokens`: warm-up runs first, then
     `reps` repetitions interleaved across rows; medians. `torch_runner`'s row is `torch_name`."""
     cfg, params = gen.cfg, gen.params
-    methods = [m.validate(cfg) for m in methods]
+    methods = [gen.resolve(m) for m in methods]
     names = [(torch_name, None)] if torch_runner else []
     names += [(label(m), m) for m in methods]
     labels = [n for n, _ in names]
@@ -220,6 +220,6 @@ def bench_main(args: argparse.Namespace) -> int:
                                       args.dtype, args.tiny, args.torch_attention)
         else:
             report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
-                               torch_attention=args.torch_attention)
+                               torch_attention=args.torch_attention, mesh=args.mesh)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
