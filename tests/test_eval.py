@@ -222,3 +222,12 @@ def test_eval_bad_input_is_one_clear_line(args, message, tiny_checkpoint, tmp_pa
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_rows_name_shard_local_and_batch_shared_selection() -> None:
+    rows = [EvalResult("wikitext", "dense", 1.0, 5, {"perplexity": 20.0}),
+            EvalResult("wikitext", "stability", 0.4, 5, {"perplexity": 40.0}, rule="normalized_magnitude", shards=4),
+            EvalResult("wikitext", "stability", 0.4, 5, {"perplexity": 41.0}, share="batch")]
+    table = markdown(rows)
+    assert "| stability normalized_magnitude 4 shards | 0.4 |" in table
+    assert "| stability shared | 0.4 |" in table

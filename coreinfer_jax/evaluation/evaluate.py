@@ -54,6 +54,8 @@ class EvalResult:
     seconds: float = 0.0
     rule: str | None = None  # stability's selection rule
     layer_keep: list[int] | None = None  # stability's per-layer budget, neurons per sparse layer
+    shards: int = 1  # shard-local selection over this many blocks (a tensor-parallel mesh's)
+    share: str = "row"  # "batch": one core set per batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +183,7 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
             d = m.describe()
             results.append(EvalResult(task, d["method"], d["keep"], len(examples), {**metrics, **extra},
                                       d["token_keep"], d["layers"], time.perf_counter() - t0, d["rule"],
-                                      d["layer_neurons"]))
+                                      d["layer_neurons"], d.get("shards", 1), d.get("share", "row")))
             if records is not None:
                 records += [{"task": task, "method": m.name, "keep": results[-1].keep, "label": m.label, **r}
                             for r in rows]
@@ -243,9 +245,10 @@ def markdown(results: Sequence[EvalResult]) -> str:
 
 
 def _variant(r: EvalResult) -> str:
+    sharing = (" shared" if r.share == "batch" else "") + (f" {r.shards} shards" if r.shards > 1 else "")
     if r.rule in (None, "paper") and not r.layer_keep:
-        return ""
-    return f" {r.rule}" + (" +budget" if r.layer_keep else "")
+        return sharing
+    return f" {r.rule}" + (" +budget" if r.layer_keep else "") + sharing
 
 
 def fmt_metric(x: float) -> str:
