@@ -6,7 +6,8 @@ starts, so `tests/test_mesh.py` starts this with `JAX_NUM_CPU_DEVICES`).
 Each job: `checkpoint`, `mesh`, `prompts` (token ids), `new_tokens`, `methods` (settings for
 `make_method` plus `share`, `calibration`); optional `score` (continuations to score with
 each method), `hlo` (also compile the gather and decode programs of each sparse method and
-report their collectives), `lower` (every program the job's generations and scoring run,
+report their collectives), `recompile` (generate again from prompts one token shorter, in the
+same bucket, and report how many programs compiled anew), `lower` (every program the job's generations and scoring run,
 lowered for cuda and tpu, checked for host callbacks by `test_lowering`) and `error_mesh` (a
 mesh to try, reporting its error line).
 Writes, per job, each method's tokens, core neurons and scores, and what was asked besides.
@@ -119,6 +120,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                                "core": None if result.core_neurons is None else result.core_neurons.tolist()}
         if "score" in job:
             row["score"] = [lp.tolist() for lp, _ in gen.score_ids(job["prompts"], job["score"], method=method)]
+        if job.get("recompile"):
+            # Other prompt lengths in the same bucket: no program may compile again.
+            programs = (engine.prefill, engine.decode, gather_core_layers)
+            before = [f._cache_size() for f in programs]
+            gen.generate_ids([p[:-1] for p in job["prompts"]], job["new_tokens"], method=method, stop_at_eos=False)
+            row["recompiled"] = [f._cache_size() - b for f, b in zip(programs, before)]
         if job.get("hlo") and settings["method"] != "dense":
             row["hlo"] = compiled_programs(gen, gen.resolve(method), job["prompts"], job["new_tokens"])
         out["methods"].append(row)

@@ -59,7 +59,7 @@ def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
     jobs = {
         "llama 2x2": dict(checkpoint=str(tiny_checkpoint("llama")), mesh="2x2", hlo=True, score=SCORE,
                           methods=[DENSE, SPARSE, MAGNITUDE, SHARED, similarity]),
-        "llama_tied 1x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="1x4", hlo=True,
+        "llama_tied 1x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="1x4", hlo=True, recompile=True,
                                methods=[DENSE, SPARSE, SHARED]),
         "llama_tied 2x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="2x4", lower=True, score=SCORE,
                                methods=[DENSE, SPARSE, SHARED]),
@@ -145,6 +145,12 @@ def test_sharded_programs_lower_for_gpu_and_tpu(mesh_run) -> None:
     assert lowered["findings"] == {"cuda": [], "tpu": []}
 
 
+def test_no_recompile_within_a_bucket_on_a_mesh(mesh_run) -> None:
+    """Prompts one token shorter (same bucket): pre-fill, decode and the gather compile nothing new."""
+    for got in mesh_run["jobs"]["llama_tied 1x4"]["methods"]:
+        assert got["recompiled"] == [0, 0, 0]
+
+
 def test_batch_shared_core_is_one_set_gathered_once(mesh_run) -> None:
     """share="batch": every row has the same ids, and the gathered weights are `[K, D]`."""
     for job, index in (("llama 2x2", 3), ("llama_tied 1x4", 2)):
@@ -205,3 +211,20 @@ def test_batch_shared_with_one_row_equals_per_row(tiny_checkpoint) -> None:
     shared = gen.generate_ids(PROMPTS[:1], NEW, method=build_method(SHARED), stop_at_eos=False)
     assert shared.tokens == row.tokens
     np.testing.assert_array_equal(shared.core_neurons, row.core_neurons)
+
+
+def test_mesh_options_apply_where_they_are_used(tiny_checkpoint, capsys) -> None:
+    """`--mesh 1x1` decodes as one device; commands that do not decode on a mesh refuse it."""
+    from coreinfer_jax.tools.cli import main
+
+    ckpt = str(tiny_checkpoint("llama"))
+    args = ["generate", "--checkpoint", ckpt, "--prompt", "The quick brown fox", "--max-new-tokens", "6", "--json",
+            "--method", "stability", "--keep", "0.5", "--layers", "0:2"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--mesh", "1x1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == plain["tokens"]
+    assert main(["bench", "--mesh", "1x1", "--compile-depths", "8"]) == 2
+    assert "--mesh applies to the decode-speed tables" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predictor", "--checkpoint", ckpt, "--data", "x.txt", "--mesh", "1x1"])

@@ -26,11 +26,15 @@ def layers_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
+    """`--checkpoint`, `--dtype` and, for commands that decode (`mesh`), `--mesh` and the
+    multi-process options."""
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"converted checkpoint directory (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
+    if not mesh:
+        return
     p.add_argument("--mesh", default=None, metavar="DATAxTENSOR",
                    help="split the model over DATA x TENSOR devices, e.g. 1x4 (tensor parallel over 4; "
                         "sparse methods select shard-locally); default: one device")

@@ -86,14 +86,15 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
 
 def run_random_bench(shape: str, methods: list[Method], new_tokens: int = 128, reps: int = 5,
                      torch_baseline: bool = False, dtype: str | None = None, tiny: bool = False,
-                     torch_attention: str = "eager", torch_device: str = "cpu") -> dict[str, Any]:
+                     torch_attention: str = "eager", torch_device: str = "cpu",
+                     mesh: str | None = None) -> dict[str, Any]:
     """The bench of a real model's shapes (`shapes.HF_CONFIGS`) with random weights made on the
     device, on a stand-in prompt of random ids; Transformers, where asked, on its own random
     initialisation of the same config (only speed is compared)."""
     check_run_settings(new_tokens, reps)
     dtype = dtype or "float32"
     cfg, hf = model_config(shape, tiny)
-    gen = Generator(cfg, random_params(cfg, dtype), tokenizer=None)
+    gen = Generator(cfg, random_params(cfg, dtype), tokenizer=None, mesh=mesh)
     torch_runner = TorchRunner.from_hf_config(hf, dtype, torch_attention, torch_device) if torch_baseline else None
     report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, torch_runner,
                      f"transformers-pytorch-{torch_attention}")
@@ -217,7 +218,7 @@ def bench_main(args: argparse.Namespace) -> int:
     with maybe_profile(args.profile):
         if args.shapes is not None:
             report = run_random_bench(args.shapes, methods, args.new_tokens, args.reps, not args.no_torch,
-                                      args.dtype, args.tiny, args.torch_attention)
+                                      args.dtype, args.tiny, args.torch_attention, mesh=args.mesh)
         else:
             report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
                                torch_attention=args.torch_attention, mesh=args.mesh)

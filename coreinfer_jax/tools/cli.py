@@ -56,6 +56,9 @@ def generate_main(args: argparse.Namespace) -> int:
 
 def bench_command(args: argparse.Namespace) -> int:
     """`bench`: the device suite, compile time vs depth, or the decode-speed table."""
+    if args.mesh is not None and (args.suite is not None or args.compile_depths is not None):
+        raise CoreInferError("--mesh applies to the decode-speed tables (bench, bench --batch), not to --suite or "
+                             "--compile-depths")
     if args.suite is not None:
         return suite_main(args)
     if args.compile_depths is not None:
@@ -139,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=bench_command)
 
     evaluate.add_parser(sub, add_model_args, add_method_args)
-    add_model_args(similarity.add_parser(sub))
-    add_model_args(budget.add_parser(sub))
-    add_model_args(predictor.add_parser(sub))
+    # Calibration, budgets and predictors are fitted once, on one device.
+    add_model_args(similarity.add_parser(sub), mesh=False)
+    add_model_args(budget.add_parser(sub), mesh=False)
+    add_model_args(predictor.add_parser(sub), mesh=False)
     sweep.add_parser(sub, add_model_args)
     return parser
 
