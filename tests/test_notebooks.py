@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 # Notebooks whose point is their plots: how many figures (image/png outputs) a run must show.
-EXPECTED_FIGURES = {"core_neurons": 5}
+EXPECTED_FIGURES = {"core_neurons": 5, "two_models": 2}
 
 
 def _figures(nb: nbformat.NotebookNode) -> int:
