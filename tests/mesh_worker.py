@@ -64,7 +64,8 @@ def compiled_programs(gen: Generator, method: Any, prompts: list[list[int]], new
                                      stop_ids((), gen.cfg.vocab_size), jax.random.key(0), cfg=gen.cfg,
                                      sampling=Sampling(), max_steps=cache_len - tokens.shape[1],
                                      ffn_fn=method.decode_ffn).compile().as_text()
-        w_up = weights["layers"][sparse[0]]["ffn"]["w_up"]
+        layer = weights["layers"][sparse[0]]["ffn"]
+        w_up = layer.get("core", layer)["w_up"]  # the hybrid method's core rows sit under "core"
     return {"gather": collectives(gather), "decode": collectives(decode),
             "core_w_up_shape": list(w_up.shape),
             "core_w_up_shard_shapes": sorted({tuple(s.data.shape) for s in w_up.addressable_shards})}

@@ -27,6 +27,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.sharding import MeshError, make_mesh, parse_mesh
 from coreinfer_jax.sparse.rules import top_neurons
 from mesh_worker import build_method
+from test_lowering import tiny_predictor
 
 HERE = Path(__file__).parent
 PROMPTS = [[5, 17, 33, 8, 90, 41, 12], [7, 99, 23, 64], [150, 3, 77, 18, 200, 9], [44, 45, 46]]
@@ -36,6 +37,8 @@ SPARSE = {"method": "stability", "keep": 0.5, "layers": [0, 2]}
 MAGNITUDE = dict(SPARSE, rule="normalized_magnitude")
 SHARED = dict(SPARSE, share="batch")
 DENSE = {"method": "dense"}
+# Static 0.25 + per-token 0.25, with a predictor of random factors (`tiny_predictor`).
+HYBRID = {"method": "hybrid", "keep": 0.25, "dynamic": 0.25, "layers": [0, 2]}
 
 
 def run_worker(jobs: list[dict[str, Any]], tmp: Path, devices: int = 8, timeout: int = 600) -> dict[str, Any]:
@@ -55,14 +58,16 @@ def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("mesh")
     cal = calibrate(Generator.load(tiny_checkpoint("llama")), SENTENCES, clusters=4, progress=False)
     cal_dir = str(cal.save(tmp / "calibration"))
+    tied = Generator.load(tiny_checkpoint("llama_tied")).cfg
+    hybrid = dict(HYBRID, predictor=str(tiny_predictor(tied).save(tmp / "predictor")))
     similarity = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": cal_dir}
     jobs = {
         "llama 2x2": dict(checkpoint=str(tiny_checkpoint("llama")), mesh="2x2", hlo=True, score=SCORE,
                           methods=[DENSE, SPARSE, MAGNITUDE, SHARED, similarity]),
         "llama_tied 1x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="1x4", hlo=True, recompile=True,
-                               methods=[DENSE, SPARSE, SHARED]),
+                               score=SCORE, methods=[DENSE, SPARSE, SHARED, hybrid]),
         "llama_tied 2x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="2x4", lower=True, score=SCORE,
-                               methods=[DENSE, SPARSE, SHARED]),
+                               methods=[DENSE, SPARSE, SHARED, hybrid]),
         "opt 1x4": dict(checkpoint=str(tiny_checkpoint("opt")), mesh="1x4", methods=[DENSE, SPARSE]),
     }
     for family in ("mistral", "qwen2", "qwen3", "phi3", "gemma3"):
@@ -72,8 +77,8 @@ def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
     for job in jobs.values():
         job.update(prompts=PROMPTS, new_tokens=NEW)
     out = run_worker(list(jobs.values()) + list(errors.values()), tmp)["jobs"]
-    return {"jobs": dict(zip(jobs, out)), "errors": dict(zip(errors, out[len(jobs):])),
-            "calibration": cal_dir, "checkpoints": {name: job["checkpoint"] for name, job in jobs.items()}}
+    return {"jobs": dict(zip(jobs, out)), "errors": dict(zip(errors, out[len(jobs):])), "calibration": cal_dir,
+            "hybrid": hybrid, "checkpoints": {name: job["checkpoint"] for name, job in jobs.items()}}
 
 
 def one_device(checkpoint: str, settings: dict[str, Any], tensor: int) -> tuple[Any, Generator]:
@@ -94,7 +99,8 @@ def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
     tensor = parse_mesh(job.split()[1])[1]
     checkpoint = mesh_run["checkpoints"][job]
     settings = [DENSE, SPARSE, MAGNITUDE, SHARED, "similarity"] if job == "llama 2x2" else \
-        [DENSE, SPARSE, SHARED] if job.startswith("llama_tied") else [DENSE, SPARSE]
+        [DENSE, SPARSE, SHARED, mesh_run["hybrid"]] if job.startswith("llama_tied") else [DENSE, SPARSE]
+    assert len(settings) == len(ran["methods"])
     for s, got in zip(settings, ran["methods"]):
         if s == "similarity":
             s = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": mesh_run["calibration"]}
@@ -140,9 +146,22 @@ def test_sharded_programs_lower_for_gpu_and_tpu(mesh_run) -> None:
     """Every program a 2x4-mesh generation and scoring run (dense, shard-local, batch-shared),
     lowered for cuda and tpu with their shardings: no host callback (`test_lowering`)."""
     lowered = mesh_run["jobs"]["llama_tied 2x4"]["lowered"]
-    for kind in ("prefill", "gather_core_layers", "decode", "score_continuation"):
-        assert any(name.endswith("/" + kind) and name.startswith("stability") for name in lowered["programs"]), kind
+    for method in ("stability", "hybrid"):
+        for kind in ("prefill", "gather_core_layers", "decode", "score_continuation"):
+            assert f"{method}/{kind}" in lowered["programs"], (method, kind)
     assert lowered["findings"] == {"cuda": [], "tpu": []}
+
+
+def test_hybrid_per_token_rows_stay_on_their_device(mesh_run) -> None:
+    """The token-adaptive method on a mesh: per-token ids shard-local like the core's, so the
+    per-step gather of weight rows runs inside each device. The decode loop all-gathers only
+    the predicted scores (`[B, 1, N, F/N]` numbers per layer and step), never a `[.., D]` row
+    of weights; the once-per-generation gather runs no collective."""
+    hlo = mesh_run["jobs"]["llama_tied 1x4"]["methods"][3]["hlo"]
+    assert hlo["gather"] == {"all-gather": [], "all-reduce": []}
+    gathered = [[int(d) for d in shape.split("[")[1].split("]")[0].split(",")] for shape in hlo["decode"]["all-gather"]]
+    assert all(dims[-1] != 64 and np.prod(dims) <= len(PROMPTS) * 128 for dims in gathered), hlo["decode"]["all-gather"]
+    assert hlo["core_w_up_shard_shapes"] == [[len(PROMPTS), 32 // 4, 64]]
 
 
 def test_no_recompile_within_a_bucket_on_a_mesh(mesh_run) -> None:

@@ -26,16 +26,16 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gather_core_weights
+from coreinfer_jax.models.sharding import mesh_tensor_size
+from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gather_core_weights, shard_local_gather
 from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError, predicted_scores
-from coreinfer_jax.sparse.rules import RULES, check_rule
+from coreinfer_jax.sparse.rules import SCORES, check_rule, top_neurons
 from coreinfer_jax.sparse.selection import n_keep_for
 from coreinfer_jax.sparse.stability import Stability, down_norms
 
@@ -45,6 +45,12 @@ SELECT_BY = ("predictor", "oracle")
 # per-prompt core alone, gated ones need the per-token share.
 RECOMMENDED = {"gated": {"keep": 0.2, "dynamic": 0.2, "rule": "normalized_magnitude"},
                "relu": {"keep": 0.3, "dynamic": 0.1, "rule": "paper"}}
+
+
+def sharded_count(width: int, fraction: float, shards: int) -> int:
+    """Neurons a fraction keeps of `width`: `int(width * fraction)`, or with `shards` blocks,
+    each block's `int(width / shards * fraction)` (an equal share per tensor-parallel device)."""
+    return shards * n_keep_for(width // shards, fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,7 @@ class TokenNeurons:
 
     dynamic: float
     select_by: str
+    shards: int = 1
 
     def __call__(self, p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
         if "full" not in p:
@@ -65,7 +72,8 @@ class TokenNeurons:
         full, core_idx = p["full"], p["core_idx"]
         B, T, _ = x.shape
         F = full["w_up"].shape[0]
-        if n_keep_for(F, self.dynamic) == 0:
+        n_dynamic = sharded_count(F, self.dynamic, self.shards)
+        if n_dynamic == 0:
             return ffn(p["core"], x, cfg)
         with jax.named_scope("token_neurons"):
             if self.select_by == "oracle":
@@ -77,10 +85,12 @@ class TokenNeurons:
                 scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
             core = jnp.zeros((B, F), bool).at[jnp.arange(B)[:, None], core_idx].set(True)  # [B, F]
             scores = jnp.where(core[:, None, :], -jnp.inf, scores)
-            _, dynamic = lax.top_k(scores, n_keep_for(F, self.dynamic))  # [B, T, n_dynamic]
+            dynamic = top_neurons(scores, n_dynamic, self.shards)  # [B, T, n_dynamic]
         if T == 1:
-            # Decode: read only the chosen rows, then both neuron sets' contributions.
-            rows = gather_core_weights({k: v for k, v in full.items() if k != "b_down"}, dynamic[:, 0])  # [B, n, D]
+            # Decode: read only the chosen rows (on a mesh, each device from its own), then both
+            # neuron sets' contributions.
+            local = self.shards > 1 and mesh_tensor_size() == self.shards
+            rows = (shard_local_gather if local else gather_core_weights)({k: v for k, v in full.items() if k != "b_down"}, dynamic[:, 0])  # [B, n, D]
             out, hidden = ffn(p["core"], x, cfg)
             return out + ffn(rows, x, cfg)[0], hidden
         # A teacher-forced chunk: each token its own neurons; masking the full FFN computes the
@@ -144,10 +154,11 @@ class Hybrid(Stability):
         kind = "relu" if cfg.family == "opt" else "gated"
         unset = {k: v for k, v in RECOMMENDED[kind].items() if getattr(self, k) is None}
         method = dataclasses.replace(self, **unset) if unset else self
-        if method.shards != 1 or method.share != "row":
-            raise MethodError("the hybrid method picks per-row neurons from every device's rows at each step: it "
-                              "supports neither shards (tensor parallelism) nor share='batch' yet")
+        if method.share != "row":
+            raise MethodError("the hybrid method picks each row's own neurons at every step: it has no "
+                              "share='batch' mode")
         layers = resolve_layers(method.layers, method.keep + method.dynamic, cfg)
+        method.check_sharing(cfg, kept=method.keep + method.dynamic)
         if method.select_by == "predictor":
             if method.predictor is None:
                 raise PredictorError(f"the hybrid method needs a predictor (--predictor DIR); make one with `{MAKE}`")
@@ -162,14 +173,19 @@ class Hybrid(Stability):
 
     @property
     def decode_ffn(self) -> TokenNeurons:
-        return TokenNeurons(self.dynamic, self.select_by)
+        return TokenNeurons(self.dynamic, self.select_by, self.shards)
+
+    def layer_neurons(self, width: int) -> tuple[int, ...]:
+        """Static core rows per sparse layer (`shards` blocks keep an equal share each)."""
+        return (sharded_count(width, self.keep, self.shards),) * len(self.sparse_layers())
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
                layer: int | None, ffn: Params) -> jnp.ndarray:
-        n = n_keep_for(activation.shape[-1], self.keep)
+        n = sharded_count(activation.shape[-1], self.keep, self.shards)
         if n == 0:
             return jnp.zeros(activation.shape[:1] + (0,), jnp.int32)  # [B, 0]: per-token only
-        return RULES[self.rule](self.weighted(activation, ffn), valid, n, self.token_keep)
+        scores = SCORES[self.rule](self.weighted(activation, ffn), valid, self.token_keep)  # [B, F]
+        return top_neurons(scores, n, self.shards)
 
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
         """Per sparse layer the gathered core rows (once per generation), their ids, the full FFN
@@ -178,7 +194,7 @@ class Hybrid(Stability):
         width = params["layers"][sparse[0]]["ffn"]["w_up"].shape[0]
         counts = self.layer_neurons(width)
         ffns = [params["layers"][i]["ffn"] for i in sparse]
-        gathered = gather_core_layers(ffns, core, counts=counts)
+        gathered = gather_core_layers(ffns, core, counts=counts, shards=self.shards)
         factors = (self.predictor.layer_factors(*self.layers) if self.select_by == "predictor"
                    else [{}] * len(sparse))
         layers = list(params["layers"])
@@ -192,7 +208,7 @@ class Hybrid(Stability):
     def ffn_elements(self, params: Params) -> list[int]:
         """Static rows + dynamic rows + predictor factors in sparse layers; the oracle reads all."""
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
-        rows = n_keep_for(F, self.keep) + n_keep_for(F, self.dynamic)
+        rows = sharded_count(F, self.keep, self.shards) + sharded_count(F, self.dynamic, self.shards)
         extra = self.predictor.elements_per_token() if self.select_by == "predictor" else 0
         extra += F if self.down_weighted else 0
         sparse = set(self.sparse_layers())
@@ -209,7 +225,8 @@ class Hybrid(Stability):
     def label(self) -> str:
         """"hybrid 0.2+0.2 r64 normalized_magnitude" (static + dynamic, predictor rank, rule)."""
         how = "oracle" if self.select_by == "oracle" else f"r{self.rank}"
-        return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}" + ("+down" if self.down_weighted else "")
+        down = "+down" if self.down_weighted else ""
+        return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}{down}{self.sharing_label}"
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), dynamic=self.dynamic, rank=self.rank, select_by=self.select_by)

@@ -169,13 +169,15 @@ class CoreNeurons(Method):
     shards: int
     share: str
 
-    def check_sharing(self, cfg: ModelConfig) -> None:
-        """Raise MethodError unless `shards` divides the FFN width and `share` is known."""
+    def check_sharing(self, cfg: ModelConfig, kept: float | None = None) -> None:
+        """Raise MethodError unless `shards` divides the FFN width, each shard keeps a neuron of
+        the fraction `kept` (default `keep`), and `share` is known."""
         check_share(self.share)
         if self.shards < 1 or cfg.intermediate_size % self.shards:
             raise MethodError(f"shards={self.shards} must be >= 1 and divide the FFN width {cfg.intermediate_size}")
-        if n_keep_for(cfg.intermediate_size // self.shards, self.keep) < 1:
-            raise MethodError(f"keep={self.keep} keeps no neuron of a shard's {cfg.intermediate_size // self.shards}")
+        kept = self.keep if kept is None else kept
+        if n_keep_for(cfg.intermediate_size // self.shards, kept) < 1:
+            raise MethodError(f"keep={kept:g} keeps no neuron of a shard's {cfg.intermediate_size // self.shards}")
 
     def sharded(self, shards: int) -> CoreNeurons:
         """Shard-local selection over `shards` devices; a method already sharded otherwise is refused."""

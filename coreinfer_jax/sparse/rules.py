@@ -93,20 +93,20 @@ SCORES: dict[str, Score] = {"paper": paper, "magnitude": magnitude, "normalized_
 
 
 def top_neurons(scores: jnp.ndarray, n_keep: int, shards: int = 1, share: str = "row") -> jnp.ndarray:
-    """The `n_keep` highest `scores` `[B, F]` as `int32 [B, n_keep]`, ties in index order.
+    """The `n_keep` highest `scores` `[..., F]` as `int32 [..., n_keep]`, ties in index order.
 
     With `shards` N, neuron block s (rows `s*F/N .. (s+1)*F/N`, what tensor-parallel device s
     holds) contributes its own `n_keep / N` best, in ids block s of the result: the gather then
-    never crosses devices. `share="batch"` ranks the scores summed over the rows and gives
-    every row the same set (one gathered copy serves the batch).
+    never crosses devices. `share="batch"` ranks the scores summed over the rows (axis 0) and
+    gives every row the same set (one gathered copy serves the batch).
     """
-    B, F = scores.shape
+    lead = scores.shape[:-1]
     if share == "batch":
         scores = scores.sum(0, keepdims=True)  # [1, F]
-    block = F // shards
-    _, idx = lax.top_k(scores.reshape(scores.shape[0], shards, block), n_keep // shards)  # [B', N, n/N]
-    idx = (idx + jnp.arange(shards)[:, None] * block).reshape(scores.shape[0], n_keep)  # [B', n_keep]
-    return jnp.broadcast_to(idx, (B, n_keep)).astype(jnp.int32)
+    block = scores.shape[-1] // shards
+    _, idx = lax.top_k(scores.reshape(*scores.shape[:-1], shards, block), n_keep // shards)  # [..., N, n/N]
+    idx = (idx + jnp.arange(shards)[:, None] * block).reshape(*scores.shape[:-1], n_keep)  # [..., n_keep]
+    return jnp.broadcast_to(idx, (*lead, n_keep)).astype(jnp.int32)
 
 
 def _plain(score: Score) -> Rule:

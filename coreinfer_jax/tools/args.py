@@ -124,7 +124,8 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
         methods = [dataclasses.replace(m, down_weighted=True) for m in methods]
     if args.share != "row" or args.shards != 1:
         if args.method not in ("stability", "similarity"):
-            raise MethodError("--share and --shards apply to the stability and similarity methods")
+            raise MethodError("--share and --shards apply to the stability, similarity (and, --shards, hybrid) "
+                              "methods")
         methods = [dataclasses.replace(m, share=args.share, shards=args.shards) for m in methods]
     return methods
 
@@ -135,9 +136,8 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
     saying how to make it)."""
     if args.budget is not None or args.layer_neurons is not None or args.calibration is not None:
         raise MethodError("--budget, --layer-neurons and --calibration do not apply to --method hybrid")
-    if args.share != "row" or args.shards != 1:
-        raise MethodError("--share and --shards do not apply to --method hybrid (it picks per-row neurons at "
-                          "every step)")
+    if args.share != "row":
+        raise MethodError("--share does not apply to --method hybrid (it picks each row's own neurons at every step)")
     settings = {k: v for k, v in (("keep", keep), ("dynamic", args.dynamic), ("rule", args.rule),
                                   ("layers", args.layers)) if v is not None}
     predictor = None
@@ -148,7 +148,7 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
                                  f"`python -m coreinfer_jax predictor --checkpoint {args.checkpoint} "
                                  f"--data WIKITEXT_FILE` or give --predictor DIR")
     return Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep,
-                  down_weighted=args.down_weighted, **settings)
+                  down_weighted=args.down_weighted, shards=args.shards, **settings)
 
 
 def method_from_args(args: argparse.Namespace) -> Method:
