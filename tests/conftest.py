@@ -27,7 +27,8 @@ from convert.sources import GGUFSource, open_source
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs a real model, SmolLM2-135M or Gemma-3-270M (minutes)")
+    config.addinivalue_line("markers", "slow: needs a real model (SmolLM2-135M, Gemma-3-270M) or compiles for "
+                                       "minutes in a subprocess (meshes, processes)")
 
 
 SENTENCES = [

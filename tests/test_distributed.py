@@ -41,6 +41,7 @@ def run_two_processes(checkpoint, method_args: list[str]) -> list[subprocess.Com
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_args, method", [([], Dense()),
                                                  (SPARSE, Stability(keep=0.5, layers=(0, 2), shards=4))])
 def test_two_processes_generate_what_one_does(tiny_checkpoint, method_args, method) -> None:

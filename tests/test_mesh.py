@@ -1,5 +1,7 @@
 """Models split over a device mesh (`models.sharding`): 8 CPU devices forced in a subprocess
-(`mesh_worker.py`) against the same generations on this process's single device.
+(`mesh_worker.py`) against the same generations on this process's single device. The worker
+compiles every program of ~10 models and meshes (minutes on 2 cores), so its tests are
+marked slow (CI runs them); the one-device checks are not.
 
 Tensor parallelism changes only the order of floating-point sums, so greedy tokens equal one
 device's; sparse methods under `1xN` select shard-locally, which one device reproduces with
@@ -90,6 +92,7 @@ def one_device(checkpoint: str, settings: dict[str, Any], tensor: int) -> tuple[
     return gen.generate_ids(PROMPTS, NEW, method=method, stop_at_eos=False), gen, method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["llama 2x2", "llama_tied 1x4", "llama_tied 2x4", "opt 1x4", "mistral 1x2",
                                  "qwen2 1x2", "qwen3 1x2", "phi3 1x2", "gemma3 1x2"])
 def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
@@ -110,6 +113,7 @@ def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
             np.testing.assert_array_equal(np.array(got["core"]), want.core_neurons)
 
 
+@pytest.mark.slow
 def test_weights_are_split_over_the_tensor_axis(mesh_run) -> None:
     """Each device holds F / tensor rows of every FFN matrix (tiny models: F = 128, D = 64)."""
     assert mesh_run["jobs"]["llama 2x2"]["w_up_shard_shape"] == [64, 64]
@@ -117,6 +121,7 @@ def test_weights_are_split_over_the_tensor_axis(mesh_run) -> None:
     assert mesh_run["jobs"]["qwen3 1x2"]["w_up_shard_shape"] == [64, 64]
 
 
+@pytest.mark.slow
 def test_core_neurons_are_shard_local(mesh_run) -> None:
     """Block s of each row's ids lies in device s's rows; the gathered core weights are split on
     K the same way, so each device holds its own K / tensor rows."""
@@ -131,6 +136,7 @@ def test_core_neurons_are_shard_local(mesh_run) -> None:
         assert hlo["core_w_up_shard_shapes"] == [[len(PROMPTS) // data, K // tensor, 64]]
 
 
+@pytest.mark.slow
 def test_no_ffn_weight_crosses_devices(mesh_run) -> None:
     """The gather runs no collective at all, and decode gathers nothing: each attention block and
     FFN ends in one all-reduce of the `[B, 1, D]` output (plus the vocabulary-split embedding's)."""
@@ -142,6 +148,7 @@ def test_no_ffn_weight_crosses_devices(mesh_run) -> None:
             assert len(outputs) == 2 * 2 + 1, hlo["decode"]["all-reduce"]
 
 
+@pytest.mark.slow
 def test_sharded_programs_lower_for_gpu_and_tpu(mesh_run) -> None:
     """Every program a 2x4-mesh generation and scoring run (dense, shard-local, batch-shared),
     lowered for cuda and tpu with their shardings: no host callback (`test_lowering`)."""
@@ -152,6 +159,7 @@ def test_sharded_programs_lower_for_gpu_and_tpu(mesh_run) -> None:
     assert lowered["findings"] == {"cuda": [], "tpu": []}
 
 
+@pytest.mark.slow
 def test_hybrid_per_token_rows_stay_on_their_device(mesh_run) -> None:
     """The token-adaptive method on a mesh: per-token ids shard-local like the core's, so the
     per-step gather of weight rows runs inside each device. The decode loop all-gathers only
@@ -164,12 +172,14 @@ def test_hybrid_per_token_rows_stay_on_their_device(mesh_run) -> None:
     assert hlo["core_w_up_shard_shapes"] == [[len(PROMPTS), 32 // 4, 64]]
 
 
+@pytest.mark.slow
 def test_no_recompile_within_a_bucket_on_a_mesh(mesh_run) -> None:
     """Prompts one token shorter (same bucket): pre-fill, decode and the gather compile nothing new."""
     for got in mesh_run["jobs"]["llama_tied 1x4"]["methods"]:
         assert got["recompiled"] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_batch_shared_core_is_one_set_gathered_once(mesh_run) -> None:
     """share="batch": every row has the same ids, and the gathered weights are `[K, D]`."""
     for job, index in (("llama 2x2", 3), ("llama_tied 1x4", 2)):
@@ -179,6 +189,7 @@ def test_batch_shared_core_is_one_set_gathered_once(mesh_run) -> None:
         assert len(got["hlo"]["core_w_up_shape"]) == 2
 
 
+@pytest.mark.slow
 def test_scores_under_a_mesh_equal_one_device(mesh_run) -> None:
     """Teacher-forced log-probabilities (dense and shard-local sparse) within float32 noise."""
     checkpoint = mesh_run["checkpoints"]["llama 2x2"]
@@ -192,6 +203,7 @@ def test_scores_under_a_mesh_equal_one_device(mesh_run) -> None:
             np.testing.assert_allclose(np.array(g), lp, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_meshes_say_what_is_wrong(mesh_run) -> None:
     assert "needs 16 devices but 8 are available" in mesh_run["errors"]["too many devices"]["error"]
     assert "does not divide the model's 2 KV heads" in mesh_run["errors"]["kv heads"]["error"]
@@ -247,3 +259,21 @@ def test_mesh_options_apply_where_they_are_used(tiny_checkpoint, capsys) -> None
     assert "--mesh applies to the decode-speed tables" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predictor", "--checkpoint", ckpt, "--data", "x.txt", "--mesh", "1x1"])
+
+
+@pytest.mark.slow
+def test_smollm2_on_a_1x3_mesh_equals_one_device(smollm2_checkpoint, tmp_path) -> None:
+    """The real SmolLM2-135M (9 heads, 3 KV heads, 1536 neurons) split over 3 devices: dense and
+    shard-local stability (`normalized_magnitude`, keep 0.4) generate what one device does."""
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 2681, 2114, 253, 655, 28, 30, 3147]]
+    methods = [DENSE, {"method": "stability", "keep": 0.4, "rule": "normalized_magnitude"}]
+    job = dict(checkpoint=str(smollm2_checkpoint), mesh="1x3", prompts=prompts, new_tokens=16, methods=methods)
+    ran = run_worker([job], tmp_path, devices=3)["jobs"][0]
+    gen = Generator.load(smollm2_checkpoint)
+    for settings, got in zip(methods, ran["methods"]):
+        method = build_method(settings)
+        if settings["method"] != "dense":
+            method = dataclasses.replace(method, shards=3)
+        want = gen.generate_ids(prompts, 16, method=method, stop_at_eos=False)
+        assert got["tokens"] == want.tokens, settings
+    assert ran["w_up_shard_shape"] == [512, 576]
