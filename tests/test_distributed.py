@@ -48,7 +48,8 @@ def test_two_processes_generate_what_one_does(tiny_checkpoint, method_args, meth
     checkpoint = tiny_checkpoint("llama_tied")
     (out0, _), (out1, _) = run_two_processes(checkpoint, method_args)
     # Gloo writes its connection log to stdout; the rest is ours, and only process 0 reports.
-    ours = [[line for line in out.splitlines() if not line.startswith("[Gloo]")] for out in (out0, out1)]
+    ours = [[line for line in out.splitlines() if line.strip() and not line.startswith("[Gloo]")]
+            for out in (out0, out1)]
     assert len(ours[0]) == 1 and ours[1] == []
     got = json.loads(ours[0][0])
     want = Generator.load(checkpoint).generate(PROMPT, 8, method=method, stop_at_eos=True)
