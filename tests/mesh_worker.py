@@ -57,7 +57,7 @@ def compiled_programs(gen: Generator, method: Any, prompts: list[list[int]], new
         width = gen.cfg.intermediate_size
         shared = method.share == "batch"
         gather = gather_core_layers.lower([gen.params["layers"][i]["ffn"] for i in sparse],
-                                          core[:1] if shared else core, counts=method.layer_neurons(width),
+                                          core, counts=method.layer_neurons(width),
                                           shards=method.shards, shared=shared).compile().as_text()
         weights = method.decode_weights(gen.params, core)
         decode = engine.decode.lower(weights, first, cache, lengths, jnp.int32(new_tokens),

@@ -22,10 +22,10 @@ from jax.sharding import Mesh
 
 from coreinfer_jax.errors import InputError, MethodError
 
-from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_checkpoint
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.models.sharding import DATA, TENSOR, MeshError, check_model_fits, make_mesh, place_params
+from coreinfer_jax.models.sharding import DATA, TENSOR, MeshError, make_mesh, place_params
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.runtime.batching import cache_length, cache_windows, check_ids, prompt_bucket, stop_ids
 from coreinfer_jax.runtime.offload import place_core_weights, prefill_streamed, split_params
@@ -79,9 +79,7 @@ class Generator:
              host_memory: str = "auto", mesh: str | tuple[int, int] | Mesh | None = None) -> Generator:
         """`mesh` ("DATAxTENSOR", e.g. "1x4", or a `(data, tensor)` Mesh) splits the model over
         devices (`models.sharding`): each device restores only its own shard of every weight."""
-        if mesh is not None:
-            mesh = make_mesh(mesh)
-            check_model_fits(ModelConfig.load(check_checkpoint_dir(checkpoint) / "config.json"), mesh)
+        mesh = None if mesh is None else make_mesh(mesh)
         # Offloaded: restore to host memory, so the full model never has to fit the device.
         return cls(*load_checkpoint(checkpoint, dtype, on_device=not offload, mesh=mesh), offload=offload,
                    host_memory=host_memory, mesh=mesh)
@@ -92,10 +90,9 @@ class Generator:
 
     def resolve(self, method: Method) -> Method:
         """`method` validated for this model, with shard-local selection over the mesh's tensor axis."""
-        method = method.validate(self.cfg)
         if self.mesh is not None and self.mesh.shape[TENSOR] > 1:
-            method = method.sharded(self.mesh.shape[TENSOR]).validate(self.cfg)
-        return method
+            method = method.sharded(self.mesh.shape[TENSOR])
+        return method.validate(self.cfg)
 
     @functools.cached_property
     def newline_tokens(self) -> frozenset[int]:

@@ -48,14 +48,20 @@ def shard_local_gather(ffn: Params, idx: jnp.ndarray) -> Params:
     return jax.shard_map(local, in_specs=(neuron_spec, P(*batch, TENSOR)), out_specs=out_spec)(ffn, idx)
 
 
+def gather_rows(ffn: Params, idx: jnp.ndarray, shards: int) -> Params:
+    """`gather_core_weights`, on each device from its own rows when `idx` is shard-local over
+    `shards` blocks and the current mesh's tensor axis has that many devices."""
+    local = shards > 1 and mesh_tensor_size() == shards
+    return (shard_local_gather if local else gather_core_weights)(ffn, idx)
+
+
 @functools.partial(jax.jit, static_argnames=("counts", "shards", "shared"))
 def gather_core_layers(ffns: list[Params], core: jnp.ndarray, *, counts: tuple[int, ...], shards: int = 1,
                        shared: bool = False) -> list[Params]:
     """`gather_core_weights` of each sparse layer's FFN with its first `counts[j]` indices of
     `core[:, j]` `[B, n_sparse, n_max]` (a static slice: a layer reads exactly its own count);
     `shared`: of row 0 only, `[K, D]`. Shard-local ids (`shards` > 1) are gathered on each
-    device when the current mesh's tensor axis has that many devices."""
-    gather = shard_local_gather if shards > 1 and mesh_tensor_size() == shards else gather_core_weights
+    device (`gather_rows`)."""
     with jax.named_scope("gather_core_neurons"):
-        return [gather(ffn, core[0, j, :n] if shared else core[:, j, :n])
+        return [gather_rows(ffn, core[0, j, :n] if shared else core[:, j, :n], shards)
                 for j, (ffn, n) in enumerate(zip(ffns, counts))]

@@ -31,12 +31,11 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.models.sharding import mesh_tensor_size
-from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gather_core_weights, shard_local_gather
+from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gather_rows
 from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError, predicted_scores
-from coreinfer_jax.sparse.rules import SCORES, check_rule, top_neurons
-from coreinfer_jax.sparse.selection import n_keep_for
+from coreinfer_jax.sparse.rules import check_rule, top_neurons
+from coreinfer_jax.sparse.selection import sharded_count
 from coreinfer_jax.sparse.stability import Stability, down_norms
 
 SELECT_BY = ("predictor", "oracle")
@@ -45,12 +44,6 @@ SELECT_BY = ("predictor", "oracle")
 # per-prompt core alone, gated ones need the per-token share.
 RECOMMENDED = {"gated": {"keep": 0.2, "dynamic": 0.2, "rule": "normalized_magnitude"},
                "relu": {"keep": 0.3, "dynamic": 0.1, "rule": "paper"}}
-
-
-def sharded_count(width: int, fraction: float, shards: int) -> int:
-    """Neurons a fraction keeps of `width`: `int(width * fraction)`, or with `shards` blocks,
-    each block's `int(width / shards * fraction)` (an equal share per tensor-parallel device)."""
-    return shards * n_keep_for(width // shards, fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +82,8 @@ class TokenNeurons:
         if T == 1:
             # Decode: read only the chosen rows (on a mesh, each device from its own), then both
             # neuron sets' contributions.
-            local = self.shards > 1 and mesh_tensor_size() == self.shards
-            rows = (shard_local_gather if local else gather_core_weights)({k: v for k, v in full.items() if k != "b_down"}, dynamic[:, 0])  # [B, n, D]
+            neuron_major = {k: v for k, v in full.items() if k != "b_down"}
+            rows = gather_rows(neuron_major, dynamic[:, 0], self.shards)  # [B, n, D]
             out, hidden = ffn(p["core"], x, cfg)
             return out + ffn(rows, x, cfg)[0], hidden
         # A teacher-forced chunk: each token its own neurons; masking the full FFN computes the
@@ -175,17 +168,11 @@ class Hybrid(Stability):
     def decode_ffn(self) -> TokenNeurons:
         return TokenNeurons(self.dynamic, self.select_by, self.shards)
 
-    def layer_neurons(self, width: int) -> tuple[int, ...]:
-        """Static core rows per sparse layer (`shards` blocks keep an equal share each)."""
-        return (sharded_count(width, self.keep, self.shards),) * len(self.sparse_layers())
-
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
                layer: int | None, ffn: Params) -> jnp.ndarray:
-        n = sharded_count(activation.shape[-1], self.keep, self.shards)
-        if n == 0:
+        if sharded_count(activation.shape[-1], self.keep, self.shards) == 0:
             return jnp.zeros(activation.shape[:1] + (0,), jnp.int32)  # [B, 0]: per-token only
-        scores = SCORES[self.rule](self.weighted(activation, ffn), valid, self.token_keep)  # [B, F]
-        return top_neurons(scores, n, self.shards)
+        return super().select(activation, valid, tables, layer, ffn)
 
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
         """Per sparse layer the gathered core rows (once per generation), their ids, the full FFN

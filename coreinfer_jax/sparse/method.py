@@ -41,7 +41,7 @@ from coreinfer_jax.models.forward import FFN, ffn
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers
 from coreinfer_jax.sparse.rules import check_share
-from coreinfer_jax.sparse.selection import n_keep_for
+from coreinfer_jax.sparse.selection import n_keep_for, sharded_count
 
 # The paper sparsifies layers strictly between 5 and 27 of 32 (6..26); other depths scale.
 _PAPER_START, _PAPER_END, _PAPER_DEPTH = 5, 27, 32
@@ -197,7 +197,7 @@ class CoreNeurons(Method):
         return range(*self.layers)
 
     def layer_neurons(self, width: int) -> tuple[int, ...]:
-        return (self.shards * n_keep_for(width // self.shards, self.keep),) * len(self.sparse_layers())
+        return (sharded_count(width, self.keep, self.shards),) * len(self.sparse_layers())
 
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
         """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`
@@ -208,8 +208,7 @@ class CoreNeurons(Method):
         """
         sparse = self.sparse_layers()
         width = params["layers"][sparse[0]]["ffn"]["w_up"].shape[0]
-        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse],
-                                      core[:1] if self.share == "batch" else core,
+        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse], core,
                                       counts=self.layer_neurons(width), shards=self.shards,
                                       shared=self.share == "batch")
         layers = list(params["layers"])

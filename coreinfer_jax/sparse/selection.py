@@ -24,6 +24,12 @@ def n_keep_for(width: int, keep: float) -> int:
     return int(width * keep)
 
 
+def sharded_count(width: int, fraction: float, shards: int) -> int:
+    """Neurons a fraction keeps of `width` split in `shards` equal blocks: each block's
+    `int(width / shards * fraction)` (an equal share per tensor-parallel device)."""
+    return shards * n_keep_for(width // shards, fraction)
+
+
 def select_core_neurons(activations: jnp.ndarray, valid: jnp.ndarray, keep: float,
                         token_keep: float) -> jnp.ndarray:
     """Core neurons `int32 [B, int(F * keep)]` of activations `[B, T, F]` over `valid` `[B, T]`.

@@ -16,7 +16,7 @@ from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError
 from coreinfer_jax.sparse.method import CoreNeurons, check_fraction, resolve_layers
 from coreinfer_jax.sparse.rules import top_neurons
-from coreinfer_jax.sparse.selection import assign_clusters, n_keep_for, sentence_signature
+from coreinfer_jax.sparse.selection import assign_clusters, sentence_signature, sharded_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Similarity(CoreNeurons):
 
     @property
     def n_keep(self) -> int:
-        return self.shards * n_keep_for(self.width // self.shards, self.keep)
+        return sharded_count(self.width, self.keep, self.shards)
 
     def validate(self, cfg: ModelConfig) -> Similarity:
         """This method with `layers` resolved for `cfg`; raises if the calibration was made for
