@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from coreinfer_jax.runtime import engine
-from coreinfer_jax.runtime.generator import cache_length, cache_windows, prompt_bucket, stop_ids
+from coreinfer_jax.runtime.batching import cache_length, cache_windows, prompt_bucket, stop_ids
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
