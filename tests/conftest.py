@@ -8,13 +8,20 @@ our converter on demand; every factory caches per name for the whole session.
     tiny_hf_dir(name) -> Path       HF checkpoint directory
     tiny_checkpoint(name) -> Path   converted checkpoint directory (float32)
     tiny_torch_model(name)          the HF torch model, float32, eval mode, eager attention
+    smollm2_checkpoint, gemma3_checkpoint, coreinfer_home   the two real models converted (slow tests)
+    run_main(main, *args)           a command line's `main` run in this process, captured like subprocess.run
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,8 +29,35 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, M
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from convert import convert_checkpoint
+from convert.__main__ import main as convert_main
 from convert.core import convert_source
 from convert.sources import GGUFSource, open_source
+
+
+def run_main(main: Callable[[list[str]], int], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`main(args)` in this process, its exit code and printed output captured as `subprocess.run` would.
+
+    No interpreter start and no recompiling: the programs a test compiled are reused. A traceback is
+    not captured but raised, which fails the test as a traceback in a subprocess's stderr would.
+    """
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module. Each XLA CPU executable holds a few
+    memory mappings; the whole suite in one process compiles enough of them to pass Linux's
+    `vm.max_map_count` (65530), after which mmap fails and XLA segfaults inside a later compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -206,8 +240,11 @@ def tiny_torch_model(tiny_hf_dir: Callable[[str], Path]) -> Callable[[str], PreT
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled SmolLM2-135M-Instruct GGUF converted to float32 (slow tests only)."""
-    return convert_checkpoint("smollm2-135m", tmp_path_factory.mktemp("smollm2") / "ckpt")
+    """The bundled SmolLM2-135M-Instruct GGUF converted to float32 by `python -m convert` (slow tests only)."""
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    done = run_main(convert_main, "smollm2-135m", "--out", out)
+    assert done.returncode == 0 and done.stdout == f"wrote {out}\n", done.stderr
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -229,6 +266,15 @@ def gemma3_source() -> GGUFSource:
 def gemma3_checkpoint(tmp_path_factory: pytest.TempPathFactory, gemma3_source: GGUFSource) -> Path:
     """Gemma-3-270M converted to float32 from Transformers' dequantisation of the GGUF."""
     return convert_source(gemma3_source, tmp_path_factory.mktemp("gemma3") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def coreinfer_home(tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint: Path, gemma3_checkpoint: Path) -> Path:
+    """A COREINFER_HOME where both bundled models are already converted, as `python -m convert NAME` leaves them."""
+    home = tmp_path_factory.mktemp("coreinfer_home")
+    (home / "smollm2-135m").symlink_to(smollm2_checkpoint, target_is_directory=True)
+    (home / "gemma3-270m").symlink_to(gemma3_checkpoint, target_is_directory=True)
+    return home
 
 
 @pytest.fixture(scope="session")

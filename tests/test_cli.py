@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_main
 from coreinfer_jax import Generator, Stability
 from coreinfer_jax.errors import InputError
 from coreinfer_jax.tools.cli import main
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coreinfer_jax", *args], capture_output=True, text=True,
-                          timeout=300)
+    return run_main(main, *args)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,10 @@ def ckpt(tiny_checkpoint) -> Path:
 
 
 def test_generate_json_dense(ckpt: Path) -> None:
-    r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "The cat sat on the", "--max-new-tokens", "12",
-            "--json")
+    # The one run through a real `python -m coreinfer_jax`; the others call `main` in this process.
+    r = subprocess.run([sys.executable, "-m", "coreinfer_jax", "generate", "--checkpoint", str(ckpt), "--prompt",
+                        "The cat sat on the", "--max-new-tokens", "12", "--json"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     want = Generator.load(ckpt).generate("The cat sat on the", max_new_tokens=12)

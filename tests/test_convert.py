@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, run_main
 from convert import convert_checkpoint, keymap, torch_model_from_checkpoint
+from convert.__main__ import main as convert_main
 from coreinfer_jax.models.checkpoint import load_checkpoint, load_metadata, load_params
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import count_params, flat_shapes, param_shapes, path_str
@@ -189,9 +190,14 @@ def test_force_replaces_an_existing_checkpoint(tmp_path: Path, tiny_hf_dir: Call
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def run_convert(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_convert(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_main(convert_main, *args)
+
+
+def run_convert_process(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A real `python -m convert`, for settings read from the environment when Python starts."""
     return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), timeout=300)
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO), **env), timeout=300)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], out: Path, *words: str) -> None:
@@ -307,20 +313,18 @@ def test_no_source_reports_an_existing_default_checkpoint(tmp_path: Path,
     default = _copy(tiny_checkpoint("llama"), tmp_path / "smollm2-135m")
     meta = json.loads((default / "metadata.json").read_text())
     (default / "metadata.json").write_text(json.dumps(dict(meta, source="smollm2-135m")))
-    proc = run_convert(env={"COREINFER_HOME": str(tmp_path)})
+    proc = run_convert_process(env={"COREINFER_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"smollm2-135m is already converted in {default} (use --force to convert again)"
 
 
 @pytest.mark.slow
-def test_smollm2_converts(tmp_path: Path) -> None:
-    out = tmp_path / "smollm2"
-    proc = run_convert("smollm2-135m", "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    cfg, params, tokenizer = load_checkpoint(out)
+def test_smollm2_converts(smollm2_checkpoint: Path) -> None:
+    # The session's SmolLM2 checkpoint is written by `python -m convert smollm2-135m --out DIR` (conftest).
+    cfg, params, tokenizer = load_checkpoint(smollm2_checkpoint)
     assert (cfg.family, cfg.num_layers, cfg.tie_word_embeddings) == ("llama", 30, True)
     assert "lm_head" not in params
-    meta = load_metadata(out)
+    meta = load_metadata(smollm2_checkpoint)
     assert meta["source"] == "smollm2-135m" and meta["source_format"] == "gguf"
     assert abs(meta["parameter_count"] - 134.5e6) < 0.1e6
     assert len(tokenizer) == cfg.vocab_size == 49152

@@ -19,7 +19,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from convert import ConversionError
 from convert.sources import open_source
 from coreinfer_jax.models.checkpoint import load_checkpoint, load_metadata
-from test_convert import _assert_same_params, assert_clean_error, run_convert
+from test_convert import _assert_same_params, assert_clean_error, run_convert_process
 
 REPO = "tiny-org/tiny-model"
 MAIN, TAGGED = "a" * 40, "b" * 40
@@ -44,12 +44,12 @@ def offline_env(tmp_path: Path, tiny_hf_dir: Callable[[str], Path]) -> dict[str,
 
 def test_hub_id_converts_from_the_offline_cache(tmp_path: Path, offline_env: dict[str, str],
                                                 tiny_checkpoint: Callable[[str], Path]) -> None:
-    proc = run_convert(REPO, "--out", tmp_path / "main", env=offline_env)
+    proc = run_convert_process(REPO, "--out", tmp_path / "main", env=offline_env)
     assert proc.returncode == 0, proc.stderr
     assert load_metadata(tmp_path / "main")["source"] == f"{REPO}@{MAIN}"
     _assert_same_params(load_checkpoint(tmp_path / "main")[1], load_checkpoint(tiny_checkpoint("llama"))[1])
 
-    proc = run_convert(REPO, "--revision", "v1", "--out", tmp_path / "tagged", env=offline_env)
+    proc = run_convert_process(REPO, "--revision", "v1", "--out", tmp_path / "tagged", env=offline_env)
     assert proc.returncode == 0, proc.stderr
     assert load_metadata(tmp_path / "tagged")["source"] == f"{REPO}@{TAGGED}"
     _assert_same_params(load_checkpoint(tmp_path / "tagged")[1], load_checkpoint(tiny_checkpoint("opt"))[1])
@@ -57,7 +57,7 @@ def test_hub_id_converts_from_the_offline_cache(tmp_path: Path, offline_env: dic
 
 def test_hub_id_missing_from_the_offline_cache_is_one_line(tmp_path: Path, offline_env: dict[str, str]) -> None:
     out = tmp_path / "out"
-    assert_clean_error(run_convert("tiny-org/absent", "--out", out, env=offline_env), out,
+    assert_clean_error(run_convert_process("tiny-org/absent", "--out", out, env=offline_env), out,
                        "tiny-org/absent", "not in the Hugging Face cache", "HF_HUB_OFFLINE")
 
 

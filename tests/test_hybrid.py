@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_main
 from coreinfer_jax import Dense, Generator, Hybrid, Predictor, Stability
 from coreinfer_jax.calibrate.predictor import ffn_inputs, fit_predictor, refine
 from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.predictor import PredictorError
+from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from method_reference import reference_select
 from test_sparse import PROMPTS, ffn_modules, flat, generate_with_decode_masks
@@ -233,25 +233,23 @@ def test_predictor_command_writes_atomically_and_hybrid_cli_runs(tiny_checkpoint
     text = tmp_path / "text.txt"
     text.write_text(" ".join(["The quick brown fox jumps over the lazy dog."] * 600))
     out = tmp_path / "pred"
-    cli = [sys.executable, "-m", "coreinfer_jax"]
-    bad = subprocess.run(cli + ["predictor", "--checkpoint", str(ckpt), "--data", str(text), "--rank", "999",
-                                "--skip-tokens", "0", "--out", str(out)], capture_output=True, text=True)
+    bad = run_main(main, "predictor", "--checkpoint", str(ckpt), "--data", str(text), "--rank", "999",
+                   "--skip-tokens", "0", "--out", str(out))
     assert bad.returncode == 2 and "rank must be in 1..64" in bad.stderr and "Traceback" not in bad.stderr
     assert not out.exists() and not list(tmp_path.glob(".pred*"))
-    done = subprocess.run(cli + ["predictor", "--checkpoint", str(ckpt), "--data", str(text), "--rank", "4",
-                                 "--skip-tokens", "0", "--window", "64", "--layers", "0:2", "--out", str(out)],
-                          capture_output=True, text=True)
+    done = run_main(main, "predictor", "--checkpoint", str(ckpt), "--data", str(text), "--rank", "4",
+                    "--skip-tokens", "0", "--window", "64", "--layers", "0:2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert Predictor.load(out).rank == 4
-    run = subprocess.run(cli + ["generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
-                                "--max-new-tokens", "4", "--method", "hybrid", "--predictor", str(out),
-                                "--layers", "0:2", "--json"], capture_output=True, text=True)
+    run = run_main(main, "generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
+                   "--max-new-tokens", "4", "--method", "hybrid", "--predictor", str(out),
+                   "--layers", "0:2", "--json")
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
     assert row["method"] == "hybrid" and row["rule"] == "normalized_magnitude" and row["keep"] == 0.2
     assert row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]
-    missing = subprocess.run(cli + ["generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
-                                    "--method", "hybrid"], capture_output=True, text=True)
+    missing = run_main(main, "generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
+                       "--method", "hybrid")
     assert missing.returncode == 2 and "python -m coreinfer_jax predictor" in missing.stderr
 
 
@@ -285,7 +283,6 @@ def test_refinement_lowers_the_hidden_activation_error(fitted) -> None:
 
 
 def test_sweep_runs_hybrid_rows_with_their_bytes(fitted, tiny_checkpoint, tmp_path) -> None:
-    from coreinfer_jax.tools.cli import main
     from test_sweep import WIKI
 
     gen, predictor = fitted("llama")

@@ -21,8 +21,9 @@ def _figures(nb: nbformat.NotebookNode) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COREINFER_HOME", str(tmp_path))  # convert into a fresh place, not the user's cache
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coreinfer_home: Path) -> None:
+    # The session's conversions, not the user's cache (conversion itself is tested in test_convert).
+    monkeypatch.setenv("COREINFER_HOME", str(coreinfer_home))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # figures as image/png outputs
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
