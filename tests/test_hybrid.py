@@ -101,13 +101,14 @@ def test_dynamic_zero_equals_stability(name, fitted) -> None:
 
 
 @pytest.mark.parametrize("name", ["llama", "opt", "gemma3"])
-@pytest.mark.parametrize("keep,select_by", [(0.0, "predictor"), (0.5, "predictor"), (0.5, "oracle")])
+@pytest.mark.parametrize("keep,select_by", [(0.0, "predictor"), (0.5, "predictor"), (0.5, "oracle"),
+                                            (0.0, "sketch"), (0.5, "sketch")])
 def test_all_neurons_between_static_and_dynamic_equals_dense(name, keep, select_by, fitted) -> None:
     """keep + dynamic = 1 reads every neuron exactly once: a dynamic index repeating a core index
     would leave a neuron out and change the logits."""
     gen, predictor = fitted(name)
-    method = Hybrid(keep=keep, dynamic=1.0 - keep, layers=(0, gen.cfg.num_layers), predictor=predictor,
-                    select_by=select_by)
+    method = Hybrid(keep=keep, dynamic=1.0 - keep, layers=(0, gen.cfg.num_layers),
+                    predictor=predictor if select_by == "predictor" else None, select_by=select_by)
     dense = gen.generate_ids(PROMPTS, 12, stop_at_eos=False, return_logits=True)
     got = gen.generate_ids(PROMPTS, 12, method=method, stop_at_eos=False, return_logits=True)
     assert got.tokens == dense.tokens
@@ -155,10 +156,11 @@ def test_oracle_mode_matches_pytorch_masking_restatement(name, tiny_checkpoint, 
                                                        method.sparse_layers(), 16)
 
 
-@pytest.mark.parametrize("select_by", ["predictor", "oracle"])
+@pytest.mark.parametrize("select_by", ["predictor", "oracle", "sketch"])
 def test_teacher_forced_scores_equal_generation_logits(select_by, fitted) -> None:
     gen, predictor = fitted("llama")
-    method = Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), predictor=predictor, select_by=select_by)
+    method = Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), predictor=predictor if select_by == "predictor" else None,
+                    select_by=select_by)
     out = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
     scored = gen.score_ids(PROMPTS, out.tokens, method=method)
     for b, (logprobs, greedy) in enumerate(scored):
@@ -212,7 +214,7 @@ def test_predictor_errors(fitted, tiny_checkpoint, tmp_path) -> None:
     with pytest.raises(PredictorError, match="rank must be in 1..64"):
         fit_predictor(gen, CALIBRATION, rank=65, progress=False)
     with pytest.raises(PredictorError, match="needs a predictor"):
-        Hybrid().validate(gen.cfg)
+        Hybrid(select_by="predictor").validate(gen.cfg)
     opt = Generator.load(tiny_checkpoint("opt"))
     with pytest.raises(PredictorError, match="made for another model"):
         Hybrid(predictor=predictor).validate(opt.cfg)
@@ -246,10 +248,11 @@ def test_predictor_command_writes_atomically_and_hybrid_cli_runs(tiny_checkpoint
                    "--layers", "0:2", "--json")
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
-    assert row["method"] == "hybrid" and row["rule"] == "normalized_magnitude" and row["keep"] == 0.2
+    assert row["method"] == "hybrid" and row["rule"] == "normalized_magnitude" and row["keep"] == 0.25
+    assert row["select_by"] == "predictor" and row["rank"] == 4
     assert row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]
     missing = run_main(main, "generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
-                       "--method", "hybrid")
+                       "--method", "hybrid", "--select-by", "predictor")
     assert missing.returncode == 2 and "python -m coreinfer_jax predictor" in missing.stderr
 
 
@@ -291,16 +294,20 @@ def test_sweep_runs_hybrid_rows_with_their_bytes(fitted, tiny_checkpoint, tmp_pa
     wiki.write_text(WIKI)
     out = tmp_path / "sweep"
     assert main(["sweep", "--checkpoint", str(tiny_checkpoint("llama")), "--tasks", "wikitext", "--rules", "paper",
-                 "--keep", "0.5", "--layers", "0:2", "--hybrid", "0.25+0.25", "0+0.5:griffin", "0.25+0.25:oracle",
+                 "--keep", "0.5", "--layers", "0:2", "--hybrid", "0.25+0.25:predictor", "0+0.5:griffin:predictor",
+                 "0.25+0.25:oracle", "0.25+0.25",
                  "--predictor", str(tmp_path / "pred"), "--data", f"wikitext={wiki}", "--windows", "2",
                  "--context-tokens", "24", "--scored-tokens", "8", "--out", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "stability keep 0.5", "hybrid 0.25+0.25 r8 normalized_magnitude",
-                                          "hybrid 0+0.5 r8 griffin", "hybrid 0.25+0.25 oracle normalized_magnitude"]
-    dense, paper, hybrid, per_token, oracle = rows
-    # Same neurons per token as keep 0.5, plus the rank-8 factors of gate and up in both layers.
+                                          "hybrid 0+0.5 r8 griffin", "hybrid 0.25+0.25 oracle normalized_magnitude",
+                                          "hybrid 0.25+0.25 int4 normalized_magnitude"]
+    dense, paper, hybrid, per_token, oracle, sketch = rows
+    # Same neurons per token as keep 0.5, plus the rank-8 factors of gate and up in both layers
+    # (float32), or the sketch: a byte per weight pair of 128 x 64 and two float32 scales per row.
     assert hybrid["ffn_bytes_per_token"] == per_token["ffn_bytes_per_token"] \
         == paper["ffn_bytes_per_token"] + 2 * 2 * 8 * (64 + 128) * 4
+    assert sketch["ffn_bytes_per_token"] == paper["ffn_bytes_per_token"] + 2 * (128 * 64 + 2 * 128 * 4)
     assert oracle["ffn_bytes_per_token"] == dense["ffn_bytes_per_token"]
 
 

@@ -120,7 +120,8 @@ def test_peak_memory_on_cpu_is_the_process_peak() -> None:
     (["--random-weights"], "--random-weights needs --shapes NAME (smollm2-135m, llama-3.2-1b"),
     (["--shapes", "llama-3-8b"], "--shapes needs --random-weights"),
     (["--tiny"], "--tiny applies to --shapes, --suite and --compile-depths"),
-    (["--shapes", "llama-3-8b", "--random-weights", "--tiny", "--method", "hybrid"], "random weights have none"),
+    (["--shapes", "llama-3-8b", "--random-weights", "--tiny", "--method", "hybrid", "--select-by", "predictor"],
+     "random weights have none"),
 ])
 def test_bad_options_are_one_line(args, words, capsys) -> None:
     assert main(["bench", *args]) == 2

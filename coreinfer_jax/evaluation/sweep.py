@@ -31,7 +31,7 @@ from coreinfer_jax.evaluation.evaluate import HEADLINE, TASKS, Settings, evaluat
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.sparse.budget import Budget
-from coreinfer_jax.sparse.hybrid import Hybrid
+from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.sparse.predictor import Predictor
 from coreinfer_jax.sparse.rules import RULES
@@ -54,8 +54,9 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
                   layers: tuple[int, int] | None = None, budget: Budget | None = None,
                   hybrids: Sequence[Hybrid] = ()) -> list[Method]:
     """Dense, every (rule, keep), then the budget's rule with its per-layer budget at every keep,
-    then the `hybrids` (on the same sparse layers). With a budget, every row uses the budget's
-    sparse layers, so rows of one keep read the same bytes."""
+    then the `hybrids` (on `layers` too when given; else on their family's recommended layers).
+    With a budget, every row uses the budget's sparse layers, so rows of one keep read the same
+    bytes."""
     if budget is not None:
         if layers is not None and tuple(layers) != budget.layers:
             raise CoreInferError(f"--layers {layers[0]}:{layers[1]} but the budget is for "
@@ -65,24 +66,26 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
     methods += [Stability(keep=k, token_keep=token_keep, layers=layers, rule=r) for r in rules for k in keeps]
     if budget is not None:
         methods += [dataclasses.replace(budget.method(k), token_keep=token_keep) for k in keeps]
-    return methods + [dataclasses.replace(h, layers=layers, token_keep=token_keep) for h in hybrids]
+    return methods + [dataclasses.replace(h, layers=layers or h.layers, token_keep=token_keep) for h in hybrids]
 
 
 def hybrid_arg(text: str) -> dict[str, Any]:
-    """`--hybrid KEEP+DYNAMIC[:RULE][:oracle]`, e.g. `0.2+0.2`, `0+0.4`, `0.2+0.2:griffin:oracle`."""
+    """`--hybrid KEEP+DYNAMIC[:RULE][:SELECT_BY]`, e.g. `0.25+0.25`, `0+0.5`, `0.2+0.2:griffin:oracle`,
+    `0.2+0.2:predictor` (SELECT_BY: sketch, predictor or oracle; default: the family's)."""
     spec, *rest = text.split(":")
     try:
         keep, dynamic = (float(x) for x in spec.split("+"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:RULE][:oracle], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:RULE][:SELECT_BY], got {text!r}") from None
     settings: dict[str, Any] = {"keep": keep, "dynamic": dynamic}
     for word in rest:
-        if word == "oracle":
-            settings["select_by"] = "oracle"
+        if word in SELECT_BY:
+            settings["select_by"] = word
         elif word in RULES:
             settings["rule"] = word
         else:
-            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}) nor oracle")
+            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}) nor one of "
+                                             f"{', '.join(SELECT_BY)}")
     return settings
 
 
@@ -255,10 +258,11 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--layers", type=layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
     s.add_argument("--budget", type=Path, default=None,
                    help="also run the budget's rule with its per-layer budget (made by the budget command)")
-    s.add_argument("--hybrid", type=hybrid_arg, nargs="+", default=[], metavar="KEEP+DYNAMIC[:RULE][:oracle]",
-                   help="also run hybrid rows: static core + per-token neurons (e.g. 0.2+0.2 0+0.4 0.2+0.2:oracle)")
+    s.add_argument("--hybrid", type=hybrid_arg, nargs="+", default=[], metavar="KEEP+DYNAMIC[:RULE][:SELECT_BY]",
+                   help="also run hybrid rows: static core + per-token neurons (e.g. 0.25+0.25 0+0.5 "
+                        "0.2+0.2:oracle 0.2+0.2:predictor)")
     s.add_argument("--predictor", type=Path, default=None,
-                   help="the hybrid rows' predictor (default: CHECKPOINT/predictor)")
+                   help="the low-rank predictor of the :predictor hybrid rows (default: CHECKPOINT/predictor)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",
                    help="data file per task (default: the Hugging Face hub)")
     s.add_argument("--limit", type=int, default=None, help="first N questions of truthfulqa and squad")
@@ -277,9 +281,9 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens)
     budget = Budget.load(args.budget) if args.budget else None
     predictor = None
-    if any(h.get("select_by") != "oracle" for h in args.hybrid):
+    if args.predictor is not None or any(h.get("select_by") == "predictor" for h in args.hybrid):
         predictor = Predictor.load(args.predictor or default_predictor_dir(args.checkpoint))
-    hybrids = [Hybrid(predictor=predictor, **h) for h in args.hybrid]
+    hybrids = [Hybrid(predictor=predictor if h.get("select_by") == "predictor" else None, **h) for h in args.hybrid]
     methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget, hybrids)
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows}

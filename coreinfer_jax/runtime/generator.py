@@ -73,6 +73,7 @@ class Generator:
             params = place_params(params, cfg, self.mesh)
         self.params = params
         self.offloaded = split_params(params, cfg, host_memory) if offload else None
+        self.derived: dict = {}  # what methods build from the weights once (`Method.prepare`)
 
     @classmethod
     def load(cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, dtype: str | None = None, offload: bool = False,
@@ -92,7 +93,7 @@ class Generator:
         """`method` validated for this model, with shard-local selection over the mesh's tensor axis."""
         if self.mesh is not None and self.mesh.shape[TENSOR] > 1:
             method = method.sharded(self.mesh.shape[TENSOR])
-        return method.validate(self.cfg)
+        return method.validate(self.cfg).prepare(self.params, self.derived)
 
     @functools.cached_property
     def newline_tokens(self) -> frozenset[int]:

@@ -2,9 +2,8 @@
 
 In each sparse layer, decode reads the prompt's static core neurons (any stability rule,
 `keep` of F, gathered once per generation, as `Stability`) and, at every token, `dynamic`
-of F more neurons chosen among the others: the ones a low-rank predictor
-(`sparse.predictor`) scores highest for that token's FFN input, gathered from the full
-weights in the step itself. Shapes are static (`int32 [B, n_dynamic]` per layer and step),
+of F more neurons chosen among the others: the ones a predictor scores highest for that
+token's FFN input, gathered from the full weights in the step itself. Shapes are static (`int32 [B, n_dynamic]` per layer and step),
 so nothing recompiles within a bucket.
 
 Per-prompt sets lose much more on gated (SiLU/GeGLU) models than on ReLU ones: a neuron
@@ -14,13 +13,19 @@ SmolLM2 where static 0.4 is ~2x); `select_by="oracle"` ranks by the true activat
 (every FFN weight is read: a quality bound and a test reference, never faster than dense).
 `keep=0` is the per-token-only mode (the predictor chooses every neuron).
 
+Two predictors: `select_by="sketch"` (the default for gated models) ranks by a 4-bit copy of
+the gate and up projections built from the weights (`sparse.sketch`: near the true
+activations' ranking at a twelfth of a float32 layer's bytes); `select_by="predictor"` by a
+fitted low-rank predictor (`sparse.predictor`, `r * (D + F)` numbers per projection).
+
 Bytes per decoded token and sparse layer: static rows + dynamic rows + the predictor's
-`r * (D + F)` per projection (`ffn_elements`).
+(`ffn_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,22 +41,26 @@ from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError, predicted_scores
 from coreinfer_jax.sparse.rules import check_rule, top_neurons
 from coreinfer_jax.sparse.selection import sharded_count
+from coreinfer_jax.sparse.sketch import Sketch, sketch_bytes, sketch_scores
 from coreinfer_jax.sparse.stability import Stability, down_norms
 
-SELECT_BY = ("predictor", "oracle")
-# What `Hybrid()` resolves to per model family when keep, dynamic or rule are left unset,
-# chosen on ../shared/data (docs/hybrid.md): ReLU models keep most of their quality with a
-# per-prompt core alone, gated ones need the per-token share.
-RECOMMENDED = {"gated": {"keep": 0.2, "dynamic": 0.2, "rule": "normalized_magnitude"},
-               "relu": {"keep": 0.3, "dynamic": 0.1, "rule": "paper"}}
+SELECT_BY = ("sketch", "predictor", "oracle")
+# What `Hybrid()` resolves to per model family when keep, dynamic, rule, select_by or layers
+# are left unset, chosen on ../shared/data (docs/hybrid.md): gated models need the per-token
+# share, and with the sketch's ranking every layer but the first can be sparse; ReLU models
+# keep most of their quality with a per-prompt core alone. "layers": (first layer, layers
+# left dense at the end), or None for the paper's range scaled to depth.
+RECOMMENDED = {"gated": {"keep": 0.25, "dynamic": 0.25, "rule": "normalized_magnitude", "select_by": "sketch",
+                         "layers": (1, 0)},
+               "relu": {"keep": 0.3, "dynamic": 0.1, "rule": "paper", "select_by": "predictor", "layers": None}}
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenNeurons:
     """The decode-step FFN of a hybrid method (hashable: a static argument of the decode loop).
 
-    A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_idx": [B, K],
-    "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
+    A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_mask": bool [B, F]
+    (True at the core), "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
     down-weighted); every other layer's are its FFN.
     """
 
@@ -62,7 +71,7 @@ class TokenNeurons:
     def __call__(self, p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
         if "full" not in p:
             return ffn(p, x, cfg)
-        full, core_idx = p["full"], p["core_idx"]
+        full, core = p["full"], p["core_mask"]
         B, T, _ = x.shape
         F = full["w_up"].shape[0]
         n_dynamic = sharded_count(F, self.dynamic, self.shards)
@@ -72,12 +81,13 @@ class TokenNeurons:
             if self.select_by == "oracle":
                 _, true = ffn(full, x, cfg)  # [B, T, F]
                 scores = true if cfg.family == "opt" else jnp.abs(true)
+            elif self.select_by == "sketch":
+                scores = sketch_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
             else:
                 scores = predicted_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
             if "down_norm" in p:
                 scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
-            core = jnp.zeros((B, F), bool).at[jnp.arange(B)[:, None], core_idx].set(True)  # [B, F]
-            scores = jnp.where(core[:, None, :], -jnp.inf, scores)
+            scores = jnp.where(core[:, None, :], -jnp.inf, scores)  # [B, T, F]
             dynamic = top_neurons(scores, n_dynamic, self.shards)  # [B, T, n_dynamic]
         if T == 1:
             # Decode: read only the chosen rows (on a mesh, each device from its own), then both
@@ -91,6 +101,14 @@ class TokenNeurons:
         chosen = core[:, None, :] | jnp.zeros((B, T, F), bool).at[
             jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], dynamic].set(True)  # [B, T, F]
         return masked_ffn(full, x, chosen, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("counts", "width"))
+def core_masks(core: jnp.ndarray, *, counts: tuple[int, ...], width: int) -> list[jnp.ndarray]:
+    """Per sparse layer, `bool [B, F]`: True at its first `counts[j]` core ids of `core`
+    `[B, n_sparse, n_max]` (built once per generation, not at every step)."""
+    rows = jnp.arange(core.shape[0])[:, None]
+    return [jnp.zeros((core.shape[0], width), bool).at[rows, core[:, j, :n]].set(True) for j, n in enumerate(counts)]
 
 
 def masked_ffn(full: Params, x: jnp.ndarray, chosen: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -107,16 +125,17 @@ def masked_ffn(full: Params, x: jnp.ndarray, chosen: jnp.ndarray, cfg: ModelConf
 class Hybrid(Stability):
     """Static core neurons (`keep`, chosen by `rule` in pre-fill) plus `dynamic` per-token neurons.
 
-    `keep`, `dynamic` and `rule` left None take the model family's `RECOMMENDED` values in
-    `validate`. `predictor` is a `Predictor` or its directory (not part of equality: predictors
-    of one shape share every compile); `select_by="oracle"` needs none.
+    `keep`, `dynamic`, `rule`, `select_by` and `layers` left None take the model family's
+    `RECOMMENDED` values in `validate`. `predictor` is a `Predictor` or its directory for
+    `select_by="predictor"`, or a `Sketch` (built from the weights when None; not part of
+    equality: predictors of one shape share every compile); `select_by="oracle"` needs none.
     """
 
     keep: float | None = None
     rule: str | None = None
     dynamic: float | None = None
-    predictor: Predictor | str | Path | None = dataclasses.field(default=None, compare=False, repr=False)
-    select_by: str = "predictor"
+    predictor: Predictor | Sketch | str | Path | None = dataclasses.field(default=None, compare=False, repr=False)
+    select_by: str | None = None
     rank: int | None = dataclasses.field(default=None, init=False)
     name: ClassVar[str] = "hybrid"
     offload_supported: ClassVar[bool] = False
@@ -133,7 +152,7 @@ class Hybrid(Stability):
             check_rule(self.rule)
         if self.layer_keep is not None:
             raise MethodError("the hybrid method takes no per-layer budget")
-        if self.select_by not in SELECT_BY:
+        if self.select_by is not None and self.select_by not in SELECT_BY:
             raise MethodError(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
         predictor = self.predictor
         if isinstance(predictor, (str, Path)):
@@ -142,24 +161,47 @@ class Hybrid(Stability):
         object.__setattr__(self, "rank", predictor.rank if predictor is not None else None)
 
     def validate(self, cfg: ModelConfig) -> Hybrid:
-        """This method with unset settings resolved for `cfg` (its family's recommended ones, the
-        default sparse layers); raises without a predictor fitted for this model and layers."""
+        """This method with unset settings resolved for `cfg` (its family's recommended ones);
+        raises when `select_by="predictor"` has no predictor fitted for this model and layers."""
         kind = "relu" if cfg.family == "opt" else "gated"
         unset = {k: v for k, v in RECOMMENDED[kind].items() if getattr(self, k) is None}
+        if self.select_by is None and isinstance(self.predictor, Predictor):
+            unset["select_by"] = "predictor"  # a fitted predictor given is the one to use
+        if unset.get("layers") is not None:
+            first, dense_at_end = unset["layers"]
+            unset["layers"] = (first, cfg.num_layers - dense_at_end)
         method = dataclasses.replace(self, **unset) if unset else self
         if method.share != "row":
             raise MethodError("the hybrid method picks each row's own neurons at every step: it has no "
                               "share='batch' mode")
         layers = resolve_layers(method.layers, method.keep + method.dynamic, cfg)
         method.check_sharing(cfg, kept=method.keep + method.dynamic)
+        predictor = method.predictor
         if method.select_by == "predictor":
-            if method.predictor is None:
+            if not isinstance(predictor, Predictor):
                 raise PredictorError(f"the hybrid method needs a predictor (--predictor DIR); make one with `{MAKE}`")
-            method.predictor.check_model(cfg)
-            if not method.predictor.covers(*layers):
-                raise PredictorError(f"the predictor has factors for layers {method.predictor.layers[0]}:"
-                                     f"{method.predictor.layers[1]}, not for the sparse layers {layers[0]}:{layers[1]}")
+            predictor.check_model(cfg)
+            if not predictor.covers(*layers):
+                raise PredictorError(f"the predictor has factors for layers {predictor.layers[0]}:"
+                                     f"{predictor.layers[1]}, not for the sparse layers {layers[0]}:{layers[1]}")
+        elif method.select_by == "sketch" and predictor is not None:
+            if not isinstance(predictor, Sketch):
+                raise MethodError("a fitted predictor is for select_by='predictor'; the sketch is built from the "
+                                  "weights")
+            if not predictor.covers(*layers):
+                raise PredictorError(f"the sketch covers layers {predictor.layers[0]}:{predictor.layers[1]}, not "
+                                     f"the sparse layers {layers[0]}:{layers[1]}")
         return dataclasses.replace(method, layers=layers)
+
+    def prepare(self, params: Params, cache: dict) -> Hybrid:
+        """With `select_by="sketch"` and no sketch given, this method with the sketch of
+        `params` for its layers (kept in `cache`, so a generator builds it once)."""
+        if self.select_by != "sketch" or self.predictor is not None:
+            return self
+        key = ("sketch", self.layers)
+        if key not in cache:
+            cache[key] = Sketch.build(params, self.layers)
+        return dataclasses.replace(self, predictor=cache[key])
 
     def batch_shared(self) -> None:
         return None  # its per-token neurons are each row's own
@@ -182,36 +224,41 @@ class Hybrid(Stability):
         counts = self.layer_neurons(width)
         ffns = [params["layers"][i]["ffn"] for i in sparse]
         gathered = gather_core_layers(ffns, core, counts=counts, shards=self.shards)
-        factors = (self.predictor.layer_factors(*self.layers) if self.select_by == "predictor"
-                   else [{}] * len(sparse))
+        masks = core_masks(core, counts=counts, width=width)
+        source = self.prepare(params, {}).predictor
+        factors = source.layer_factors(*self.layers) if source is not None else [{}] * len(sparse)
         layers = list(params["layers"])
         for j, i in enumerate(sparse):
-            layers[i] = dict(layers[i], ffn={"core": gathered[j], "core_idx": core[:, j, : counts[j]],
-                                             "full": ffns[j], "predictor": factors[j]})
+            layers[i] = dict(layers[i], ffn={"core": gathered[j], "core_mask": masks[j], "full": ffns[j],
+                                             "predictor": factors[j]})
             if self.down_weighted:
                 layers[i]["ffn"]["down_norm"] = down_norms(ffns[j])  # [F], once per generation
         return dict(params, layers=layers)
 
-    def ffn_elements(self, params: Params) -> list[int]:
-        """Static rows + dynamic rows + predictor factors in sparse layers; the oracle reads all."""
+    def ffn_bytes(self, params: Params) -> list[int]:
+        """Static rows + dynamic rows + the predictor (sketch or factors) in sparse layers; the
+        oracle reads all."""
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
         rows = sharded_count(F, self.keep, self.shards) + sharded_count(F, self.dynamic, self.shards)
-        extra = self.predictor.elements_per_token() if self.select_by == "predictor" else 0
-        extra += F if self.down_weighted else 0
         sparse = set(self.sparse_layers())
         out = []
         for i, layer in enumerate(params["layers"]):
+            ffn_params = layer["ffn"]
             if i not in sparse or self.select_by == "oracle":
-                out.append(sum(w.size for w in layer["ffn"].values()))
+                out.append(sum(w.nbytes for w in ffn_params.values()))
                 continue
-            out.append(extra + sum(w.size * rows // F if name in NEURON_ROWS else w.size
-                                   for name, w in layer["ffn"].items()))
+            extra = (sketch_bytes(ffn_params) if self.select_by == "sketch"
+                     else self.predictor.bytes_per_layer())
+            if self.down_weighted:
+                extra += F * ffn_params["w_down"].dtype.itemsize
+            out.append(extra + sum(w.nbytes * rows // F if name in NEURON_ROWS else w.nbytes
+                                   for name, w in ffn_params.items()))
         return out
 
     @property
     def label(self) -> str:
-        """"hybrid 0.2+0.2 r64 normalized_magnitude" (static + dynamic, predictor rank, rule)."""
-        how = "oracle" if self.select_by == "oracle" else f"r{self.rank}"
+        """"hybrid 0.25+0.25 int4 normalized_magnitude" (static + dynamic, predictor, rule)."""
+        how = {"oracle": "oracle", "sketch": "int4"}.get(self.select_by, f"r{self.rank}")
         down = "+down" if self.down_weighted else ""
         return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}{down}{self.sharing_label}"
 

@@ -10,8 +10,9 @@ and the accounting (roofline, bench, eval) ask a method these questions and neve
              `core_neurons(selected, tables)`: the per-layer results as core-neuron indices
              `int32 [B, n_sparse, n_max]` (None: nothing is kept);
              `tables()`: arrays it needs there, passed as traced arguments (not static);
-  gather     `decode_weights(params, core)`: the decode-time param tree, built once per
-             generation (the core neurons' rows gathered in the sparse layers);
+  gather     `prepare(params, cache)`: the method with what it derives from the weights, once
+             per generator; `decode_weights(params, core)`: the decode-time param tree, built
+             once per generation (the core neurons' rows gathered in the sparse layers);
   decode     `decode_ffn`: the FFN every decode step runs on those weights (hashable: a static
              argument of the decode loop), where a token-adaptive method picks neurons per
              token (`hybrid.Hybrid`); the others run `forward.ffn` and share one compiled loop;
@@ -19,7 +20,7 @@ and the accounting (roofline, bench, eval) ask a method these questions and neve
   batches    `per_row_weights`: decode reads a gathered copy per row; `batch_shared()`: the
              method with one set for the whole batch (None: it has none);
   accounting `sparse_layers()`, `layer_neurons(width)` (static rows per sparse layer),
-             `ffn_elements(params)` (FFN weight elements a decode step reads, per layer),
+             `ffn_bytes(params)` (FFN weight bytes a decode step reads, per layer),
              `label` and `describe()` (how rows and JSON name it).
 
 `Dense` reads nothing and keeps everything. `CoreNeurons` is the base of the CoreInfer
@@ -125,14 +126,19 @@ class Method:
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
         return params
 
-    def ffn_elements(self, params: Params) -> list[int]:
-        """Per layer, the FFN weight elements one decode step reads: a sparse layer's
-        neuron-major tensors only their kept rows (integer arithmetic, so equal neuron totals
-        give equal bytes), every other tensor whole."""
+    def ffn_bytes(self, params: Params) -> list[int]:
+        """Per layer, the FFN weight bytes one decode step reads: a sparse layer's neuron-major
+        tensors only their kept rows (integer arithmetic, so equal neuron totals give equal
+        bytes), every other tensor whole."""
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
         kept = dict(zip(self.sparse_layers(), self.layer_neurons(F)))
-        return [sum(w.size * kept.get(i, F) // F if name in NEURON_ROWS else w.size
+        return [sum(w.nbytes * kept.get(i, F) // F if name in NEURON_ROWS else w.nbytes
                     for name, w in layer["ffn"].items()) for i, layer in enumerate(params["layers"])]
+
+    def prepare(self, params: Params, cache: dict) -> Method:
+        """This method with what it derives from the weights (the hybrid's sketch), built once
+        per `cache` (a generator keeps one)."""
+        return self
 
     @property
     def label(self) -> str:

@@ -81,9 +81,9 @@ class Predictor:
     def device_factors(self) -> Params:
         return {name: jnp.asarray(f) for name, f in self.factors.items()}
 
-    def elements_per_token(self) -> int:
-        """Numbers one decode step reads per layer: `r * (D + F)` per projection."""
-        return sum(int(f[0].size) for f in self.factors.values())
+    def bytes_per_layer(self) -> int:
+        """Bytes one decode step reads per layer: `r * (D + F)` float32 numbers per projection."""
+        return sum(int(f[0].nbytes) for f in self.factors.values())
 
     def check_model(self, cfg: ModelConfig) -> None:
         artifact.check_model(self.model, cfg, "predictor", PredictorError)

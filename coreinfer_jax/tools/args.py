@@ -69,10 +69,12 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
     p.add_argument("--dynamic", type=float, default=None,
                    help="hybrid: per-token neurons chosen at each step, a fraction of the FFN width")
     p.add_argument("--predictor", type=Path, default=None,
-                   help="hybrid: predictor directory made by the predictor command (default: CHECKPOINT/predictor)")
-    p.add_argument("--select-by", choices=list(SELECT_BY), default="predictor",
-                   help="hybrid: choose per-token neurons by the predictor, or by the true activations "
-                        "(oracle: a quality bound that reads every weight)")
+                   help="hybrid: low-rank predictor directory made by the predictor command (with --select-by "
+                        "predictor, default CHECKPOINT/predictor)")
+    p.add_argument("--select-by", choices=list(SELECT_BY), default=None,
+                   help="hybrid: choose per-token neurons by a 4-bit sketch of the weights (the gated default), "
+                        "a fitted low-rank predictor, or the true activations (oracle: a quality bound that "
+                        "reads every weight)")
     p.add_argument("--share", choices=list(SHARES), default="row",
                    help="core neurons per row, or one set for the whole batch (gathered once: batch throughput)")
     p.add_argument("--shards", type=int, default=1,
@@ -97,7 +99,7 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
     --calibration --layer-neurons --budget --dynamic --predictor --select-by`), one per keep
     (None: the method's defaults)."""
     hybrid = args.method == "hybrid"
-    if not hybrid and (args.dynamic is not None or args.predictor is not None or args.select_by != "predictor"):
+    if not hybrid and (args.dynamic is not None or args.predictor is not None or args.select_by is not None):
         raise MethodError("--dynamic, --predictor and --select-by apply to --method hybrid")
     if hybrid:
         return [hybrid_from_args(args, k) for k in keeps or [None]]
@@ -132,17 +134,17 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
 
 def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
     """`--method hybrid`: what the options set, the rest left to the model family's recommended
-    configuration, with its predictor from `--predictor` or the checkpoint's own (or a message
-    saying how to make it)."""
+    configuration; a low-rank predictor from `--predictor`, or with `--select-by predictor`
+    the checkpoint's own (or a message saying how to make it)."""
     if args.budget is not None or args.layer_neurons is not None or args.calibration is not None:
         raise MethodError("--budget, --layer-neurons and --calibration do not apply to --method hybrid")
     if args.share != "row":
         raise MethodError("--share does not apply to --method hybrid (it picks each row's own neurons at every step)")
     settings = {k: v for k, v in (("keep", keep), ("dynamic", args.dynamic), ("rule", args.rule),
                                   ("layers", args.layers)) if v is not None}
-    predictor = None
+    predictor = args.predictor
     if args.select_by == "predictor":
-        predictor = args.predictor or default_predictor_dir(args.checkpoint)
+        predictor = predictor or default_predictor_dir(args.checkpoint)
         if not predictor.exists():
             raise PredictorError(f"the hybrid method needs a predictor and {predictor} does not exist; make it with "
                                  f"`python -m coreinfer_jax predictor --checkpoint {args.checkpoint} "

@@ -45,9 +45,8 @@ def step_bytes(cfg: ModelConfig, params: Params, method: Method, kv_slots: float
     one = bytes_per_token(cfg, params, method, kv_slots * batch)
     if not method.per_row_weights:
         return one
-    itemsize = params["embed"].dtype.itemsize
-    sparse = method.ffn_elements(params)
-    per_row = sum(sparse[i] for i in method.sparse_layers()) * itemsize
+    sparse = method.ffn_bytes(params)
+    per_row = sum(sparse[i] for i in method.sparse_layers())
     return one + (batch - 1) * per_row
 
 

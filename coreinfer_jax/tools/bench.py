@@ -212,8 +212,9 @@ def bench_main(args: argparse.Namespace) -> int:
         raise ShapesError("--tiny applies to --shapes, --suite and --compile-depths")
     methods: list[Method] = [Dense()]
     if args.method != "dense":
-        if args.shapes is not None and args.method == "hybrid":
-            raise ShapesError("--method hybrid needs a predictor fitted to real weights; random weights have none")
+        if args.shapes is not None and args.method == "hybrid" and args.select_by == "predictor":
+            raise ShapesError("--select-by predictor needs a predictor fitted to real weights; random weights have "
+                              "none (the default sketch is built from any weights)")
         methods += methods_from_args(args, args.keep)
     with maybe_profile(args.profile):
         if args.shapes is not None:

@@ -5,9 +5,10 @@ Parts, in order (one GPU, under 8 minutes):
   tests    the pytest files that exercise the compiled programs (parity, decode, sparse), in a
            subprocess with a time bound and float32 matmuls at full precision (a GPU's default
            TF32 would break the parity tolerances);
-  bench    SmolLM2- and Llama-3-8B-shaped bfloat16 random-weight decoding: JAX dense and
-           stability keep 0.4 against Transformers on CUDA (its own random initialisation of
-           the same config: only speed is compared);
+  bench    SmolLM2- and Llama-3-8B-shaped bfloat16 random-weight decoding: JAX dense,
+           stability keep 0.4 and the hybrid default (its sketch is built from any weights)
+           against Transformers on CUDA (its own random initialisation of the same config: only
+           speed is compared);
   offload  memory-limited mode (FFN weights in pinned host memory) at Llama-3-8B shapes against
            Transformers + accelerate CPU offload held to the same GPU bytes of weights.
 `--tiny` swaps in tiny shapes and short runs, and only collects the tests (CPU, about a
@@ -36,6 +37,7 @@ import jax
 
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.offload import PINNED, device_bytes
+from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.method import Dense
 from coreinfer_jax.sparse.stability import Stability
 from coreinfer_jax.tools.bench import RANDOM_PROMPT_TOKENS, measure
@@ -133,12 +135,11 @@ def run_bench_part(plan: Plan) -> list[dict[str, Any]]:
         cfg, hf = model_config(shape, plan.tiny)
         gen = Generator(cfg, random_params(cfg, DTYPE), tokenizer=None)
         runner = TorchRunner.from_hf_config(hf, DTYPE, "sdpa", "cuda") if torch_cuda() else None
-        report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), [Dense(), Stability(keep=KEEP)],
+        report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), [Dense(), Stability(keep=KEEP), Hybrid()],
                          plan.new_tokens, plan.reps, runner, "transformers-pytorch-sdpa-cuda")
         if runner is None:
             rows.append(skipped("bench", f"{shape}: transformers-pytorch-sdpa-cuda", "no GPU"))
         rows += rows_of("bench", shape, report)
-        rows.append(skipped("bench", f"{shape}: jax-hybrid", "needs a predictor fitted to real weights"))
         del gen, runner
         _free()
     return rows

@@ -54,7 +54,7 @@ def decode_kv_slots(prompt_tokens: int, new_tokens: int, context: int) -> float:
 
 def ffn_bytes_per_token(cfg: ModelConfig, params: Params, method: Method) -> int:
     """Bytes of FFN weights one decode step reads (every layer; sparse ones only their kept neurons)."""
-    return sum(method.ffn_elements(params)) * jnp.dtype(params["embed"].dtype).itemsize
+    return sum(method.ffn_bytes(params))
 
 
 def bandwidth_probe(nbytes: int = 512 << 20) -> Callable[[], float]:

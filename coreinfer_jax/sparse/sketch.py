@@ -1,0 +1,110 @@
+"""A 4-bit sketch of the FFN's input projections: the hybrid method's default per-token predictor.
+
+Each weight of the gate and up projections rounded to 4 bits (symmetric, one float32 scale
+per neuron row: `q = round(w / s)` in -7..7, `s = max |w_row| / 7`), the two projections
+packed into one byte per weight pair (low nibble gate, high nibble up, each stored as
+`q + 8`). A decode step ranks all F neurons by `|act(x Qg^T sg) * (x Qu^T su)|`, reading
+`F * D` bytes plus `8 F` of scales per layer: a twelfth of the layer's float32 FFN bytes (a
+sixth of bfloat16's). A ReLU FFN (OPT) has one input projection, `fc1`: its first and second
+halves of rows share the bytes instead, and the sketch scores the pre-activation.
+
+Built from the weights alone (no data, no fitting, well under a second for SmolLM2), so it
+is never stale and never belongs to another model. On SmolLM2-135M it ranks neurons almost
+as the true activations do: static 0.25 + per-token 0.25 in layers 1..29, WikiText-2
+perplexity 24.98 (true activations 25.25, rank-64 whitened SVD 37.86, dense 23.39;
+docs/hybrid.md). XLA fuses the nibble unpacking into the matrix-vector products, so the
+compiled step reads the packed bytes once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax.models.params import Params
+
+QMAX = 7  # symmetric 4-bit levels -7..7; stored + 8 so a nibble is 1..15
+OFFSET = 8
+
+
+def sketch_rows(ffn: Params) -> int:
+    """Rows of a layer's packed sketch: F (gated: gate and up share a byte) or ceil(F / 2)."""
+    F = ffn["w_up"].shape[0]
+    return F if "w_gate" in ffn else -(-F // 2)
+
+
+def sketch_bytes(ffn: Params) -> int:
+    """Bytes one decode step reads of a layer's sketch: the packed nibbles and two scales per row."""
+    rows = sketch_rows(ffn)
+    return rows * ffn["w_up"].shape[1] + 2 * rows * 4
+
+
+@jax.jit
+def quantize_rows(w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`w` `[R, D]` as stored nibbles `uint8 [R, D]` (1..15) and per-row scales `float32 [R]`."""
+    w = w.astype(jnp.float32)
+    peak = jnp.max(jnp.abs(w), axis=1)  # [R]
+    scale = jnp.where(peak > 0, peak / QMAX, 1.0)  # an all-zero row: any scale, its levels are 0
+    q = jnp.clip(jnp.round(w / scale[:, None]), -QMAX, QMAX)  # [R, D]
+    return (q + OFFSET).astype(jnp.uint8), scale
+
+
+@jax.jit
+def pack_layer(ffn: Params) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """One layer's sketch: packed `uint8 [R, D]` and scales `float32 [2, R]` (low, high nibble)."""
+    if "w_gate" in ffn:
+        low, high = ffn["w_gate"], ffn["w_up"]
+    else:
+        w = ffn["w_up"]
+        half = sketch_rows(ffn)
+        low, high = w[:half], jnp.pad(w[half:], ((0, 2 * half - w.shape[0]), (0, 0)))  # [R, D] each
+    q_low, s_low = quantize_rows(low)
+    q_high, s_high = quantize_rows(high)
+    return q_low | (q_high << 4), jnp.stack([s_low, s_high])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sketch:
+    """Per-layer sketches for layers `layers[0] .. layers[1] - 1` (equality: identity)."""
+
+    layers: tuple[int, int]
+    packed: jnp.ndarray  # uint8 [L, R, D]
+    scales: jnp.ndarray  # float32 [L, 2, R]
+    rank = None  # not a low-rank predictor (the hybrid's label names it "int4")
+
+    @classmethod
+    def build(cls, params: Params, layers: tuple[int, int]) -> Sketch:
+        packed, scales = zip(*(pack_layer(params["layers"][i]["ffn"]) for i in range(*layers)))
+        return cls(layers, jnp.stack(packed), jnp.stack(scales))
+
+    def covers(self, first: int, end: int) -> bool:
+        return self.layers[0] <= first and end <= self.layers[1]
+
+    def layer_factors(self, first: int, end: int) -> list[Params]:
+        """Per layer `first .. end - 1`: `{"packed": [R, D], "scales": [2, R]}`."""
+        offset = first - self.layers[0]
+        return [{"packed": self.packed[offset + j], "scales": self.scales[offset + j]} for j in range(end - first)]
+
+
+def unpack(packed: jnp.ndarray, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The low and high nibbles' levels (-7..7) as `dtype` `[R, D]` each."""
+    return (packed & 0xF).astype(dtype) - OFFSET, (packed >> 4).astype(dtype) - OFFSET
+
+
+def sketch_scores(factors: Params, ffn: Params, x: jnp.ndarray, act) -> jnp.ndarray:
+    """Each neuron's predicted importance `[..., F]` for FFN inputs `x` `[..., D]` (larger: keep),
+    from the layer's sketch `factors` and the full `ffn`'s biases."""
+    with jax.named_scope("sketch_neurons"):
+        low, high = unpack(factors["packed"], x.dtype)
+        scales = factors["scales"].astype(x.dtype)
+        first = (x @ low.T) * scales[0]  # [..., R]
+        second = (x @ high.T) * scales[1]  # [..., R]
+        if "w_gate" not in ffn:
+            F = ffn["w_up"].shape[0]
+            up = jnp.concatenate([first, second], axis=-1)[..., :F]  # [..., F]
+            return up + ffn["b_up"] if "b_up" in ffn else up
+        gate = first + ffn["b_gate"] if "b_gate" in ffn else first
+        up = second + ffn["b_up"] if "b_up" in ffn else second
+        return jnp.abs(act(gate) * up)

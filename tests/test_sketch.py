@@ -1,0 +1,144 @@
+"""The hybrid method's 4-bit sketch predictor (`sparse.sketch`) and the defaults built on it.
+
+Expected values are restated in NumPy (quantisation, packing, scores), by hand (bytes), or
+come from the oracle mode, which `test_hybrid` checks against a PyTorch restatement.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_main
+from coreinfer_jax import Dense, Generator, Hybrid
+from coreinfer_jax.calibrate.predictor import fit_predictor
+from coreinfer_jax.errors import MethodError
+from coreinfer_jax.models.forward import activation_fn
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.sparse.predictor import PredictorError
+from coreinfer_jax.sparse.sketch import Sketch, sketch_scores
+from coreinfer_jax.tools.cli import main
+from coreinfer_jax.tools.roofline import ffn_bytes_per_token
+from test_sparse import PROMPTS
+
+
+def numpy_levels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit rounding per row, restated: levels -7..7 and scale max|row| / 7."""
+    scale = np.abs(w).max(axis=1) / 7
+    return np.clip(np.round(w / scale[:, None]), -7, 7), scale
+
+
+def numpy_silu(z: np.ndarray) -> np.ndarray:
+    return z / (1 + np.exp(-z))
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_sketch_equals_a_numpy_restatement(name, tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint(name))
+    L = gen.cfg.num_layers
+    sketch = Sketch.build(gen.params, (0, L))
+    x = np.random.default_rng(1).standard_normal((3, gen.cfg.hidden_size)).astype(np.float32)  # [N, D]
+    for j, factors in enumerate(sketch.layer_factors(0, L)):
+        ffn = {k: np.asarray(v, np.float64) for k, v in gen.params["layers"][j]["ffn"].items()}
+        packed = np.asarray(factors["packed"]).astype(np.int64)
+        low, high = (packed & 15) - 8, (packed >> 4) - 8
+        if name == "llama":  # low nibble gate, high nibble up
+            parts = [numpy_levels(ffn["w_gate"]), numpy_levels(ffn["w_up"])]
+        else:  # fc1's first and second halves of rows
+            half = ffn["w_up"].shape[0] // 2
+            parts = [numpy_levels(ffn["w_up"][:half]), numpy_levels(ffn["w_up"][half:])]
+        np.testing.assert_array_equal(low, parts[0][0])
+        np.testing.assert_array_equal(high, parts[1][0])
+        np.testing.assert_allclose(np.asarray(factors["scales"]), [parts[0][1], parts[1][1]], rtol=1e-6)
+        approx = [levels * scale[:, None] for levels, scale in parts]  # the weights as the sketch holds them
+        if name == "llama":
+            want = np.abs(numpy_silu(x @ approx[0].T) * (x @ approx[1].T))
+        else:
+            want = x @ np.concatenate(approx).T + ffn["b_up"]
+        got = sketch_scores(factors, gen.params["layers"][j]["ffn"], jnp.asarray(x), activation_fn(gen.cfg))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def on_the_grid(gen: Generator) -> Generator:
+    """`gen` with every input-projection row a multiple of one step by integers -7..7 (each row
+    reaching 7): the sketch then holds these weights exactly."""
+    rng = np.random.default_rng(2)
+    layers = []
+    for layer in gen.params["layers"]:
+        ffn = dict(layer["ffn"])
+        for name in ("w_gate", "w_up"):
+            if name in ffn:
+                F, D = ffn[name].shape
+                levels = rng.integers(-7, 8, (F, D)).astype(np.float32)
+                levels[:, 0] = 7
+                step = rng.uniform(0.01, 0.05, (F, 1)).astype(np.float32)
+                ffn[name] = jnp.asarray(levels * step)
+        layers.append(dict(layer, ffn=ffn))
+    return Generator(gen.cfg, dict(gen.params, layers=layers), gen.tokenizer)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_on_exactly_representable_weights_the_sketch_picks_the_true_activations_neurons(name, tiny_checkpoint) -> None:
+    gen = on_the_grid(Generator.load(tiny_checkpoint(name)))
+    layers = (0, gen.cfg.num_layers)
+    oracle = gen.generate_ids(PROMPTS, 12, method=Hybrid(keep=0.25, dynamic=0.25, layers=layers, select_by="oracle"),
+                              stop_at_eos=False, return_logits=True)
+    sketch = gen.generate_ids(PROMPTS, 12, method=Hybrid(keep=0.25, dynamic=0.25, layers=layers, select_by="sketch"),
+                              stop_at_eos=False, return_logits=True)
+    dense = gen.generate_ids(PROMPTS, 12, stop_at_eos=False, return_logits=True)
+    assert sketch.tokens == oracle.tokens
+    np.testing.assert_allclose(sketch.logits, oracle.logits, atol=1e-4)
+    assert not np.allclose(sketch.logits, dense.logits, atol=1e-3), "half the neurons should change the logits"
+
+
+def test_default_hybrid_is_the_recommended_sketch_configuration_built_once(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    L = gen.cfg.num_layers
+    method = Hybrid().validate(gen.cfg)
+    assert (method.keep, method.dynamic, method.rule, method.select_by, method.layers) == \
+        (0.25, 0.25, "normalized_magnitude", "sketch", (1, L))
+    assert method.label == "hybrid 0.25+0.25 int4 normalized_magnitude"
+    with pytest.raises(PredictorError, match="needs a predictor"):  # ReLU models: the fitted predictor
+        Hybrid().validate(Generator.load(tiny_checkpoint("opt")).cfg)
+    programs = engine.prefill, engine.decode
+    first = gen.generate_ids([[5, 6, 7]], 8, method=Hybrid())
+    sizes = [f._cache_size() for f in programs]
+    again = gen.generate_ids([[9, 10, 11, 12]], 8, method=Hybrid())
+    assert [f._cache_size() for f in programs] == sizes
+    assert len(first.tokens[0]) == len(again.tokens[0]) == 8
+    assert [type(v) for v in gen.derived.values()] == [Sketch]
+
+
+def test_sketch_bytes_by_hand(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    cfg = gen.cfg
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers  # 64, 128, 2
+    dense = ffn_bytes_per_token(cfg, gen.params, Dense())
+    assert dense == L * 3 * F * D * 4
+    method = Hybrid(keep=0.25, dynamic=0.125, layers=(1, 2), select_by="sketch").validate(cfg)
+    rows = 32 + 16  # int(128 * 0.25) + int(128 * 0.125)
+    sketch = F * D + 2 * F * 4  # a byte per (gate, up) weight pair, two float32 scales per neuron
+    assert ffn_bytes_per_token(cfg, gen.params, method) == (L - 1) * 3 * F * D * 4 + 3 * rows * D * 4 + sketch
+
+
+def test_sketch_errors(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    tokens = list(np.random.default_rng(0).integers(3, 300, size=4 * 64 * 4))
+    predictor = fit_predictor(gen, tokens, rank=4, layers=(0, 2), window=64, progress=False)
+    with pytest.raises(MethodError, match="a fitted predictor is for select_by='predictor'"):
+        Hybrid(select_by="sketch", predictor=predictor).validate(gen.cfg)
+    with pytest.raises(PredictorError, match="the sketch covers layers 1:2, not the sparse layers 0:2"):
+        Hybrid(select_by="sketch", predictor=Sketch.build(gen.params, (1, 2)), layers=(0, 2)).validate(gen.cfg)
+    assert Hybrid(predictor=predictor).validate(gen.cfg).select_by == "predictor"
+
+
+def test_method_hybrid_alone_runs_from_the_command_line(tiny_checkpoint) -> None:
+    run = run_main(main, "generate", "--checkpoint", str(tiny_checkpoint("llama")), "--prompt", "The quick brown fox",
+                   "--max-new-tokens", "4", "--method", "hybrid", "--json")
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)
+    assert (row["select_by"], row["keep"], row["dynamic"], row["layers"]) == ("sketch", 0.25, 0.25, [1, 2])
+    assert row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]
