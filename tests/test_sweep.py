@@ -256,6 +256,10 @@ def test_sweep_writes_json_markdown_and_plot(gen, tiny_checkpoint, tmp_path: Pat
      "--layer-neurons must be comma-separated integers"),
     (["generate", "--prompt", "hi", "--method", "stability", "--rule", "nope"], "invalid choice: 'nope'"),
     (["sweep", "--rules", "paper", "--data", "books=x.txt", "--out", "x"], "--data takes TASK=FILE"),
+    (["sweep", "--rules", "paper", "--hybrid", "0.2+0.2:magic", "--out", "x"],
+     "'magic' is neither a rule (paper, magnitude, normalized_magnitude, griffin) nor one of sketch, predictor, oracle"),
+    (["generate", "--prompt", "hi", "--method", "stability", "--select-by", "sketch"],
+     "--dynamic, --predictor and --select-by apply to --method hybrid"),
 ])
 def test_bad_cli_input_is_one_clear_line(args, message, tiny_checkpoint, capsys) -> None:
     try:

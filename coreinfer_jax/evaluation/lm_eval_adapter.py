@@ -25,7 +25,8 @@ Model args: `checkpoint` (default: the converted SmolLM2), `method`
 (dense|stability|similarity|hybrid), `keep`, `token_keep`, `layers` (START:END, half-open; these
 three are an error with method=dense, defaults as `make_method`), `rule` (stability, hybrid),
 `calibration` (DIR from `python -m coreinfer_jax calibrate`, similarity only), `dynamic` and
-`predictor` (hybrid: per-token fraction, DIR from `python -m coreinfer_jax predictor`), `batch_size` (wins over lm-eval's `--batch_size`, whose
+`predictor` (hybrid: per-token fraction; a low-rank predictor DIR from `python -m coreinfer_jax
+predictor` instead of the default 4-bit sketch), `batch_size` (wins over lm-eval's `--batch_size`, whose
 default is 1), `dtype` (float32|bfloat16|float16), `max_gen_toks` (default for tasks that
 set none), `mesh` (DATAxTENSOR, e.g. 1x4: the model split over devices) and `share` (row|batch:
 one core set per batch, stability and similarity). Anything else is an error.

@@ -3,8 +3,8 @@
 In each sparse layer, decode reads the prompt's static core neurons (any stability rule,
 `keep` of F, gathered once per generation, as `Stability`) and, at every token, `dynamic`
 of F more neurons chosen among the others: the ones a predictor scores highest for that
-token's FFN input, gathered from the full weights in the step itself. Shapes are static (`int32 [B, n_dynamic]` per layer and step),
-so nothing recompiles within a bucket.
+token's FFN input, gathered from the full weights in the step itself. Shapes are static
+(`int32 [B, n_dynamic]` per layer and step), so nothing recompiles within a bucket.
 
 Per-prompt sets lose much more on gated (SiLU/GeGLU) models than on ReLU ones: a neuron
 that matters for one token is silent for the next. Per-token choice recovers most of it
@@ -18,7 +18,7 @@ the gate and up projections built from the weights (`sparse.sketch`: near the tr
 activations' ranking at a twelfth of a float32 layer's bytes); `select_by="predictor"` by a
 fitted low-rank predictor (`sparse.predictor`, `r * (D + F)` numbers per projection).
 
-Bytes per decoded token and sparse layer: static rows + dynamic rows + the predictor's
+Bytes per decoded token and sparse layer: static rows + dynamic rows + the predictor
 (`ffn_bytes`).
 """
 

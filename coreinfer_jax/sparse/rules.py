@@ -104,8 +104,10 @@ def top_neurons(scores: jnp.ndarray, n_keep: int, shards: int = 1, share: str = 
     if share == "batch":
         scores = scores.sum(0, keepdims=True)  # [1, F]
     block = scores.shape[-1] // shards
-    _, idx = lax.top_k(scores.reshape(*scores.shape[:-1], shards, block), n_keep // shards)  # [..., N, n/N]
-    idx = (idx + jnp.arange(shards)[:, None] * block).reshape(*scores.shape[:-1], n_keep)  # [..., n_keep]
+    # Two-dimensional: XLA's CPU top-k took ~40% longer on the same numbers as [B, T, N, F/N].
+    _, idx = lax.top_k(scores.reshape(-1, block), n_keep // shards)  # [B * T * N, n/N]
+    idx = (idx.reshape(*scores.shape[:-1], shards, -1) + jnp.arange(shards)[:, None] * block).reshape(
+        *scores.shape[:-1], n_keep)  # [..., n_keep]
     return jnp.broadcast_to(idx, (*lead, n_keep)).astype(jnp.int32)
 
 
