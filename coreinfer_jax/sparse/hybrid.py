@@ -225,7 +225,7 @@ class Hybrid(Stability):
         ffns = [params["layers"][i]["ffn"] for i in sparse]
         gathered = gather_core_layers(ffns, core, counts=counts, shards=self.shards)
         masks = core_masks(core, counts=counts, width=width)
-        source = self.prepare(params, {}).predictor
+        source = None if self.select_by == "oracle" else self.prepare(params, {}).predictor
         factors = source.layer_factors(*self.layers) if source is not None else [{}] * len(sparse)
         layers = list(params["layers"])
         for j, i in enumerate(sparse):

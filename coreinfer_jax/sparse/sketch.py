@@ -12,8 +12,9 @@ Built from the weights alone (no data, no fitting, well under a second for SmolL
 is never stale and never belongs to another model. On SmolLM2-135M it ranks neurons almost
 as the true activations do: static 0.25 + per-token 0.25 in layers 1..29, WikiText-2
 perplexity 24.98 (true activations 25.25, rank-64 whitened SVD 37.86, dense 23.39;
-docs/hybrid.md). XLA fuses the nibble unpacking into the matrix-vector products, so the
-compiled step reads the packed bytes once.
+docs/hybrid.md). On CPU, XLA unpacks each matrix into a float32 copy before its
+matrix-vector product, so the sketch costs far more time than its bytes there (~15 ms per
+SmolLM2 token; docs/hybrid.md#speed).
 """
 
 from __future__ import annotations
