@@ -194,6 +194,9 @@ def test_bytes_count_static_dynamic_and_predictor_rows(fitted) -> None:
     assert ffn_bytes_per_token(cfg, gen.params, method) == want
     oracle = dataclasses.replace(method, select_by="oracle")
     assert ffn_bytes_per_token(cfg, gen.params, oracle) == dense
+    static_only = dataclasses.replace(method, dynamic=0.0)  # reads no predictor: Stability's bytes
+    assert ffn_bytes_per_token(cfg, gen.params, static_only) == \
+        ffn_bytes_per_token(cfg, gen.params, Stability(keep=0.25, layers=(1, 2)).validate(cfg))
 
 
 @pytest.mark.parametrize("kwargs,words", [

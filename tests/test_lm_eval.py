@@ -128,6 +128,17 @@ def test_stability_keep_one_is_dense_and_keep_half_is_not(ckpt: Path, dense: Cor
     assert np.abs(np.array([v for v, _ in half]) - base).max() > 1e-2
 
 
+def test_every_documented_model_arg_is_accepted(ckpt: Path, sparse: CoreInferLM) -> None:
+    """`share`, `mesh` and `compensate` reach the method and the generator."""
+    lm = make_lm(ckpt, **SPARSE_ARGS, share="batch", mesh="1x1", compensate="true")
+    assert lm.method.share == "batch" and lm.method.compensate and lm.gen.mesh is not None
+    assert not make_lm(ckpt, **SPARSE_ARGS, compensate="false").method.compensate
+    reqs = requests("loglikelihood", PAIRS[:4])
+    plain = [v for v, _ in sparse.loglikelihood(reqs, disable_tqdm=True)]
+    compensated = [v for v, _ in make_lm(ckpt, **SPARSE_ARGS, compensate=True).loglikelihood(reqs, disable_tqdm=True)]
+    assert np.abs(np.array(compensated) - plain).max() > 1e-3
+
+
 def test_sparse_scores_are_sparse_decoding(sparse: CoreInferLM) -> None:
     """Teacher-forcing the sparse model's own greedy output reproduces its decode logits."""
     prompts = [sparse.tok_encode(p) for p in GEN_PROMPTS]
@@ -246,6 +257,9 @@ def test_cli(ckpt: Path, dense: CoreInferLM, tmp_path: Path, monkeypatch: pytest
     ("method=stability,layers=0:9", "outside the model's 2 layers"),
     ("method=similarity", "needs a calibration"),  # `calibration` reaches make_method
     ("method=stability,calibration=/nowhere", "only used by the similarity method"),
+    ("method=stability,compensate=maybe", "compensate must be true or false"),
+    ("compensate=true", "compensate applies to the stability and hybrid methods"),
+    ("method=stability,shards=2", "unknown coreinfer_jax model arg"),
 ])
 def test_bad_model_args(ckpt: Path, args: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

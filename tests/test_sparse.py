@@ -57,23 +57,30 @@ def torch_masked_generate(model: torch.nn.Module, family: str, ids: list[int], m
 
 
 def generate_with_decode_masks(model: torch.nn.Module, family: str, ids: list[int], layers: list[int],
-                               mask: Callable[[int, torch.Tensor], torch.Tensor], n: int) -> list[int]:
+                               mask: Callable[[int, torch.Tensor], torch.Tensor], n: int,
+                               fill: dict[int, torch.Tensor] | None = None) -> list[int]:
     """`n` greedy tokens where every decode step multiplies the FFN activation of each of `layers`
-    (OPT: fc1's output; Llama: down_proj's input) by `mask(layer, activation [1, 1, F])` `[F]`."""
+    (OPT: fc1's output; Llama: down_proj's input) by `mask(layer, activation [1, 1, F])` `[F]`;
+    with `fill`, a masked-out neuron takes the value `fill[layer]` `[F]` instead of 0 (OPT: a
+    non-negative value passes ReLU unchanged)."""
     mods = ffn_modules(model, family)
 
     def only_decode(t: torch.Tensor) -> bool:
         return t.numel() == t.shape[-1]  # one token: a decode step, not the pre-fill
+
+    def apply(i: int, a: torch.Tensor) -> torch.Tensor:
+        m = mask(i, a.reshape(1, 1, -1))
+        return a * m if fill is None else a * m + (1 - m) * fill[i]
 
     hooks = []
     for i in layers:
         if family == "opt":
             # Zeroing fc1's output (bias included) removes the neuron; ReLU(0) = 0.
             hooks.append(mods[i].register_forward_hook(
-                lambda m, a, o, i=i: o * mask(i, o.reshape(1, 1, -1)) if only_decode(o) else o))
+                lambda m, a, o, i=i: apply(i, o) if only_decode(o) else o))
         else:
             hooks.append(mods[i].register_forward_pre_hook(
-                lambda m, a, i=i: (a[0] * mask(i, a[0]),) if only_decode(a[0]) else a))
+                lambda m, a, i=i: (apply(i, a[0]),) if only_decode(a[0]) else a))
     try:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,

@@ -257,7 +257,7 @@ def test_sweep_writes_json_markdown_and_plot(gen, tiny_checkpoint, tmp_path: Pat
     (["generate", "--prompt", "hi", "--method", "stability", "--rule", "nope"], "invalid choice: 'nope'"),
     (["sweep", "--rules", "paper", "--data", "books=x.txt", "--out", "x"], "--data takes TASK=FILE"),
     (["sweep", "--rules", "paper", "--hybrid", "0.2+0.2:magic", "--out", "x"],
-     "'magic' is neither a rule (paper, magnitude, normalized_magnitude, griffin) nor one of sketch, predictor"),
+     "'magic' is neither a rule (paper, magnitude, normalized_magnitude, griffin), one of sketch, predictor"),
     (["generate", "--prompt", "hi", "--method", "stability", "--select-by", "sketch"],
      "--dynamic, --predictor and --select-by apply to --method hybrid"),
 ])

@@ -28,8 +28,9 @@ three are an error with method=dense, defaults as `make_method`), `rule` (stabil
 `predictor` (hybrid: per-token fraction; a low-rank predictor DIR from `python -m coreinfer_jax
 predictor` instead of the default 4-bit sketch), `batch_size` (wins over lm-eval's `--batch_size`, whose
 default is 1), `dtype` (float32|bfloat16|float16), `max_gen_toks` (default for tasks that
-set none), `mesh` (DATAxTENSOR, e.g. 1x4: the model split over devices) and `share` (row|batch:
-one core set per batch, stability and similarity). Anything else is an error.
+set none), `mesh` (DATAxTENSOR, e.g. 1x4: the model split over devices), `share` (row|batch:
+one core set per batch, stability and similarity) and `compensate` (true|false: FLAP-style
+compensation, stability and hybrid). Anything else is an error.
 
 Choices:
 - As in generation, the first continuation token is predicted by the dense pre-fill: tasks
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -75,8 +77,6 @@ log = logging.getLogger(__name__)
 # this module first would hide "hf", "vllm", ... from the same process.
 importlib.import_module("lm_eval.models")
 
-MODEL_ARGS = ("checkpoint", "method", "keep", "token_keep", "layers", "rule", "calibration", "dynamic", "predictor",
-              "batch_size", "dtype", "max_gen_toks")
 DTYPES = ("float32", "bfloat16", "float16")
 # Generation kwargs `generate_until` understands (lm-eval's normalize_gen_kwargs maps the max aliases).
 GEN_KWARGS = {"until", "do_sample", "temperature", "top_p", "top_k",
@@ -94,6 +94,17 @@ def _number(name: str, value: Any, kind: type) -> Any:
     return number
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A boolean model arg: lm-eval passes `compensate=true` as the string "true"."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise CoreInferError(f"model arg {name} must be true or false, got {value!r}")
+
+
 @register_model("coreinfer_jax")
 class CoreInferLM(TemplateLM):
     """lm-eval model backed by `Generator`: dense or CoreInfer sparse scoring and generation."""
@@ -102,7 +113,8 @@ class CoreInferLM(TemplateLM):
                  token_keep: float | None = None, layers: str | tuple[int, int] | None = None,
                  rule: str | None = None, calibration: str | Path | None = None, dynamic: float | None = None,
                  predictor: str | Path | None = None, batch_size: int = 8, dtype: str | None = None,
-                 max_gen_toks: int = 256, mesh: str | None = None, share: str | None = None) -> None:
+                 max_gen_toks: int = 256, mesh: str | None = None, share: str | None = None,
+                 compensate: bool | str = False) -> None:
         super().__init__()
         sparse: dict[str, Any] = {name: _number(name, value, float) for name, value in
                                   (("keep", keep), ("token_keep", token_keep), ("dynamic", dynamic)) if value is not None}
@@ -118,6 +130,10 @@ class CoreInferLM(TemplateLM):
             if method not in ("stability", "similarity"):
                 raise CoreInferError(f"share applies to the stability and similarity methods, not method={method}")
             method_obj = dataclasses.replace(method_obj, share=check_share(str(share)))
+        if _flag("compensate", compensate):
+            if method not in ("stability", "hybrid"):
+                raise CoreInferError(f"compensate applies to the stability and hybrid methods, not method={method}")
+            method_obj = dataclasses.replace(method_obj, compensate=True)
         self.batch_size = _number("batch_size", batch_size, int)
         self._max_gen_toks = _number("max_gen_toks", max_gen_toks, int)
         if self.batch_size < 1 or self._max_gen_toks < 1:
@@ -131,10 +147,11 @@ class CoreInferLM(TemplateLM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any],
                             additional_config: dict[str, Any] | None = None) -> CoreInferLM:
-        unknown = sorted(set(arg_dict) - set(MODEL_ARGS))
+        accepted = list(inspect.signature(cls.__init__).parameters)[1:]  # every argument of __init__
+        unknown = sorted(set(arg_dict) - set(accepted))
         if unknown:
             raise CoreInferError(f"unknown coreinfer_jax model arg(s) {', '.join(unknown)}; "
-                             f"accepted: {', '.join(MODEL_ARGS)}")
+                                 f"accepted: {', '.join(accepted)}")
         harness = {k: v for k, v in (additional_config or {}).items() if v is not None}
         if harness.get("device"):
             log.warning("device=%s ignored: JAX runs on its default backend (choose it with JAX_PLATFORMS)",

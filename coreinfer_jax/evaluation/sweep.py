@@ -50,11 +50,16 @@ PER_EXAMPLE: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
 SECONDARY = {"truthfulqa": "rougeL_acc", "squad": "exact_match", "wikitext": "nll_per_token"}
 
 
+# `--hybrid` words that switch an option on.
+OPTION_WORDS = {"compensate": "compensate", "down": "down_weighted"}
+
+
 def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: float = 0.2,
                   layers: tuple[int, int] | None = None, budget: Budget | None = None,
-                  hybrids: Sequence[Hybrid] = ()) -> list[Method]:
-    """Dense, every (rule, keep), then the budget's rule with its per-layer budget at every keep,
-    then the `hybrids` (on `layers` too when given; else on their family's recommended layers).
+                  hybrids: Sequence[Hybrid] = (), compensate: bool = False) -> list[Method]:
+    """Dense, every (rule, keep) (with `compensate`, each also with FLAP-style compensation),
+    then the budget's rule with its per-layer budget at every keep, then the `hybrids` (on
+    `layers` too when given; else on their family's recommended layers).
     With a budget, every row uses the budget's sparse layers, so rows of one keep read the same
     bytes."""
     if budget is not None:
@@ -63,29 +68,33 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
                              f"{budget.layers[0]}:{budget.layers[1]}")
         layers = budget.layers
     methods: list[Method] = [Dense()]
-    methods += [Stability(keep=k, token_keep=token_keep, layers=layers, rule=r) for r in rules for k in keeps]
+    methods += [Stability(keep=k, token_keep=token_keep, layers=layers, rule=r, compensate=c)
+                for r in rules for k in keeps for c in ((False, True) if compensate else (False,))]
     if budget is not None:
         methods += [dataclasses.replace(budget.method(k), token_keep=token_keep) for k in keeps]
     return methods + [dataclasses.replace(h, layers=layers or h.layers, token_keep=token_keep) for h in hybrids]
 
 
 def hybrid_arg(text: str) -> dict[str, Any]:
-    """`--hybrid KEEP+DYNAMIC[:RULE][:SELECT_BY]`, e.g. `0.25+0.25`, `0+0.5`, `0.2+0.2:griffin:oracle`,
-    `0.2+0.2:predictor` (SELECT_BY: sketch, predictor or oracle; default: the family's)."""
+    """`--hybrid KEEP+DYNAMIC[:WORD]...`, e.g. `0.25+0.25`, `0+0.5`, `0.2+0.2:griffin:oracle`,
+    `0.2+0.2:predictor:compensate`; a word is a rule, how per-token neurons are chosen (sketch,
+    predictor or oracle; default: the family's), `compensate` or `down` (`down_weighted`)."""
     spec, *rest = text.split(":")
     try:
         keep, dynamic = (float(x) for x in spec.split("+"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:RULE][:SELECT_BY], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:WORD]..., got {text!r}") from None
     settings: dict[str, Any] = {"keep": keep, "dynamic": dynamic}
     for word in rest:
         if word in SELECT_BY:
             settings["select_by"] = word
         elif word in RULES:
             settings["rule"] = word
+        elif word in OPTION_WORDS:
+            settings[OPTION_WORDS[word]] = True
         else:
-            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}) nor one of "
-                                             f"{', '.join(SELECT_BY)}")
+            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}), one of "
+                                             f"{', '.join(SELECT_BY)}, nor {' or '.join(OPTION_WORDS)}")
     return settings
 
 
@@ -258,9 +267,12 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--layers", type=layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
     s.add_argument("--budget", type=Path, default=None,
                    help="also run the budget's rule with its per-layer budget (made by the budget command)")
-    s.add_argument("--hybrid", type=hybrid_arg, nargs="+", default=[], metavar="KEEP+DYNAMIC[:RULE][:SELECT_BY]",
+    s.add_argument("--compensate", action="store_true",
+                   help="also run each (rule, keep) row with FLAP-style compensation")
+    s.add_argument("--hybrid", type=hybrid_arg, nargs="+", default=[], metavar="KEEP+DYNAMIC[:WORD]...",
                    help="also run hybrid rows: static core + per-token neurons (e.g. 0.25+0.25 0+0.5 "
-                        "0.2+0.2:oracle 0.2+0.2:predictor)")
+                        "0.2+0.2:oracle 0.2+0.2:predictor 0.25+0.25:compensate; words: a rule, sketch, "
+                        "predictor, oracle, compensate, down)")
     s.add_argument("--predictor", type=Path, default=None,
                    help="the low-rank predictor of the :predictor hybrid rows (default: CHECKPOINT/predictor)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",
@@ -284,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
     if args.predictor is not None or any(h.get("select_by") == "predictor" for h in args.hybrid):
         predictor = Predictor.load(args.predictor or default_predictor_dir(args.checkpoint))
     hybrids = [Hybrid(predictor=predictor if h.get("select_by") == "predictor" else None, **h) for h in args.hybrid]
-    methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget, hybrids)
+    methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget, hybrids, args.compensate)
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows}
     report = run_sweep(gen, args.tasks, methods, dict(args.data), limits, settings, args.out)

@@ -170,7 +170,7 @@ class Generator:
         return GenerationResult(
             texts=[], tokens=token_lists, prompt_tokens=[len(p) for p in prompts[:rows]],
             prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, method=method,
-            core_neurons=None if core is None else np.asarray(core)[:rows],
+            core_neurons=None if core is None else np.asarray(method.neuron_ids(core))[:rows],
             logits=np.asarray(out["logits"])[:rows, :max_new_tokens] if return_logits else None,
         )
 
@@ -219,9 +219,9 @@ class Generator:
         if not method.sparse_layers():
             raise MethodError("offload mode needs a sparse method (stability): a dense decode would stream "
                               "every FFN weight for every token")
-        if not method.offload_supported:
-            raise MethodError(f"offload mode cannot serve the {method.name} method: it reads FFN rows chosen at "
-                              "every token, which would cross from host memory at every step")
+        refusal = method.offload_refusal()
+        if refusal is not None:
+            raise MethodError(f"offload mode cannot serve the {method.name} method: {refusal}")
 
     def _prefill(self, tokens: jnp.ndarray, lengths: jnp.ndarray, cache_len: int, method: Method):
         """Pre-fill (streamed in offload mode): first logits, cache, core neurons (None for

@@ -36,6 +36,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.sparse.compensation import with_bias
 from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gather_rows
 from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError, predicted_scores
@@ -61,7 +62,7 @@ class TokenNeurons:
 
     A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_mask": bool [B, F]
     (True at the core), "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
-    down-weighted); every other layer's are its FFN.
+    down-weighted, `"means"` `[B, F]` when compensating); every other layer's are its FFN.
     """
 
     dynamic: float
@@ -95,12 +96,16 @@ class TokenNeurons:
             neuron_major = {k: v for k, v in full.items() if k != "b_down"}
             rows = gather_rows(neuron_major, dynamic[:, 0], self.shards)  # [B, n, D]
             out, hidden = ffn(p["core"], x, cfg)
-            return out + ffn(rows, x, cfg)[0], hidden
+            out = out + ffn(rows, x, cfg)[0]
+            if "means" in p:  # computed now: their prompt means leave the compensation bias
+                means = jnp.take_along_axis(p["means"], dynamic[:, 0], axis=1)  # [B, n]
+                out = out - jnp.einsum("bn,bnd->bd", means.astype(x.dtype), rows["w_down"])[:, None]
+            return out, hidden
         # A teacher-forced chunk: each token its own neurons; masking the full FFN computes the
         # same sum without gathering T copies of the rows.
         chosen = core[:, None, :] | jnp.zeros((B, T, F), bool).at[
             jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], dynamic].set(True)  # [B, T, F]
-        return masked_ffn(full, x, chosen, cfg)
+        return masked_ffn(full, x, chosen, cfg, p.get("means"))
 
 
 @functools.partial(jax.jit, static_argnames=("counts", "width"))
@@ -111,11 +116,14 @@ def core_masks(core: jnp.ndarray, *, counts: tuple[int, ...], width: int) -> lis
     return [jnp.zeros((core.shape[0], width), bool).at[rows, core[:, j, :n]].set(True) for j, n in enumerate(counts)]
 
 
-def masked_ffn(full: Params, x: jnp.ndarray, chosen: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The FFN of `x` `[B, T, D]` with, per token, only the `chosen` `[B, T, F]` neurons."""
+def masked_ffn(full: Params, x: jnp.ndarray, chosen: jnp.ndarray, cfg: ModelConfig,
+               means: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The FFN of `x` `[B, T, D]` with, per token, only the `chosen` `[B, T, F]` neurons; the
+    others contribute 0, or their prompt `means` `[B, F]` (compensation)."""
     _, score = ffn(full, x, cfg)  # [B, T, F]
     hidden = activation_fn(cfg)(score) if cfg.family == "opt" else score
-    out = jnp.einsum("btf,fd->btd", jnp.where(chosen, hidden, 0), full["w_down"])  # [B, T, D]
+    fill = 0 if means is None else means[:, None, :].astype(hidden.dtype)
+    out = jnp.einsum("btf,fd->btd", jnp.where(chosen, hidden, fill), full["w_down"])  # [B, T, D]
     if "b_down" in full:
         out = out + full["b_down"]
     return out, score
@@ -138,7 +146,7 @@ class Hybrid(Stability):
     select_by: str | None = None
     rank: int | None = dataclasses.field(default=None, init=False)
     name: ClassVar[str] = "hybrid"
-    offload_supported: ClassVar[bool] = False
+    per_token_means: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.keep is not None and not 0.0 <= self.keep < 1.0:
@@ -176,6 +184,7 @@ class Hybrid(Stability):
                               "share='batch' mode")
         layers = resolve_layers(method.layers, method.keep + method.dynamic, cfg)
         method.check_sharing(cfg, kept=method.keep + method.dynamic)
+        method.check_compensation(cfg)
         predictor = method.predictor
         if method.select_by == "predictor":
             if not isinstance(predictor, Predictor):
@@ -206,25 +215,29 @@ class Hybrid(Stability):
     def batch_shared(self) -> None:
         return None  # its per-token neurons are each row's own
 
+    def offload_refusal(self) -> str:
+        return "it reads FFN rows chosen at every token, which would cross from host memory at every step"
+
     @property
     def decode_ffn(self) -> TokenNeurons:
         return TokenNeurons(self.dynamic, self.select_by, self.shards)
 
-    def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None, ffn: Params) -> jnp.ndarray:
+    def choose(self, activation: jnp.ndarray, valid: jnp.ndarray, layer: int | None, ffn: Params) -> jnp.ndarray:
         if sharded_count(activation.shape[-1], self.keep, self.shards) == 0:
             return jnp.zeros(activation.shape[:1] + (0,), jnp.int32)  # [B, 0]: per-token only
-        return super().select(activation, valid, tables, layer, ffn)
+        return super().choose(activation, valid, layer, ffn)
 
-    def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
-        """Per sparse layer the gathered core rows (once per generation), their ids, the full FFN
-        (the arrays themselves, not copies) and the layer's predictor factors."""
+    def decode_weights(self, params: Params, core: jnp.ndarray | dict[str, jnp.ndarray] | None) -> Params:
+        """Per sparse layer the gathered core rows (once per generation), their mask, the full FFN
+        (the arrays themselves, not copies), the layer's predictor factors and, compensating,
+        the prompt means (the core's output then adds the left-out neurons' bias)."""
         sparse = self.sparse_layers()
         width = params["layers"][sparse[0]]["ffn"]["w_up"].shape[0]
         counts = self.layer_neurons(width)
         ffns = [params["layers"][i]["ffn"] for i in sparse]
-        gathered = gather_core_layers(ffns, core, counts=counts, shards=self.shards)
-        masks = core_masks(core, counts=counts, width=width)
+        ids = self.neuron_ids(core)
+        gathered = gather_core_layers(ffns, ids, counts=counts, shards=self.shards)
+        masks = core_masks(ids, counts=counts, width=width)
         source = None if self.select_by == "oracle" else self.prepare(params, {}).predictor
         factors = source.layer_factors(*self.layers) if source is not None else [{}] * len(sparse)
         layers = list(params["layers"])
@@ -233,6 +246,8 @@ class Hybrid(Stability):
                                              "predictor": factors[j]})
             if self.down_weighted:
                 layers[i]["ffn"]["down_norm"] = down_norms(ffns[j])  # [F], once per generation
+            if isinstance(core, dict):
+                layers[i]["ffn"].update(core=with_bias(gathered[j], core["bias"][:, j]), means=core["means"][:, j])
         return dict(params, layers=layers)
 
     def ffn_bytes(self, params: Params) -> list[int]:
@@ -247,10 +262,17 @@ class Hybrid(Stability):
             if i not in sparse or self.select_by == "oracle":
                 out.append(sum(w.nbytes for w in ffn_params.values()))
                 continue
-            extra = (sketch_bytes(ffn_params) if self.select_by == "sketch"
-                     else self.predictor.bytes_per_layer())
+            if sharded_count(F, self.dynamic, self.shards) == 0:
+                extra = 0  # no per-token choice: the predictor is never read
+            else:
+                extra = (sketch_bytes(ffn_params) if self.select_by == "sketch"
+                         else self.predictor.bytes_per_layer())
             if self.down_weighted:
                 extra += F * ffn_params["w_down"].dtype.itemsize
+            if self.compensate:  # the bias, and the means of the dynamic neurons (float32)
+                w_down = ffn_params["w_down"]
+                extra += (0 if "b_down" in ffn_params else w_down.shape[1] * w_down.dtype.itemsize) + \
+                    sharded_count(F, self.dynamic, self.shards) * 4
             out.append(extra + sum(w.nbytes * rows // F if name in NEURON_ROWS else w.nbytes
                                    for name, w in ffn_params.items()))
         return out
@@ -259,8 +281,7 @@ class Hybrid(Stability):
     def label(self) -> str:
         """"hybrid 0.25+0.25 int4 normalized_magnitude" (static + dynamic, predictor, rule)."""
         how = {"oracle": "oracle", "sketch": "int4"}.get(self.select_by, f"r{self.rank}")
-        down = "+down" if self.down_weighted else ""
-        return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}{down}{self.sharing_label}"
+        return f"{self.name} {self.keep:g}+{self.dynamic:g} {how} {self.rule}{self.options_label}{self.sharing_label}"
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), dynamic=self.dynamic, rank=self.rank, select_by=self.select_by)

@@ -8,7 +8,8 @@ and the accounting (roofline, bench, eval) ask a method these questions and neve
              `select(activation, valid, tables, layer, ffn)`: what it takes from one of them
              (`ffn`: that layer's FFN weights);
              `core_neurons(selected, tables)`: the per-layer results as core-neuron indices
-             `int32 [B, n_sparse, n_max]` (None: nothing is kept);
+             `int32 [B, n_sparse, n_max]` (None: nothing is kept), or a dict of them
+             (`"ids"`) and more (compensation's bias); `neuron_ids(core)` the indices;
              `tables()`: arrays it needs there, passed as traced arguments (not static);
   gather     `prepare(params, cache)`: the method with what it derives from the weights, once
              per generator; `decode_weights(params, core)`: the decode-time param tree, built
@@ -16,7 +17,7 @@ and the accounting (roofline, bench, eval) ask a method these questions and neve
   decode     `decode_ffn`: the FFN every decode step runs on those weights (hashable: a static
              argument of the decode loop), where a token-adaptive method picks neurons per
              token (`hybrid.Hybrid`); the others run `forward.ffn` and share one compiled loop;
-             `offload_supported`: whether memory-limited mode can serve it;
+             `offload_refusal()`: why memory-limited mode cannot serve it (None: it can);
   batches    `per_row_weights`: decode reads a gathered copy per row; `batch_shared()`: the
              method with one set for the whole batch (None: it has none);
   accounting `sparse_layers()`, `layer_neurons(width)` (static rows per sparse layer),
@@ -40,6 +41,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import FFN, ffn
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.sparse.compensation import with_bias
 from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers
 from coreinfer_jax.sparse.rules import check_share
 from coreinfer_jax.sparse.selection import n_keep_for, sharded_count
@@ -79,8 +81,11 @@ class Method:
 
     name: ClassVar[str]
     decode_ffn: ClassVar[FFN] = staticmethod(ffn)
-    # Memory-limited mode places only what `core_neurons` names on the device before decoding.
-    offload_supported: ClassVar[bool] = True
+
+    def offload_refusal(self) -> str | None:
+        """Why memory-limited mode (which places only what `core_neurons` names on the device
+        before decoding) cannot serve this method, or None."""
+        return None
 
     def validate(self, cfg: ModelConfig) -> Method:
         """This method with every default resolved for `cfg`; raises MethodError if it cannot run on it."""
@@ -122,6 +127,11 @@ class Method:
 
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray | None:
         return None
+
+    @staticmethod
+    def neuron_ids(core: jnp.ndarray | dict[str, jnp.ndarray] | None) -> jnp.ndarray | None:
+        """The core-neuron indices `[B, n_sparse, n_max]` of what `core_neurons` returned."""
+        return core["ids"] if isinstance(core, dict) else core
 
     def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
         return params
@@ -205,18 +215,21 @@ class CoreNeurons(Method):
     def layer_neurons(self, width: int) -> tuple[int, ...]:
         return (sharded_count(width, self.keep, self.shards),) * len(self.sparse_layers())
 
-    def decode_weights(self, params: Params, core: jnp.ndarray | None) -> Params:
+    def decode_weights(self, params: Params, core: jnp.ndarray | dict[str, jnp.ndarray] | None) -> Params:
         """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`
-        (`[B, K, D]`; `[K, D]` of row 0 when the batch shares one set).
+        (`[B, K, D]`; `[K, D]` of row 0 when the batch shares one set), plus the compensation
+        bias when `core` has one.
 
         Only the FFNs of sparse layers enter the jitted gather: a jitted function returning the
         other weights would copy them (the whole model) on every generation.
         """
         sparse = self.sparse_layers()
         width = params["layers"][sparse[0]]["ffn"]["w_up"].shape[0]
-        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse], core,
+        gathered = gather_core_layers([params["layers"][i]["ffn"] for i in sparse], self.neuron_ids(core),
                                       counts=self.layer_neurons(width), shards=self.shards,
                                       shared=self.share == "batch")
+        if isinstance(core, dict):
+            gathered = [with_bias(g, core["bias"][:, j]) for j, g in enumerate(gathered)]
         layers = list(params["layers"])
         for i, layer_ffn in zip(sparse, gathered):
             layers[i] = dict(layers[i], ffn=layer_ffn)

@@ -66,6 +66,8 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
                         "normalized_magnitude, griffin (hybrid default: its recommended one)")
     p.add_argument("--down-weighted", action="store_true",
                    help="rank each neuron's activation times its down-projection row's norm (WINA-style)")
+    p.add_argument("--compensate", action="store_true",
+                   help="add the left-out neurons' prompt means to each decode step's FFN output (FLAP-style)")
     p.add_argument("--dynamic", type=float, default=None,
                    help="hybrid: per-token neurons chosen at each step, a fraction of the FFN width")
     p.add_argument("--predictor", type=Path, default=None,
@@ -114,16 +116,17 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
             raise BudgetError(f"--layers {args.layers[0]}:{args.layers[1]} but the budget {args.budget} is for "
                               f"{budget.layers[0]}:{budget.layers[1]}")
         return [dataclasses.replace(budget.method(k), token_keep=args.token_keep, down_weighted=args.down_weighted,
-                                    share=args.share, shards=args.shards) for k in keeps]
+                                    compensate=args.compensate, share=args.share, shards=args.shards) for k in keeps]
     layer_keep = parse_layer_neurons(args.layer_neurons) if args.layer_neurons is not None else None
     if layer_keep is not None and len(keeps) > 1:
         raise MethodError("--layer-neurons fixes one total: give a single --keep")
     methods = [make_method(args.method, keep=k, token_keep=args.token_keep, layers=args.layers,
                            calibration=args.calibration, rule=args.rule, layer_keep=layer_keep) for k in keeps]
-    if args.down_weighted:
-        if args.method != "stability":
-            raise MethodError("--down-weighted applies to the stability and hybrid methods")
-        methods = [dataclasses.replace(m, down_weighted=True) for m in methods]
+    for option in ("down_weighted", "compensate"):
+        if getattr(args, option):
+            if args.method != "stability":
+                raise MethodError(f"--{option.replace('_', '-')} applies to the stability and hybrid methods")
+            methods = [dataclasses.replace(m, **{option: True}) for m in methods]
     if args.share != "row" or args.shards != 1:
         if args.method not in ("stability", "similarity"):
             raise MethodError("--share and --shards apply to the stability, similarity (and, --shards, hybrid) "
@@ -150,7 +153,7 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
                                  f"`python -m coreinfer_jax predictor --checkpoint {args.checkpoint} "
                                  f"--data WIKITEXT_FILE` or give --predictor DIR")
     return Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep,
-                  down_weighted=args.down_weighted, shards=args.shards, **settings)
+                  down_weighted=args.down_weighted, compensate=args.compensate, shards=args.shards, **settings)
 
 
 def method_from_args(args: argparse.Namespace) -> Method:

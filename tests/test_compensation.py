@@ -1,0 +1,145 @@
+"""FLAP-style compensation: left-out neurons contribute their prompt means, against a PyTorch
+restatement (dense pre-fill, per-token masks, means filled in by hooks) and by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import jax.numpy as jnp
+
+from conftest import run_main
+from coreinfer_jax import Generator, Hybrid, Stability
+from coreinfer_jax.evaluation.sweep import hybrid_arg, sweep_methods
+from coreinfer_jax.sparse.compensation import dropped_bias
+from coreinfer_jax.tools.cli import main
+from coreinfer_jax.tools.roofline import ffn_bytes_per_token
+from method_reference import reference_select
+from test_sparse import PROMPTS, ffn_modules, flat, generate_with_decode_masks
+
+
+def torch_compensated_generate(model: torch.nn.Module, family: str, ids: list[int], keep: float, dynamic: float,
+                               layers: range, n: int) -> list[int]:
+    """Compensation restated: a dense PyTorch pre-fill of `ids` alone records each sparse layer's
+    down-projection input (OPT: fc1's output, ReLU'd for the means); the paper's rule (NumPy)
+    picks the core; each decode step computes the core and, with `dynamic`, the other neurons of
+    largest |activation| (OPT: largest pre-activation), and every other neuron takes its mean
+    over the prompt's tokens."""
+    mods = ffn_modules(model, family)
+    acts = {}
+    hooks = [mods[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, flat(o if family == "opt" else a[0])))
+             for i in layers]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    width = acts[layers[0]].shape[1]
+    core = {i: reference_select(acts[i], keep, 0.2)[0] for i in layers}
+    means = {i: torch.as_tensor((np.maximum(acts[i], 0) if family == "opt" else acts[i]).mean(0)) for i in layers}
+
+    def keep_mask(i: int, a: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(width)
+        mask[torch.as_tensor(core[i])] = 1.0
+        if dynamic:
+            score = a[0, -1].clone() if family == "opt" else a[0, -1].abs()
+            score[torch.as_tensor(core[i])] = -float("inf")
+            mask[torch.topk(score, int(width * dynamic)).indices] = 1.0
+        return mask
+
+    return generate_with_decode_masks(model, family, ids, list(layers), keep_mask, n, fill=means)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("dynamic", [0.0, 0.2])
+def test_compensation_matches_pytorch_restatement(name, dynamic, tiny_checkpoint, tiny_torch_model) -> None:
+    """Batched with padding here, one prompt at a time in PyTorch: padding must not enter the means."""
+    gen = Generator.load(tiny_checkpoint(name))
+    layers = (1, gen.cfg.num_layers)
+    if dynamic:
+        method = Hybrid(keep=0.3, dynamic=dynamic, rule="paper", layers=layers, select_by="oracle", compensate=True)
+    else:
+        method = Stability(keep=0.3, layers=layers, compensate=True)
+    method = method.validate(gen.cfg)
+    ours = gen.generate_ids(PROMPTS, 16, method=method, stop_at_eos=False)
+    plain = gen.generate_ids(PROMPTS, 16, method=dataclasses.replace(method, compensate=False), stop_at_eos=False)
+    assert ours.tokens != plain.tokens, "compensation should change something on a random model"
+    for b, ids in enumerate(PROMPTS):
+        assert ours.tokens[b] == torch_compensated_generate(tiny_torch_model(name), gen.cfg.family, ids, 0.3, dynamic,
+                                                            method.sparse_layers(), 16)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "gemma3"])
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_every_neuron_computed_leaves_no_bias(name, keep, tiny_checkpoint) -> None:
+    """keep + dynamic = 1: each dynamic neuron's mean must come off the bias again, or the
+    logits move away from dense."""
+    gen = Generator.load(tiny_checkpoint(name))
+    method = Hybrid(keep=keep, dynamic=1.0 - keep, layers=(0, gen.cfg.num_layers), select_by="sketch", compensate=True)
+    dense = gen.generate_ids(PROMPTS, 10, stop_at_eos=False, return_logits=True)
+    got = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
+    assert got.tokens == dense.tokens
+    np.testing.assert_allclose(got.logits, dense.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [Stability(keep=0.3, layers=(0, 2), compensate=True),
+                                    Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), select_by="sketch", compensate=True)])
+def test_teacher_forced_scores_equal_generation_logits(method, tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    out = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
+    scored = gen.score_ids(PROMPTS, out.tokens, method=method)
+    for b, (logprobs, greedy) in enumerate(scored):
+        want = jax.nn.log_softmax(out.logits[b], axis=-1)[np.arange(10), out.tokens[b]]
+        np.testing.assert_allclose(logprobs, want, atol=2e-4)
+        assert greedy.all()
+
+
+def test_dropped_bias_by_hand() -> None:
+    means = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]], np.float32)
+    w_down = np.array([[1, 0], [0, 1], [1, 1], [2, -1]], np.float32)
+    core = np.array([[1, 3], [0, 2]], np.int32)
+    # row 0 drops neurons 0 and 2: 1 * [1, 0] + 3 * [1, 1]; row 1 drops 1 and 3: 0 + 2 * [2, -1]
+    got = dropped_bias(jnp.asarray(means), jnp.asarray(core), jnp.asarray(w_down))
+    np.testing.assert_allclose(np.asarray(got), [[4.0, 3.0], [4.0, -2.0]])
+
+
+def test_bytes_add_the_bias_and_the_dynamic_means(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    cfg = gen.cfg
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    stability = Stability(keep=0.25, layers=(0, 2)).validate(cfg)
+    plain = ffn_bytes_per_token(cfg, gen.params, stability)
+    assert ffn_bytes_per_token(cfg, gen.params, dataclasses.replace(stability, compensate=True)) == plain + 2 * D * 4
+    hybrid = Hybrid(keep=0.25, dynamic=0.125, layers=(0, 2), select_by="sketch").validate(cfg)
+    plain = ffn_bytes_per_token(cfg, gen.params, hybrid)
+    want = plain + 2 * (D * 4 + int(F * 0.125) * 4)  # float32 bias and the 16 dynamic neurons' means
+    assert ffn_bytes_per_token(cfg, gen.params, dataclasses.replace(hybrid, compensate=True)) == want
+
+
+def test_refusals_are_one_clear_error(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True)
+    with pytest.raises(ValueError, match="offload mode cannot serve the stability method: compensation"):
+        offloaded.generate_ids([[1, 2, 3]], 4, method=Stability(keep=0.5, layers=(0, 2), compensate=True))
+    opt = Generator.load(tiny_checkpoint("opt")).cfg
+    with pytest.raises(ValueError, match="compensation supports OPT models with ReLU, not 'gelu'"):
+        Stability(keep=0.5, compensate=True).validate(dataclasses.replace(opt, hidden_act="gelu"))
+
+
+def test_cli_and_sweep_name_compensated_rows(tiny_checkpoint) -> None:
+    ckpt = tiny_checkpoint("llama")
+    result = run_main(main, "generate", "--checkpoint", ckpt, "--prompt", "hello", "--max-new-tokens", "3",
+                      "--method", "stability", "--keep", "0.5", "--layers", "0:2", "--compensate", "--json")
+    out = json.loads(result.stdout)
+    assert result.returncode == 0 and out["compensate"] is True and len(out["core_neurons"]) == 2
+    refused = run_main(main, "generate", "--checkpoint", ckpt, "--prompt", "hello", "--compensate")
+    assert refused.returncode == 2 and "--compensate applies to the stability and hybrid methods" in refused.stderr
+    assert hybrid_arg("0.25+0.25:compensate:down") == {"keep": 0.25, "dynamic": 0.25, "compensate": True,
+                                                       "down_weighted": True}
+    labels = [m.label for m in sweep_methods(["normalized_magnitude"], [0.4], layers=(0, 2), compensate=True)]
+    assert labels == ["dense", "stability keep 0.4 normalized_magnitude",
+                      "stability keep 0.4 normalized_magnitude+comp"]
