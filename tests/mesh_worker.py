@@ -35,10 +35,10 @@ from coreinfer_jax.sparse.registry import make_method
 
 def build_method(settings: dict[str, Any]) -> Any:
     settings = dict(settings)
-    sharing = {k: settings.pop(k) for k in ("share", "shards") if k in settings}
+    options = {k: settings.pop(k) for k in ("share", "shards", "compensate") if k in settings}
     layers = settings.pop("layers", None)
     method = make_method(settings.pop("method"), layers=tuple(layers) if layers else None, **settings)
-    return dataclasses.replace(method, **sharing) if sharing else method
+    return dataclasses.replace(method, **options) if options else method
 
 
 def collectives(text: str) -> dict[str, list[str]]:

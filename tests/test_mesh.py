@@ -41,7 +41,10 @@ SHARED = dict(SPARSE, share="batch")
 DENSE = {"method": "dense"}
 # Static 0.25 + per-token 0.25, with a predictor of random factors (`tiny_predictor`).
 HYBRID = {"method": "hybrid", "keep": 0.25, "dynamic": 0.25, "layers": [0, 2]}
-SKETCH = HYBRID  # no predictor: the gated default, a 4-bit sketch of the sharded weights
+# No predictor: the gated default, a 4-bit sketch of the sharded weights; compensated (the
+# prompt means and the bias are reduced over the neuron shards).
+SKETCH = dict(HYBRID, compensate=True)
+COMPENSATED = dict(SPARSE, compensate=True)
 
 
 def run_worker(jobs: list[dict[str, Any]], tmp: Path, devices: int = 8, timeout: int = 600) -> dict[str, Any]:
@@ -70,7 +73,7 @@ def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
         "llama_tied 1x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="1x4", hlo=True, recompile=True,
                                score=SCORE, methods=[DENSE, SPARSE, SHARED, hybrid]),
         "llama_tied 2x4": dict(checkpoint=str(tiny_checkpoint("llama_tied")), mesh="2x4", lower=True, score=SCORE,
-                               methods=[DENSE, SPARSE, SHARED, hybrid, SKETCH]),
+                               methods=[DENSE, SPARSE, SHARED, hybrid, SKETCH, COMPENSATED]),
         "opt 1x4": dict(checkpoint=str(tiny_checkpoint("opt")), mesh="1x4", methods=[DENSE, SPARSE]),
     }
     for family in ("mistral", "qwen2", "qwen3", "phi3", "gemma3"):
@@ -104,7 +107,7 @@ def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
     checkpoint = mesh_run["checkpoints"][job]
     settings = [DENSE, SPARSE, MAGNITUDE, SHARED, "similarity"] if job == "llama 2x2" else \
         [DENSE, SPARSE, SHARED, mesh_run["hybrid"]] if job == "llama_tied 1x4" else \
-        [DENSE, SPARSE, SHARED, mesh_run["hybrid"], SKETCH] if job == "llama_tied 2x4" else [DENSE, SPARSE]
+        [DENSE, SPARSE, SHARED, mesh_run["hybrid"], SKETCH, COMPENSATED] if job == "llama_tied 2x4" else [DENSE, SPARSE]
     assert len(settings) == len(ran["methods"])
     for s, got in zip(settings, ran["methods"]):
         if s == "similarity":
