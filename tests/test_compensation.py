@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from conftest import run_main
 from coreinfer_jax import Generator, Hybrid, Stability
-from coreinfer_jax.evaluation.sweep import hybrid_arg, sweep_methods
+from coreinfer_jax.evaluation.sweep import sweep_methods
+from coreinfer_jax.tools.args import hybrid_arg
 from coreinfer_jax.sparse.compensation import dropped_bias
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token

@@ -47,6 +47,9 @@ Choices:
   `do_sample=True` with temperature 0 is an error, as with lm-eval's `hf` model (Transformers
   refuses a temperature of 0 when sampling): a task asking for samples does not get greedy
   answers silently.
+
+The module is long because lm-eval's model interface is one class (argument checking, three
+request kinds, batching); split, one concept would be spread over several files.
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ from coreinfer_jax.evaluation.evaluate import HEADLINE, TASKS, Settings, evaluat
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.sparse.budget import Budget
-from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
+from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.sparse.predictor import Predictor
 from coreinfer_jax.sparse.rules import RULES
 from coreinfer_jax.sparse.stability import Stability
-from coreinfer_jax.tools.args import layers_arg
+from coreinfer_jax.tools.args import hybrid_arg, layers_arg
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 
 # The per-example score each task's paired differences are taken over, and the eval record
@@ -48,10 +48,6 @@ PER_EXAMPLE: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
 }
 # A second metric shown in the table: TruthfulQA's "closer to a true than a false answer".
 SECONDARY = {"truthfulqa": "rougeL_acc", "squad": "exact_match", "wikitext": "nll_per_token"}
-
-
-# `--hybrid` words that switch an option on.
-OPTION_WORDS = {"compensate": "compensate", "down": "down_weighted"}
 
 
 def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: float = 0.2,
@@ -73,29 +69,6 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
     if budget is not None:
         methods += [dataclasses.replace(budget.method(k), token_keep=token_keep) for k in keeps]
     return methods + [dataclasses.replace(h, layers=layers or h.layers, token_keep=token_keep) for h in hybrids]
-
-
-def hybrid_arg(text: str) -> dict[str, Any]:
-    """`--hybrid KEEP+DYNAMIC[:WORD]...`, e.g. `0.25+0.25`, `0+0.5`, `0.2+0.2:griffin:oracle`,
-    `0.2+0.2:predictor:compensate`; a word is a rule, how per-token neurons are chosen (sketch,
-    predictor or oracle; default: the family's), `compensate` or `down` (`down_weighted`)."""
-    spec, *rest = text.split(":")
-    try:
-        keep, dynamic = (float(x) for x in spec.split("+"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:WORD]..., got {text!r}") from None
-    settings: dict[str, Any] = {"keep": keep, "dynamic": dynamic}
-    for word in rest:
-        if word in SELECT_BY:
-            settings["select_by"] = word
-        elif word in RULES:
-            settings["rule"] = word
-        elif word in OPTION_WORDS:
-            settings[OPTION_WORDS[word]] = True
-        else:
-            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}), one of "
-                                             f"{', '.join(SELECT_BY)}, nor {' or '.join(OPTION_WORDS)}")
-    return settings
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.errors import CoreInferError, MethodError
@@ -158,3 +158,30 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
 
 def method_from_args(args: argparse.Namespace) -> Method:
     return methods_from_args(args, None if args.keep is None else [args.keep])[0]
+
+
+# `--hybrid` words that switch an option on.
+OPTION_WORDS = {"compensate": "compensate", "down": "down_weighted"}
+
+
+def hybrid_arg(text: str) -> dict[str, Any]:
+    """`--hybrid KEEP+DYNAMIC[:WORD]...`, e.g. `0.25+0.25`, `0+0.5`, `0.2+0.2:griffin:oracle`,
+    `0.2+0.2:predictor:compensate`; a word is a rule, how per-token neurons are chosen (sketch,
+    predictor or oracle; default: the family's), `compensate` or `down` (`down_weighted`)."""
+    spec, *rest = text.split(":")
+    try:
+        keep, dynamic = (float(x) for x in spec.split("+"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hybrid takes KEEP+DYNAMIC[:WORD]..., got {text!r}") from None
+    settings: dict[str, Any] = {"keep": keep, "dynamic": dynamic}
+    for word in rest:
+        if word in SELECT_BY:
+            settings["select_by"] = word
+        elif word in RULES:
+            settings["rule"] = word
+        elif word in OPTION_WORDS:
+            settings[OPTION_WORDS[word]] = True
+        else:
+            raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}), one of "
+                                             f"{', '.join(SELECT_BY)}, nor {' or '.join(OPTION_WORDS)}")
+    return settings
