@@ -74,8 +74,8 @@ class Stability(CoreNeurons):
 
     def offload_refusal(self) -> str | None:
         if self.compensate:
-            return ("compensation sums every FFN row of the sparse layers in pre-fill, which the streamed "
-                    "pre-fill does not keep; run it without offload")
+            return ("compensation's per-sequence bias is not carried into the decode weights it places on "
+                    "the device; run it without offload")
         return None
 
     def layer_neurons(self, width: int) -> tuple[int, ...]:
