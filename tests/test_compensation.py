@@ -121,11 +121,21 @@ def test_bytes_add_the_bias_and_the_dynamic_means(tiny_checkpoint) -> None:
     assert ffn_bytes_per_token(cfg, gen.params, dataclasses.replace(hybrid, compensate=True)) == want
 
 
-def test_refusals_are_one_clear_error(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("host", ["pinned_host", "numpy"])
+def test_offloaded_compensation_equals_on_device(host, tiny_checkpoint) -> None:
     gen = Generator.load(tiny_checkpoint("llama"))
-    offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True)
-    with pytest.raises(ValueError, match="offload mode cannot serve the stability method: compensation"):
-        offloaded.generate_ids([[1, 2, 3]], 4, method=Stability(keep=0.5, layers=(0, 2), compensate=True))
+    method = Stability(keep=0.4, layers=(0, 2), compensate=True)
+    want = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
+    offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True, host_memory=host)
+    got = offloaded.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
+    plain = offloaded.generate_ids(PROMPTS, 10, method=dataclasses.replace(method, compensate=False),
+                                   stop_at_eos=False, return_logits=True)
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert np.abs(plain.logits - want.logits).max() > 1e-3, "the bias should reach the offloaded decode"
+
+
+def test_refusals_are_one_clear_error(tiny_checkpoint) -> None:
     opt = Generator.load(tiny_checkpoint("opt")).cfg
     with pytest.raises(ValueError, match="compensation supports OPT models with ReLU, not 'gelu'"):
         Stability(keep=0.5, compensate=True).validate(dataclasses.replace(opt, hidden_act="gelu"))

@@ -33,6 +33,7 @@ from jax.sharding import SingleDeviceSharding
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.sparse.compensation import with_bias
 from coreinfer_jax.sparse.gather import NEURON_ROWS
 from coreinfer_jax.sparse.method import Method
 from coreinfer_jax.models.forward import Cache, block, cache_shape, embed, logits, norm
@@ -175,11 +176,12 @@ def _gather_on_host(ffn: Params, idx: jnp.ndarray) -> Params:
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
-def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.ndarray,
+def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.ndarray | dict[str, jnp.ndarray],
                        method: Method) -> Params:
     """The decode param tree: `device_params` plus, per layer, the FFN on the device: for sparse
-    layers only the rows `core` `[B, n_sparse, n_keep]` (gathered on the host, like
-    `sparse.gather.gather_core_weights`), for the others the whole FFN.
+    layers only the rows `core` `[B, n_sparse, n_keep]` names (gathered on the host, like
+    `sparse.gather.gather_core_weights`; with compensation's bias when `core` has one), for the
+    others the whole FFN.
 
     Rows are per sequence, so a sparse layer holds `B * n_keep` rows: the saving over the full
     FFN shrinks with the batch and is gone once `B * keep >= 1`.
@@ -187,19 +189,23 @@ def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.
     device = jax.devices()[0]
     sparse = {layer: j for j, layer in enumerate(method.sparse_layers())}
     pinned = _is_pinned(host_ffn[0])
+    bias = core["bias"] if isinstance(core, dict) else None  # compensation's, already on the device
+    ids = method.neuron_ids(core)
     if pinned:
-        core = jax.device_put(core, SingleDeviceSharding(device, memory_kind=PINNED))
+        ids = jax.device_put(ids, SingleDeviceSharding(device, memory_kind=PINNED))
     else:
-        core = np.asarray(core)
+        ids = np.asarray(ids)
     layers = []
     for i, (layer, ffn) in enumerate(zip(device_params["layers"], host_ffn)):
         if i not in sparse:
             placed = jax.device_put(ffn, _device_memory(device))
         elif pinned:
-            placed = _gather_on_host(ffn, core[:, sparse[i]])
+            placed = _gather_on_host(ffn, ids[:, sparse[i]])
         else:
-            idx = core[:, sparse[i]]  # [B, K]
+            idx = ids[:, sparse[i]]  # [B, K]
             placed = jax.device_put({name: np.take(w, idx, axis=0) if name in NEURON_ROWS else w
                                      for name, w in ffn.items()}, _device_memory(device))
+        if bias is not None and i in sparse:
+            placed = with_bias(placed, bias[:, sparse[i]])
         layers.append(dict(layer, ffn=placed))
     return dict(device_params, layers=layers)

@@ -72,12 +72,6 @@ class Stability(CoreNeurons):
         if self.compensate and cfg.family == "opt" and cfg.hidden_act != "relu":
             raise MethodError(f"compensation supports OPT models with ReLU, not {cfg.hidden_act!r}")
 
-    def offload_refusal(self) -> str | None:
-        if self.compensate:
-            return ("compensation's per-sequence bias is not carried into the decode weights it places on "
-                    "the device; run it without offload")
-        return None
-
     def layer_neurons(self, width: int) -> tuple[int, ...]:
         return self.layer_keep or super().layer_neurons(width)
 
