@@ -1,5 +1,6 @@
 """FLAP-style compensation: left-out neurons contribute their prompt means, against a PyTorch
-restatement (dense pre-fill, per-token masks, means filled in by hooks) and by hand."""
+restatement (`test_hybrid.torch_oracle_generate`: dense pre-fill, per-token masks, means filled
+in by hooks) and by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import jax
 import numpy as np
 import pytest
-import torch
 
 import jax.numpy as jnp
 
@@ -20,39 +20,8 @@ from coreinfer_jax.tools.args import hybrid_arg
 from coreinfer_jax.sparse.compensation import dropped_bias
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
-from method_reference import reference_select
-from test_sparse import PROMPTS, ffn_modules, flat, generate_with_decode_masks
-
-
-def torch_compensated_generate(model: torch.nn.Module, family: str, ids: list[int], keep: float, dynamic: float,
-                               layers: range, n: int) -> list[int]:
-    """Compensation restated: a dense PyTorch pre-fill of `ids` alone records each sparse layer's
-    down-projection input (OPT: fc1's output, ReLU'd for the means); the paper's rule (NumPy)
-    picks the core; each decode step computes the core and, with `dynamic`, the other neurons of
-    largest |activation| (OPT: largest pre-activation), and every other neuron takes its mean
-    over the prompt's tokens."""
-    mods = ffn_modules(model, family)
-    acts = {}
-    hooks = [mods[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, flat(o if family == "opt" else a[0])))
-             for i in layers]
-    with torch.no_grad():
-        model(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    width = acts[layers[0]].shape[1]
-    core = {i: reference_select(acts[i], keep, 0.2)[0] for i in layers}
-    means = {i: torch.as_tensor((np.maximum(acts[i], 0) if family == "opt" else acts[i]).mean(0)) for i in layers}
-
-    def keep_mask(i: int, a: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(width)
-        mask[torch.as_tensor(core[i])] = 1.0
-        if dynamic:
-            score = a[0, -1].clone() if family == "opt" else a[0, -1].abs()
-            score[torch.as_tensor(core[i])] = -float("inf")
-            mask[torch.topk(score, int(width * dynamic)).indices] = 1.0
-        return mask
-
-    return generate_with_decode_masks(model, family, ids, list(layers), keep_mask, n, fill=means)
+from test_hybrid import torch_oracle_generate
+from test_sparse import PROMPTS
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
@@ -70,8 +39,8 @@ def test_compensation_matches_pytorch_restatement(name, dynamic, tiny_checkpoint
     plain = gen.generate_ids(PROMPTS, 16, method=dataclasses.replace(method, compensate=False), stop_at_eos=False)
     assert ours.tokens != plain.tokens, "compensation should change something on a random model"
     for b, ids in enumerate(PROMPTS):
-        assert ours.tokens[b] == torch_compensated_generate(tiny_torch_model(name), gen.cfg.family, ids, 0.3, dynamic,
-                                                            method.sparse_layers(), 16)
+        assert ours.tokens[b] == torch_oracle_generate(tiny_torch_model(name), gen.cfg.family, ids, 0.3, dynamic,
+                                                       method.sparse_layers(), 16, compensate=True)
 
 
 @pytest.mark.parametrize("name", ["llama", "opt", "gemma3"])

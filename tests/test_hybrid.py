@@ -116,10 +116,12 @@ def test_all_neurons_between_static_and_dynamic_equals_dense(name, keep, select_
 
 
 def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], keep: float, dynamic: float,
-                          layers: range, n: int) -> list[int]:
-    """The oracle hybrid restated in PyTorch: a dense pre-fill picks each sparse layer's core with the
-    paper's rule (NumPy); every decode step keeps, per layer, the core and the `dynamic` other
-    neurons of largest |activation| (OPT: largest pre-activation), zeroing the rest."""
+                          layers: range, n: int, compensate: bool = False) -> list[int]:
+    """The oracle hybrid restated in PyTorch: a dense pre-fill of `ids` alone picks each sparse
+    layer's core with the paper's rule (NumPy); every decode step keeps, per layer, the core and the
+    `dynamic` other neurons of largest |activation| (OPT: largest pre-activation), zeroing the rest
+    or, with `compensate`, setting each to its mean down-projection input over the prompt (OPT:
+    of fc1's output after ReLU)."""
     mods = ffn_modules(model, family)
     acts = {}
     hooks = [mods[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, flat(o if family == "opt" else a[0])))
@@ -140,7 +142,9 @@ def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], k
         mask[torch.topk(score, n_dynamic).indices] = 1.0
         return mask
 
-    return generate_with_decode_masks(model, family, ids, list(layers), keep_mask, n)
+    means = {i: torch.as_tensor((np.maximum(acts[i], 0) if family == "opt" else acts[i]).mean(0)) for i in layers}
+    return generate_with_decode_masks(model, family, ids, list(layers), keep_mask, n,
+                                      fill=means if compensate else None)
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
