@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,7 +19,7 @@ from coreinfer_jax.tools.args import hybrid_arg
 from coreinfer_jax.sparse.compensation import dropped_bias
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
-from test_hybrid import torch_oracle_generate
+from test_hybrid import assert_scores_equal_generation, torch_oracle_generate
 from test_sparse import PROMPTS
 
 
@@ -59,13 +58,7 @@ def test_every_neuron_computed_leaves_no_bias(name, keep, tiny_checkpoint) -> No
 @pytest.mark.parametrize("method", [Stability(keep=0.3, layers=(0, 2), compensate=True),
                                     Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), select_by="sketch", compensate=True)])
 def test_teacher_forced_scores_equal_generation_logits(method, tiny_checkpoint) -> None:
-    gen = Generator.load(tiny_checkpoint("llama"))
-    out = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
-    scored = gen.score_ids(PROMPTS, out.tokens, method=method)
-    for b, (logprobs, greedy) in enumerate(scored):
-        want = jax.nn.log_softmax(out.logits[b], axis=-1)[np.arange(10), out.tokens[b]]
-        np.testing.assert_allclose(logprobs, want, atol=2e-4)
-        assert greedy.all()
+    assert_scores_equal_generation(Generator.load(tiny_checkpoint("llama")), method)
 
 
 def test_dropped_bias_by_hand() -> None:

@@ -35,7 +35,7 @@ def expected_rows() -> dict[tuple[str, str], str]:
     for shape in SHAPES:
         rows |= {("bench", f"{shape}: transformers-pytorch-sdpa-cuda"): "skipped: no GPU",
                  ("bench", f"{shape}: jax-dense"): "measured", ("bench", f"{shape}: jax-stability-keep0.4"): "measured",
-                 ("bench", f"{shape}: jax-hybrid-0.25+0.25-int4-normalized_magnitude"): "measured"}
+                 ("bench", f"{shape}: jax-hybrid-0.24+0.24-int4+rest-normalized_magnitude"): "measured"}
     rows |= {("offload", "llama-3-8b: transformers-accelerate-cpu-offload"): "skipped: no GPU",
              ("offload", "llama-3-8b: jax-stability-keep0.4"): "measured"}
     return rows

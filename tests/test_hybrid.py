@@ -20,6 +20,7 @@ from coreinfer_jax import Dense, Generator, Hybrid, Predictor, Stability
 from coreinfer_jax.calibrate.predictor import ffn_inputs, fit_predictor, refine
 from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
+from coreinfer_jax.sparse.method import Method
 from coreinfer_jax.sparse.predictor import PredictorError
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
@@ -115,13 +116,10 @@ def test_all_neurons_between_static_and_dynamic_equals_dense(name, keep, select_
     np.testing.assert_allclose(got.logits, dense.logits, atol=1e-4)
 
 
-def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], keep: float, dynamic: float,
-                          layers: range, n: int, compensate: bool = False) -> list[int]:
-    """The oracle hybrid restated in PyTorch: a dense pre-fill of `ids` alone picks each sparse
-    layer's core with the paper's rule (NumPy); every decode step keeps, per layer, the core and the
-    `dynamic` other neurons of largest |activation| (OPT: largest pre-activation), zeroing the rest
-    or, with `compensate`, setting each to its mean down-projection input over the prompt (OPT:
-    of fc1's output after ReLU)."""
+def torch_prompt_core(model: torch.nn.Module, family: str, ids: list[int], keep: float,
+                      layers: range) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """A dense PyTorch pre-fill of `ids` alone: per layer of `layers` the activations CoreInfer
+    reads `[T, F]` and the core the paper's rule picks from them (NumPy)."""
     mods = ffn_modules(model, family)
     acts = {}
     hooks = [mods[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, flat(o if family == "opt" else a[0])))
@@ -130,8 +128,18 @@ def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], k
         model(torch.tensor([ids]))
     for h in hooks:
         h.remove()
+    return acts, {i: reference_select(acts[i], keep, 0.2)[0] for i in layers}
+
+
+def torch_oracle_generate(model: torch.nn.Module, family: str, ids: list[int], keep: float, dynamic: float,
+                          layers: range, n: int, compensate: bool = False) -> list[int]:
+    """The oracle hybrid restated in PyTorch: a dense pre-fill of `ids` alone picks each sparse
+    layer's core with the paper's rule (NumPy); every decode step keeps, per layer, the core and the
+    `dynamic` other neurons of largest |activation| (OPT: largest pre-activation), zeroing the rest
+    or, with `compensate`, setting each to its mean down-projection input over the prompt (OPT:
+    of fc1's output after ReLU)."""
+    acts, core = torch_prompt_core(model, family, ids, keep, layers)
     width = acts[layers[0]].shape[1]
-    core = {i: reference_select(acts[i], keep, 0.2)[0] for i in layers}
     n_dynamic = int(width * dynamic)
 
     def keep_mask(i: int, a: torch.Tensor) -> torch.Tensor:
@@ -163,8 +171,12 @@ def test_oracle_mode_matches_pytorch_masking_restatement(name, tiny_checkpoint, 
 @pytest.mark.parametrize("select_by", ["predictor", "oracle", "sketch"])
 def test_teacher_forced_scores_equal_generation_logits(select_by, fitted) -> None:
     gen, predictor = fitted("llama")
-    method = Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), predictor=predictor if select_by == "predictor" else None,
-                    select_by=select_by)
+    assert_scores_equal_generation(gen, Hybrid(keep=0.2, dynamic=0.3, layers=(0, 2), select_by=select_by,
+                                               predictor=predictor if select_by == "predictor" else None))
+
+
+def assert_scores_equal_generation(gen: Generator, method: Method) -> None:
+    """Teacher-forced scoring of `method`'s own greedy tokens gives its generation's log-probs."""
     out = gen.generate_ids(PROMPTS, 10, method=method, stop_at_eos=False, return_logits=True)
     scored = gen.score_ids(PROMPTS, out.tokens, method=method)
     for b, (logprobs, greedy) in enumerate(scored):
@@ -255,7 +267,7 @@ def test_predictor_command_writes_atomically_and_hybrid_cli_runs(tiny_checkpoint
                    "--layers", "0:2", "--json")
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
-    assert row["method"] == "hybrid" and row["rule"] == "normalized_magnitude" and row["keep"] == 0.25
+    assert row["method"] == "hybrid" and row["rule"] == "normalized_magnitude" and row["keep"] == 0.24
     assert row["select_by"] == "predictor" and row["rank"] == 4
     assert row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]
     missing = run_main(main, "generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
@@ -308,13 +320,15 @@ def test_sweep_runs_hybrid_rows_with_their_bytes(fitted, tiny_checkpoint, tmp_pa
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "stability keep 0.5", "hybrid 0.25+0.25 r8 normalized_magnitude",
                                           "hybrid 0+0.5 r8 griffin", "hybrid 0.25+0.25 oracle normalized_magnitude",
-                                          "hybrid 0.25+0.25 int4 normalized_magnitude"]
+                                          "hybrid 0.25+0.25 int4+rest normalized_magnitude"]
     dense, paper, hybrid, per_token, oracle, sketch = rows
     # Same neurons per token as keep 0.5, plus the rank-8 factors of gate and up in both layers
-    # (float32), or the sketch: a byte per weight pair of 128 x 64 and two float32 scales per row.
+    # (float32), or the sketch: a byte per weight pair of 128 x 64 and two float32 scales per row,
+    # and (the rest's estimate) a byte per two neurons' down weights and a scale per neuron.
     assert hybrid["ffn_bytes_per_token"] == per_token["ffn_bytes_per_token"] \
         == paper["ffn_bytes_per_token"] + 2 * 2 * 8 * (64 + 128) * 4
-    assert sketch["ffn_bytes_per_token"] == paper["ffn_bytes_per_token"] + 2 * (128 * 64 + 2 * 128 * 4)
+    assert sketch["ffn_bytes_per_token"] == paper["ffn_bytes_per_token"] + 2 * (128 * 64 + 2 * 128 * 4) + \
+        2 * (64 * 64 + 128 * 4)
     assert oracle["ffn_bytes_per_token"] == dense["ffn_bytes_per_token"]
 
 

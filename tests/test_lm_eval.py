@@ -259,6 +259,8 @@ def test_cli(ckpt: Path, dense: CoreInferLM, tmp_path: Path, monkeypatch: pytest
     ("method=stability,calibration=/nowhere", "only used by the similarity method"),
     ("method=stability,compensate=maybe", "compensate must be true or false"),
     ("compensate=true", "compensate applies to the stability and hybrid methods"),
+    ("method=stability,rest=sketch", "rest applies to the hybrid method"),
+    ("method=hybrid,rest=mean", "rest must be one of zero, sketch"),
     ("method=stability,shards=2", "unknown coreinfer_jax model arg"),
 ])
 def test_bad_model_args(ckpt: Path, args: str, message: str) -> None:

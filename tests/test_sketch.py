@@ -19,7 +19,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.predictor import PredictorError
-from coreinfer_jax.sparse.sketch import Sketch, sketch_scores
+from coreinfer_jax.sparse.sketch import Sketch, sketch_estimate
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from test_sparse import PROMPTS
@@ -55,11 +55,15 @@ def test_sketch_equals_a_numpy_restatement(name, tiny_checkpoint) -> None:
         np.testing.assert_allclose(np.asarray(factors["scales"]), [parts[0][1], parts[1][1]], rtol=1e-6)
         approx = [levels * scale[:, None] for levels, scale in parts]  # the weights as the sketch holds them
         if name == "llama":
-            want = np.abs(numpy_silu(x @ approx[0].T) * (x @ approx[1].T))
+            hidden = numpy_silu(x @ approx[0].T) * (x @ approx[1].T)
+            want = np.abs(hidden)
         else:
             want = x @ np.concatenate(approx).T + ffn["b_up"]
-        got = sketch_scores(factors, gen.params["layers"][j]["ffn"], jnp.asarray(x), activation_fn(gen.cfg))
+            hidden = np.maximum(want, 0)
+        got, got_hidden = sketch_estimate(factors, gen.params["layers"][j]["ffn"], jnp.asarray(x),
+                                          activation_fn(gen.cfg), name == "opt")
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got_hidden), hidden, rtol=1e-4, atol=1e-5)
 
 
 def on_the_grid(gen: Generator) -> Generator:
@@ -86,8 +90,8 @@ def test_on_exactly_representable_weights_the_sketch_picks_the_true_activations_
     layers = (0, gen.cfg.num_layers)
     oracle = gen.generate_ids(PROMPTS, 12, method=Hybrid(keep=0.25, dynamic=0.25, layers=layers, select_by="oracle"),
                               stop_at_eos=False, return_logits=True)
-    sketch = gen.generate_ids(PROMPTS, 12, method=Hybrid(keep=0.25, dynamic=0.25, layers=layers, select_by="sketch"),
-                              stop_at_eos=False, return_logits=True)
+    sketch = gen.generate_ids(PROMPTS, 12, method=Hybrid(keep=0.25, dynamic=0.25, layers=layers, select_by="sketch",
+                                                         rest="zero"), stop_at_eos=False, return_logits=True)
     dense = gen.generate_ids(PROMPTS, 12, stop_at_eos=False, return_logits=True)
     assert sketch.tokens == oracle.tokens
     np.testing.assert_allclose(sketch.logits, oracle.logits, atol=1e-4)
@@ -99,8 +103,8 @@ def test_default_hybrid_is_the_recommended_sketch_configuration_built_once(tiny_
     L = gen.cfg.num_layers
     method = Hybrid().validate(gen.cfg)
     assert (method.keep, method.dynamic, method.rule, method.select_by, method.layers) == \
-        (0.25, 0.25, "normalized_magnitude", "sketch", (1, L))
-    assert method.label == "hybrid 0.25+0.25 int4 normalized_magnitude"
+        (0.24, 0.24, "normalized_magnitude", "sketch", (1, L))
+    assert method.label == "hybrid 0.24+0.24 int4+rest normalized_magnitude"
     with pytest.raises(PredictorError, match="needs a predictor"):  # ReLU models: the fitted predictor
         Hybrid().validate(Generator.load(tiny_checkpoint("opt")).cfg)
     programs = engine.prefill, engine.decode
@@ -118,7 +122,7 @@ def test_sketch_bytes_by_hand(tiny_checkpoint) -> None:
     D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers  # 64, 128, 2
     dense = ffn_bytes_per_token(cfg, gen.params, Dense())
     assert dense == L * 3 * F * D * 4
-    method = Hybrid(keep=0.25, dynamic=0.125, layers=(1, 2), select_by="sketch").validate(cfg)
+    method = Hybrid(keep=0.25, dynamic=0.125, layers=(1, 2), select_by="sketch", rest="zero").validate(cfg)
     rows = 32 + 16  # int(128 * 0.25) + int(128 * 0.125)
     sketch = F * D + 2 * F * 4  # a byte per (gate, up) weight pair, two float32 scales per neuron
     assert ffn_bytes_per_token(cfg, gen.params, method) == (L - 1) * 3 * F * D * 4 + 3 * rows * D * 4 + sketch
@@ -140,5 +144,5 @@ def test_method_hybrid_alone_runs_from_the_command_line(tiny_checkpoint) -> None
                    "--max-new-tokens", "4", "--method", "hybrid", "--json")
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
-    assert (row["select_by"], row["keep"], row["dynamic"], row["layers"]) == ("sketch", 0.25, 0.25, [1, 2])
+    assert (row["select_by"], row["keep"], row["dynamic"], row["layers"]) == ("sketch", 0.24, 0.24, [1, 2])
     assert row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]

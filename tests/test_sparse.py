@@ -81,6 +81,11 @@ def generate_with_decode_masks(model: torch.nn.Module, family: str, ids: list[in
         else:
             hooks.append(mods[i].register_forward_pre_hook(
                 lambda m, a, i=i: (apply(i, a[0]),) if only_decode(a[0]) else a))
+    return greedy_with_hooks(model, ids, n, hooks)
+
+
+def greedy_with_hooks(model: torch.nn.Module, ids: list[int], n: int, hooks: list) -> list[int]:
+    """`n` greedy tokens after `ids` with the forward `hooks` in place, removed afterwards."""
     try:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,

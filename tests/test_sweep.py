@@ -259,7 +259,7 @@ def test_sweep_writes_json_markdown_and_plot(gen, tiny_checkpoint, tmp_path: Pat
     (["sweep", "--rules", "paper", "--hybrid", "0.2+0.2:magic", "--out", "x"],
      "'magic' is neither a rule (paper, magnitude, normalized_magnitude, griffin), one of sketch, predictor"),
     (["generate", "--prompt", "hi", "--method", "stability", "--select-by", "sketch"],
-     "--dynamic, --predictor and --select-by apply to --method hybrid"),
+     "--dynamic, --predictor, --select-by and --rest apply to --method hybrid"),
 ])
 def test_bad_cli_input_is_one_clear_line(args, message, tiny_checkpoint, capsys) -> None:
     try:

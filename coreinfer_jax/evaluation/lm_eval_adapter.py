@@ -29,8 +29,9 @@ three are an error with method=dense, defaults as `make_method`), `rule` (stabil
 predictor` instead of the default 4-bit sketch), `batch_size` (wins over lm-eval's `--batch_size`, whose
 default is 1), `dtype` (float32|bfloat16|float16), `max_gen_toks` (default for tasks that
 set none), `mesh` (DATAxTENSOR, e.g. 1x4: the model split over devices), `share` (row|batch:
-one core set per batch, stability and similarity) and `compensate` (true|false: FLAP-style
-compensation, stability and hybrid). Anything else is an error.
+one core set per batch, stability and similarity), `compensate` (true|false: FLAP-style
+compensation, stability and hybrid) and `rest` (zero|sketch, hybrid: what the neurons in
+neither set add). Anything else is an error.
 
 Choices:
 - As in generation, the first continuation token is predicted by the dense pre-fill: tasks
@@ -117,7 +118,7 @@ class CoreInferLM(TemplateLM):
                  rule: str | None = None, calibration: str | Path | None = None, dynamic: float | None = None,
                  predictor: str | Path | None = None, batch_size: int = 8, dtype: str | None = None,
                  max_gen_toks: int = 256, mesh: str | None = None, share: str | None = None,
-                 compensate: bool | str = False) -> None:
+                 compensate: bool | str = False, rest: str | None = None) -> None:
         super().__init__()
         sparse: dict[str, Any] = {name: _number(name, value, float) for name, value in
                                   (("keep", keep), ("token_keep", token_keep), ("dynamic", dynamic)) if value is not None}
@@ -133,6 +134,10 @@ class CoreInferLM(TemplateLM):
             if method not in ("stability", "similarity"):
                 raise CoreInferError(f"share applies to the stability and similarity methods, not method={method}")
             method_obj = dataclasses.replace(method_obj, share=check_share(str(share)))
+        if rest is not None:
+            if method != "hybrid":
+                raise CoreInferError(f"rest applies to the hybrid method, not method={method}")
+            method_obj = dataclasses.replace(method_obj, rest=str(rest))
         if _flag("compensate", compensate):
             if method not in ("stability", "hybrid"):
                 raise CoreInferError(f"compensate applies to the stability and hybrid methods, not method={method}")

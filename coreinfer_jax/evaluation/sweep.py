@@ -245,7 +245,7 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--hybrid", type=hybrid_arg, nargs="+", default=[], metavar="KEEP+DYNAMIC[:WORD]...",
                    help="also run hybrid rows: static core + per-token neurons (e.g. 0.25+0.25 0+0.5 "
                         "0.2+0.2:oracle 0.2+0.2:predictor 0.25+0.25:compensate; words: a rule, sketch, "
-                        "predictor, oracle, compensate, down)")
+                        "predictor, oracle, compensate, down, rest=zero|sketch)")
     s.add_argument("--predictor", type=Path, default=None,
                    help="the low-rank predictor of the :predictor hybrid rows (default: CHECKPOINT/predictor)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",

@@ -6,15 +6,17 @@ packed into one byte per weight pair (low nibble gate, high nibble up, each stor
 `q + 8`). A decode step ranks all F neurons by `|act(x Qg^T sg) * (x Qu^T su)|`, reading
 `F * D` bytes plus `8 F` of scales per layer: a twelfth of the layer's float32 FFN bytes (a
 sixth of bfloat16's). A ReLU FFN (OPT) has one input projection, `fc1`: its first and second
-halves of rows share the bytes instead, and the sketch scores the pre-activation.
+halves of rows share the bytes instead, and the sketch scores the pre-activation. Built with
+`down`, it holds the down projection too (rows per neuron, two neurons per byte, one scale
+each): the hybrid adds the neurons it leaves out as their estimated activation times these
+rows (`rest="sketch"`, `sparse.token_step`).
 
 Built from the weights alone (no data, no fitting, well under a second for SmolLM2), so it
 is never stale and never belongs to another model. On SmolLM2-135M it ranks neurons almost
 as the true activations do: static 0.25 + per-token 0.25 in layers 1..29, WikiText-2
 perplexity 24.98 (true activations 25.25, rank-64 whitened SVD 37.86, dense 23.39;
-docs/hybrid.md). On CPU, XLA unpacks each matrix into a float32 copy before its
-matrix-vector product, so the sketch costs far more time than its bytes there (~15 ms per
-SmolLM2 token; docs/hybrid.md#speed).
+docs/hybrid.md). XLA fuses the unpacking into each matrix-vector product, so a step reads
+the nibbles, not float32 copies of them (docs/hybrid.md#speed).
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ def sketch_rows(ffn: Params) -> int:
     return F if "w_gate" in ffn else -(-F // 2)
 
 
-def sketch_bytes(ffn: Params) -> int:
-    """Bytes one decode step reads of a layer's sketch: the packed nibbles and two scales per row."""
+def sketch_bytes(ffn: Params, down: bool = False) -> int:
+    """Bytes one decode step reads of a layer's sketch: the packed nibbles and two scales per row
+    (`down`: and the down projection's nibbles and one scale per neuron)."""
     rows = sketch_rows(ffn)
-    return rows * ffn["w_up"].shape[1] + 2 * rows * 4
+    F, D = ffn["w_up"].shape
+    return rows * D + 2 * rows * 4 + (-(-F // 2) * D + F * 4 if down else 0)
 
 
 @jax.jit
@@ -66,25 +70,44 @@ def pack_layer(ffn: Params) -> tuple[jnp.ndarray, jnp.ndarray]:
     return q_low | (q_high << 4), jnp.stack([s_low, s_high])
 
 
+@jax.jit
+def pack_down(w_down: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The down projection `[F, D]` as `uint8 [ceil(F / 2), D]` (neuron 2i in the low nibble,
+    2i + 1 in the high one) and per-neuron scales `float32 [F]`."""
+    q, scale = quantize_rows(w_down)  # [F, D], [F]
+    q = jnp.pad(q, ((0, q.shape[0] % 2), (0, 0)), constant_values=OFFSET)  # an odd F: a level-0 row
+    return q[0::2] | (q[1::2] << 4), scale
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sketch:
     """Per-layer sketches for layers `layers[0] .. layers[1] - 1` (equality: identity), kept as
     one array pair per layer: slicing a stacked array at every generation cost ~0.1 s."""
 
     layers: tuple[int, int]
-    factors: tuple[Params, ...]  # per layer {"packed": uint8 [R, D], "scales": float32 [2, R]}
+    factors: tuple[Params, ...]  # per layer {"packed": uint8 [R, D], "scales": float32 [2, R]} (+ "down" ones)
+    down: bool = False
     rank = None  # not a low-rank predictor (the hybrid's label names it "int4")
 
     @classmethod
-    def build(cls, params: Params, layers: tuple[int, int]) -> Sketch:
-        packed = (pack_layer(params["layers"][i]["ffn"]) for i in range(*layers))
-        return cls(layers, tuple({"packed": q, "scales": s} for q, s in packed))
+    def build(cls, params: Params, layers: tuple[int, int], down: bool = False) -> Sketch:
+        """The sketch of `params`' layers `layers`; `down`: with the 4-bit down projection too."""
+        factors = []
+        for i in range(*layers):
+            ffn = params["layers"][i]["ffn"]
+            q, s = pack_layer(ffn)
+            factors.append({"packed": q, "scales": s})
+            if down:
+                q, s = pack_down(ffn["w_down"])
+                factors[-1].update(down=q, down_scales=s)
+        return cls(layers, tuple(factors), down)
 
     def covers(self, first: int, end: int) -> bool:
         return self.layers[0] <= first and end <= self.layers[1]
 
     def layer_factors(self, first: int, end: int) -> list[Params]:
-        """Per layer `first .. end - 1`: `{"packed": [R, D], "scales": [2, R]}`."""
+        """Per layer `first .. end - 1`: `{"packed": [R, D], "scales": [2, R]}` and, with `down`,
+        `{"down": [ceil(F / 2), D], "down_scales": [F]}`."""
         return list(self.factors[first - self.layers[0]: end - self.layers[0]])
 
 
@@ -93,18 +116,36 @@ def unpack(packed: jnp.ndarray, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndar
     return (packed & 0xF).astype(dtype) - OFFSET, (packed >> 4).astype(dtype) - OFFSET
 
 
-def sketch_scores(factors: Params, ffn: Params, x: jnp.ndarray, act) -> jnp.ndarray:
-    """Each neuron's predicted importance `[..., F]` for FFN inputs `x` `[..., D]` (larger: keep),
-    from the layer's sketch `factors` and the full `ffn`'s biases."""
+def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Each neuron's predicted importance `[..., F]` for FFN inputs `x` `[..., D]` (larger: keep)
+    and its estimated down-projection input `[..., F]`, from the layer's sketch `factors` and
+    the full `ffn`'s biases (`relu`: one input projection, OPT's)."""
     with jax.named_scope("sketch_neurons"):
-        low, high = unpack(factors["packed"], x.dtype)
+        # The barrier ties the nibbles to this step's input. Without it, XLA's while-loop
+        # invariant code motion hoists the unpacking out of the decode loop and every step
+        # reads float32 copies eight times the sketch's bytes (15 -> 2.6 ms per SmolLM2 token).
+        packed, x = jax.lax.optimization_barrier((factors["packed"], x))
+        low, high = unpack(packed, x.dtype)
         scales = factors["scales"].astype(x.dtype)
         first = (x @ low.T) * scales[0]  # [..., R]
         second = (x @ high.T) * scales[1]  # [..., R]
-        if "w_gate" not in ffn:
+        if relu:
             F = ffn["w_up"].shape[0]
             up = jnp.concatenate([first, second], axis=-1)[..., :F]  # [..., F]
-            return up + ffn["b_up"] if "b_up" in ffn else up
+            up = up + ffn["b_up"] if "b_up" in ffn else up
+            return up, act(up)  # ranked by the pre-activation: ReLU keeps its order
         gate = first + ffn["b_gate"] if "b_gate" in ffn else first
         up = second + ffn["b_up"] if "b_up" in ffn else second
-        return jnp.abs(act(gate) * up)
+        hidden = act(gate) * up  # [..., F]
+        return jnp.abs(hidden), hidden
+
+
+def rest_output(factors: Params, hidden: jnp.ndarray) -> jnp.ndarray:
+    """`hidden` `[..., F]` (estimated down-projection inputs, 0 where not wanted) times the
+    sketch's 4-bit down projection: `[..., D]`."""
+    with jax.named_scope("sketch_rest"):
+        packed, hidden = jax.lax.optimization_barrier((factors["down"], hidden))  # as in sketch_estimate
+        low, high = unpack(packed, hidden.dtype)  # [ceil(F / 2), D] each
+        weighted = hidden * factors["down_scales"].astype(hidden.dtype)  # [..., F]
+        weighted = jnp.pad(weighted, [(0, 0)] * (hidden.ndim - 1) + [(0, hidden.shape[-1] % 2)])
+        return weighted[..., 0::2] @ low + weighted[..., 1::2] @ high  # [..., D]

@@ -16,6 +16,7 @@ from coreinfer_jax.sparse.predictor import PredictorError
 from coreinfer_jax.sparse.method import Method
 from coreinfer_jax.sparse.registry import METHODS, make_method, parse_layers
 from coreinfer_jax.sparse.rules import RULES, SHARES
+from coreinfer_jax.sparse.token_step import RESTS
 
 
 def layers_arg(text: str) -> tuple[int, int]:
@@ -77,6 +78,9 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
                    help="hybrid: choose per-token neurons by a 4-bit sketch of the weights (the gated default), "
                         "a fitted low-rank predictor, or the true activations (oracle: a quality bound that "
                         "reads every weight)")
+    p.add_argument("--rest", choices=list(RESTS), default=None,
+                   help="hybrid: what the neurons in neither set add: zero (skipped, CoreInfer's way) or sketch "
+                        "(their 4-bit sketch estimate through a 4-bit down projection; the gated default)")
     p.add_argument("--share", choices=list(SHARES), default="row",
                    help="core neurons per row, or one set for the whole batch (gathered once: batch throughput)")
     p.add_argument("--shards", type=int, default=1,
@@ -101,8 +105,9 @@ def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -
     --calibration --layer-neurons --budget --dynamic --predictor --select-by`), one per keep
     (None: the method's defaults)."""
     hybrid = args.method == "hybrid"
-    if not hybrid and (args.dynamic is not None or args.predictor is not None or args.select_by is not None):
-        raise MethodError("--dynamic, --predictor and --select-by apply to --method hybrid")
+    if not hybrid and (args.dynamic is not None or args.predictor is not None or args.select_by is not None
+                       or args.rest is not None):
+        raise MethodError("--dynamic, --predictor, --select-by and --rest apply to --method hybrid")
     if hybrid:
         return [hybrid_from_args(args, k) for k in keeps or [None]]
     keeps = keeps or args.default_keeps
@@ -144,7 +149,7 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
     if args.share != "row":
         raise MethodError("--share does not apply to --method hybrid (it picks each row's own neurons at every step)")
     settings = {k: v for k, v in (("keep", keep), ("dynamic", args.dynamic), ("rule", args.rule),
-                                  ("layers", args.layers)) if v is not None}
+                                  ("layers", args.layers), ("rest", args.rest)) if v is not None}
     predictor = args.predictor
     if args.select_by == "predictor":
         predictor = predictor or default_predictor_dir(args.checkpoint)
@@ -166,8 +171,9 @@ OPTION_WORDS = {"compensate": "compensate", "down": "down_weighted"}
 
 def hybrid_arg(text: str) -> dict[str, Any]:
     """`--hybrid KEEP+DYNAMIC[:WORD]...`, e.g. `0.25+0.25`, `0+0.5`, `0.2+0.2:griffin:oracle`,
-    `0.2+0.2:predictor:compensate`; a word is a rule, how per-token neurons are chosen (sketch,
-    predictor or oracle; default: the family's), `compensate` or `down` (`down_weighted`)."""
+    `0.2+0.2:predictor:compensate`, `0.24+0.24:rest=zero`; a word is a rule, how per-token
+    neurons are chosen (sketch, predictor or oracle; default: the family's), `compensate`, `down`
+    (`down_weighted`) or `rest=zero|sketch`."""
     spec, *rest = text.split(":")
     try:
         keep, dynamic = (float(x) for x in spec.split("+"))
@@ -181,7 +187,10 @@ def hybrid_arg(text: str) -> dict[str, Any]:
             settings["rule"] = word
         elif word in OPTION_WORDS:
             settings[OPTION_WORDS[word]] = True
+        elif word.removeprefix("rest=") in RESTS and word.startswith("rest="):
+            settings["rest"] = word.removeprefix("rest=")
         else:
             raise argparse.ArgumentTypeError(f"--hybrid: {word!r} is neither a rule ({', '.join(RULES)}), one of "
-                                             f"{', '.join(SELECT_BY)}, nor {' or '.join(OPTION_WORDS)}")
+                                             f"{', '.join(SELECT_BY)}, {', '.join(OPTION_WORDS)}, nor "
+                                             f"{' or '.join('rest=' + r for r in RESTS)}")
     return settings

@@ -1,0 +1,117 @@
+"""The hybrid method's decode-step FFN: the static core rows, per-token neurons, and the rest.
+
+At each step and sparse layer a predictor scores every neuron for this token's FFN input;
+the best `dynamic` of F outside the prompt's core are gathered from the full weights and
+computed exactly, next to the core's rows gathered once per generation. The other neurons
+contribute zero (`rest="zero"`, CoreInfer's skipping) or the sketch's estimate of their
+activation through a 4-bit copy of the down projection (`rest="sketch"`): the sketch already
+estimated every neuron's activation to rank them, and the left-out ones are the small ones,
+whose 4-bit error is small next to the exact neurons' contribution.
+
+Teacher-forced chunks (`score_ids`, pre-fill of later chunks) give every token its own
+neurons by masking the full FFN: the same sum without gathering T copies of the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.forward import activation_fn, ffn
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.sparse.gather import gather_rows
+from coreinfer_jax.sparse.predictor import predicted_scores
+from coreinfer_jax.sparse.rules import top_neurons
+from coreinfer_jax.sparse.selection import sharded_count
+from coreinfer_jax.sparse.sketch import rest_output, sketch_estimate
+
+RESTS = ("zero", "sketch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenNeurons:
+    """The decode-step FFN of a hybrid method (hashable: a static argument of the decode loop).
+
+    A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_mask": bool [B, F]
+    (True at the core), "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
+    down-weighted, `"means"` `[B, F]` when compensating); every other layer's are its FFN.
+    """
+
+    dynamic: float
+    select_by: str
+    shards: int = 1
+    rest: str = "zero"
+
+    def __call__(self, p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+        if "full" not in p:
+            return ffn(p, x, cfg)
+        full, core = p["full"], p["core_mask"]
+        B, T, _ = x.shape
+        F = full["w_up"].shape[0]
+        n_dynamic = sharded_count(F, self.dynamic, self.shards)
+        if n_dynamic == 0 and self.rest == "zero":
+            return ffn(p["core"], x, cfg)
+        with jax.named_scope("token_neurons"):
+            estimate = None
+            if self.select_by == "oracle":
+                _, true = ffn(full, x, cfg)  # [B, T, F]
+                scores = true if cfg.family == "opt" else jnp.abs(true)
+            elif self.select_by == "sketch":
+                scores, estimate = sketch_estimate(p["predictor"], full, x, activation_fn(cfg),
+                                                   cfg.family == "opt")  # [B, T, F] each
+            else:
+                scores = predicted_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
+            if "down_norm" in p:
+                scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
+            scores = jnp.where(core[:, None, :], -jnp.inf, scores)  # [B, T, F]
+            dynamic = (top_neurons(scores, n_dynamic, self.shards) if n_dynamic
+                       else jnp.zeros((B, T, 0), jnp.int32))  # [B, T, n_dynamic]
+            chosen = core[:, None, :] | jnp.zeros((B, T, F), bool).at[
+                jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], dynamic].set(True)  # [B, T, F]
+        if T == 1:
+            out, hidden = self.decode_step(p, x, dynamic[:, 0], cfg)
+        else:
+            out, hidden = masked_ffn(full, x, chosen, cfg, p.get("means"))
+        if self.rest == "sketch":
+            out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate))  # [B, T, D]
+        return out, hidden
+
+    def decode_step(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray,
+                    cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """One token's FFN from the core's rows and the `dynamic` `[B, n]` rows, read from the
+        full weights (on a mesh, each device from its own)."""
+        out, hidden = ffn(p["core"], x, cfg)
+        if dynamic.shape[-1] == 0:
+            return out, hidden
+        neuron_major = {k: v for k, v in p["full"].items() if k != "b_down"}
+        rows = gather_rows(neuron_major, dynamic, self.shards)  # [B, n, D]
+        out = out + ffn(rows, x, cfg)[0]
+        if "means" in p:  # computed now: their prompt means leave the compensation bias
+            means = jnp.take_along_axis(p["means"], dynamic, axis=1)  # [B, n]
+            out = out - jnp.einsum("bn,bnd->bd", means.astype(x.dtype), rows["w_down"])[:, None]
+        return out, hidden
+
+
+@functools.partial(jax.jit, static_argnames=("counts", "width"))
+def core_masks(core: jnp.ndarray, *, counts: tuple[int, ...], width: int) -> list[jnp.ndarray]:
+    """Per sparse layer, `bool [B, F]`: True at its first `counts[j]` core ids of `core`
+    `[B, n_sparse, n_max]` (built once per generation, not at every step)."""
+    rows = jnp.arange(core.shape[0])[:, None]
+    return [jnp.zeros((core.shape[0], width), bool).at[rows, core[:, j, :n]].set(True) for j, n in enumerate(counts)]
+
+
+def masked_ffn(full: Params, x: jnp.ndarray, chosen: jnp.ndarray, cfg: ModelConfig,
+               means: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The FFN of `x` `[B, T, D]` with, per token, only the `chosen` `[B, T, F]` neurons; the
+    others contribute 0, or their prompt `means` `[B, F]` (compensation)."""
+    _, score = ffn(full, x, cfg)  # [B, T, F]
+    hidden = activation_fn(cfg)(score) if cfg.family == "opt" else score
+    fill = 0 if means is None else means[:, None, :].astype(hidden.dtype)
+    out = jnp.einsum("btf,fd->btd", jnp.where(chosen, hidden, fill), full["w_down"])  # [B, T, D]
+    if "b_down" in full:
+        out = out + full["b_down"]
+    return out, score
