@@ -86,7 +86,6 @@ class Sketch:
 
     layers: tuple[int, int]
     factors: tuple[Params, ...]  # per layer {"packed": uint8 [R, D], "scales": float32 [2, R]} (+ "down" ones)
-    down: bool = False
     rank = None  # not a low-rank predictor (the hybrid's label names it "int4")
 
     @classmethod
@@ -100,7 +99,12 @@ class Sketch:
             if down:
                 q, s = pack_down(ffn["w_down"])
                 factors[-1].update(down=q, down_scales=s)
-        return cls(layers, tuple(factors), down)
+        return cls(layers, tuple(factors))
+
+    @property
+    def down(self) -> bool:
+        """Whether it holds the down projection (built with `down`)."""
+        return all("down" in f for f in self.factors)
 
     def covers(self, first: int, end: int) -> bool:
         return self.layers[0] <= first and end <= self.layers[1]
@@ -123,7 +127,8 @@ def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: boo
     with jax.named_scope("sketch_neurons"):
         # The barrier ties the nibbles to this step's input. Without it, XLA's while-loop
         # invariant code motion hoists the unpacking out of the decode loop and every step
-        # reads float32 copies eight times the sketch's bytes (15 -> 2.6 ms per SmolLM2 token).
+        # reads float32 copies eight times the sketch's bytes (SmolLM2 decode: 63 -> 55 ms
+        # per token; docs/hybrid.md#speed).
         packed, x = jax.lax.optimization_barrier((factors["packed"], x))
         low, high = unpack(packed, x.dtype)
         scales = factors["scales"].astype(x.dtype)
