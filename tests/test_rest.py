@@ -94,18 +94,21 @@ def test_rest_estimate_matches_a_pytorch_restatement(name, tiny_checkpoint, tiny
                                                      method.sparse_layers(), 16)
 
 
-@pytest.mark.parametrize("F", [6, 7])
-def test_down_sketch_packing_and_product_equal_numpy(F) -> None:
-    w = np.random.default_rng(F).standard_normal((F, 5)).astype(np.float32)  # [F, D]
+@pytest.mark.parametrize("D", [6, 5])
+def test_down_sketch_packing_and_product_equal_numpy(D) -> None:
+    F = 7
+    w = np.random.default_rng(D).standard_normal((F, D)).astype(np.float32)  # [F, D]
     packed, scales = pack_down(jnp.asarray(w))
-    levels, want_scales = numpy_levels(w.astype(np.float64))
+    levels, want_scales = numpy_levels(w.astype(np.float64))  # [F, D], [F]
     packed = np.asarray(packed).astype(np.int64)
-    assert packed.shape == ((F + 1) // 2, 5)
-    np.testing.assert_array_equal((packed & 15) - 8, levels[0::2])  # neuron 2i: the low nibble
-    np.testing.assert_array_equal(((packed >> 4) - 8)[: F // 2], levels[1::2])
+    half = (D + 1) // 2
+    assert packed.shape == (half, F)
+    np.testing.assert_array_equal((packed & 15) - 8, levels[:, :half].T)  # outputs 0..half-1: the low nibble
+    np.testing.assert_array_equal(((packed >> 4) - 8)[: D - half], levels[:, half:].T)
+    np.testing.assert_array_equal(packed[D - half:] >> 4, 8 * np.ones((2 * half - D, F)))  # an odd D's padding: level 0
     np.testing.assert_allclose(np.asarray(scales), want_scales, rtol=1e-6)
     hidden = np.random.default_rng(1).standard_normal((2, 3, F)).astype(np.float32)  # [B, T, F]
-    got = rest_output({"down": jnp.asarray(packed.astype(np.uint8)), "down_scales": scales}, jnp.asarray(hidden))
+    got = rest_output({"down": jnp.asarray(packed.astype(np.uint8)), "down_scales": scales}, jnp.asarray(hidden), D)
     np.testing.assert_allclose(np.asarray(got), hidden @ (levels * want_scales[:, None]), rtol=1e-5, atol=1e-5)
 
 

@@ -7,9 +7,9 @@ packed into one byte per weight pair (low nibble gate, high nibble up, each stor
 `F * D` bytes plus `8 F` of scales per layer: a twelfth of the layer's float32 FFN bytes (a
 sixth of bfloat16's). A ReLU FFN (OPT) has one input projection, `fc1`: its first and second
 halves of rows share the bytes instead, and the sketch scores the pre-activation. Built with
-`down`, it holds the down projection too (rows per neuron, two neurons per byte, one scale
-each): the hybrid adds the neurons it leaves out as their estimated activation times these
-rows (`rest="sketch"`, `sparse.token_step`).
+`down`, it holds the down projection too (two outputs per byte, one scale per
+neuron): the hybrid adds the neurons it leaves out as their estimated activation times these
+weights (`rest="sketch"`, `sparse.token_step`).
 
 Built from the weights alone (no data, no fitting, well under a second for SmolLM2), so it
 is never stale and never belongs to another model. On SmolLM2-135M it ranks neurons almost
@@ -43,7 +43,7 @@ def sketch_bytes(ffn: Params, down: bool = False) -> int:
     (`down`: and the down projection's nibbles and one scale per neuron)."""
     rows = sketch_rows(ffn)
     F, D = ffn["w_up"].shape
-    return rows * D + 2 * rows * 4 + (-(-F // 2) * D + F * 4 if down else 0)
+    return rows * D + 2 * rows * 4 + (-(-D // 2) * F + F * 4 if down else 0)
 
 
 @jax.jit
@@ -72,11 +72,18 @@ def pack_layer(ffn: Params) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 @jax.jit
 def pack_down(w_down: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The down projection `[F, D]` as `uint8 [ceil(F / 2), D]` (neuron 2i in the low nibble,
-    2i + 1 in the high one) and per-neuron scales `float32 [F]`."""
+    """The down projection `[F, D]` as `uint8 [ceil(D / 2), F]`, output-major: byte `(e, j)`
+    holds neuron j's weight to output e in the low nibble and to output `e + ceil(D / 2)` in
+    the high one; and per-neuron scales `float32 [F]`.
+
+    Output-major because XLA's CPU backend fuses the unpacking into a vector-matrix product
+    only when it contracts the packed matrix's minor axis: with neuron pairs per byte
+    (`[ceil(F / 2), D]`) it wrote the unpacked float32 matrix out first, 20.5 -> 2.6 ms per
+    step for SmolLM2's 29 layers in a 16-step `fori_loop` (docs/hybrid.md#speed)."""
     q, scale = quantize_rows(w_down)  # [F, D], [F]
-    q = jnp.pad(q, ((0, q.shape[0] % 2), (0, 0)), constant_values=OFFSET)  # an odd F: a level-0 row
-    return q[0::2] | (q[1::2] << 4), scale
+    q = jnp.pad(q, ((0, 0), (0, q.shape[1] % 2)), constant_values=OFFSET).T  # [D', F]; an odd D: a level-0 output
+    half = q.shape[0] // 2
+    return q[:half] | (q[half:] << 4), scale
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -111,7 +118,7 @@ class Sketch:
 
     def layer_factors(self, first: int, end: int) -> list[Params]:
         """Per layer `first .. end - 1`: `{"packed": [R, D], "scales": [2, R]}` and, with `down`,
-        `{"down": [ceil(F / 2), D], "down_scales": [F]}`."""
+        `{"down": [ceil(D / 2), F], "down_scales": [F]}`."""
         return list(self.factors[first - self.layers[0]: end - self.layers[0]])
 
 
@@ -145,12 +152,11 @@ def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: boo
         return jnp.abs(hidden), hidden
 
 
-def rest_output(factors: Params, hidden: jnp.ndarray) -> jnp.ndarray:
+def rest_output(factors: Params, hidden: jnp.ndarray, width: int) -> jnp.ndarray:
     """`hidden` `[..., F]` (estimated down-projection inputs, 0 where not wanted) times the
-    sketch's 4-bit down projection: `[..., D]`."""
+    sketch's 4-bit down projection of `width` (D) outputs: `[..., D]`."""
     with jax.named_scope("sketch_rest"):
         packed, hidden = jax.lax.optimization_barrier((factors["down"], hidden))  # as in sketch_estimate
-        low, high = unpack(packed, hidden.dtype)  # [ceil(F / 2), D] each
+        low, high = unpack(packed, hidden.dtype)  # [ceil(D / 2), F] each
         weighted = hidden * factors["down_scales"].astype(hidden.dtype)  # [..., F]
-        weighted = jnp.pad(weighted, [(0, 0)] * (hidden.ndim - 1) + [(0, hidden.shape[-1] % 2)])
-        return weighted[..., 0::2] @ low + weighted[..., 1::2] @ high  # [..., D]
+        return jnp.concatenate([weighted @ low.T, weighted @ high.T], axis=-1)[..., :width]  # [..., D]

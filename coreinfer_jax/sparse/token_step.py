@@ -77,7 +77,7 @@ class TokenNeurons:
         else:
             out, hidden = masked_ffn(full, x, chosen, cfg, p.get("means"))
         if self.rest == "sketch":
-            out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate))  # [B, T, D]
+            out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate), x.shape[-1])  # [B, T, D]
         return out, hidden
 
     def decode_step(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray,
