@@ -139,7 +139,7 @@ def test_defaults_and_bytes_by_hand(tiny_checkpoint) -> None:
     assert method.label == "hybrid 0.25+0.125 int4+rest normalized_magnitude"
     rows = 32 + 16  # int(128 * 0.25) + int(128 * 0.125)
     sketch = F * D + 2 * F * 4  # a byte per (gate, up) weight pair, two float32 scales per neuron
-    down = F // 2 * D + F * 4  # a byte per two neurons' down weights, a float32 scale per neuron
+    down = D // 2 * F + F * 4  # a byte per two of a neuron's down weights, a float32 scale per neuron
     assert ffn_bytes_per_token(cfg, gen.params, method) == (L - 1) * 3 * F * D * 4 + 3 * rows * D * 4 + sketch + down
     static_only = Hybrid(keep=0.25, dynamic=0.0, layers=(1, 2), rest="sketch").validate(cfg)
     assert ffn_bytes_per_token(cfg, gen.params, static_only) == (L - 1) * 3 * F * D * 4 + 3 * 32 * D * 4 + sketch + down
