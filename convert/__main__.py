@@ -1,5 +1,5 @@
 """`python -m convert [SOURCE] [--revision R] [--out DIR] [--dtype ...] [--force]`; bad input exits 2 with
-one `error:` line."""
+one `error:` line, an interrupt (Ctrl-C, SIGTERM) 130 or 143 with one line and no partial output."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Sequence
 from convert.core import DTYPES, convert_checkpoint, default_out, is_converted
 from convert.errors import ConversionError
 from convert.sources import BUNDLED, BUNDLED_MODELS
+from coreinfer_jax.errors import interrupted_line, sigterm_interrupts
 from coreinfer_jax.models.checkpoint import CheckpointError
 from coreinfer_jax.models.config import ConfigError
 
@@ -32,16 +33,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        source = args.source or BUNDLED
-        if source in BUNDLED_MODELS:
-            out = args.out or default_out(source)
-            if not args.force and is_converted(out, source, args.dtype):
-                print(f"{source} is already converted in {out} (use --force to convert again)")
-                return 0
-        out = convert_checkpoint(source, args.out, args.dtype, args.force, args.revision)
+        with sigterm_interrupts():
+            source = args.source or BUNDLED
+            if source in BUNDLED_MODELS:
+                out = args.out or default_out(source)
+                if not args.force and is_converted(out, source, args.dtype):
+                    print(f"{source} is already converted in {out} (use --force to convert again)")
+                    return 0
+            out = convert_checkpoint(source, args.out, args.dtype, args.force, args.revision)
     except (ConversionError, ConfigError, CheckpointError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        line, status = interrupted_line(e)
+        print(f"error: {line}", file=sys.stderr)
+        return status
     print(f"wrote {out}")
     return 0
 

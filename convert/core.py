@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from convert import keymap
 from convert.errors import ConversionError
+from convert.hub import is_hub_id
 from convert.sources import BUNDLED_MODELS, Source, open_source
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
 from coreinfer_jax.models.config import ModelConfig
@@ -76,8 +78,25 @@ def convert_checkpoint(source: str | Path, out: str | Path | None = None, dtype:
     `out` defaults to `default_out(source)` for bundled models and is required otherwise; an
     existing `out` is replaced only with `force`. Returns the absolute output path.
     """
+    check_source_exists(source)
     out = default_out(source) if out is None else out  # before any download
     return convert_source(open_source(source, revision), out, dtype, force)
+
+
+def check_source_exists(source: str | Path) -> None:
+    """A source that is no bundled name, no hub id and no path is the first thing to report."""
+    text = str(source)
+    if text in BUNDLED_MODELS or is_hub_id(text) or Path(source).exists():
+        return
+    raise ConversionError(f"source {Path(source).absolute()} does not exist (expected a Hugging Face checkpoint "
+                          f"directory, a .gguf file, a hub id ORG/NAME or one of {', '.join(BUNDLED_MODELS)})")
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove what interrupted conversions to `out` left: the hidden `.NAME.*.partial` folders the
+    atomic writer uses (a process killed outright, e.g. by SIGKILL, cannot remove its own)."""
+    for stale in out.parent.glob(f".{out.name}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
@@ -89,6 +108,7 @@ def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: 
         raise ConversionError(f"--out {out} is the source itself")
     if out.exists() and not force:
         raise ConversionError(f"output directory {out} already exists; use --force to replace it")
+    remove_stale_partials(out)
     hf_config = src.hf_config()
     cfg = ModelConfig.from_hf(hf_config)
     tokenizer = src.tokenizer()

@@ -31,7 +31,9 @@ def test_generate_json_dense(ckpt: Path) -> None:
                        timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    want = Generator.load(ckpt).generate("The cat sat on the", max_new_tokens=12)
+    # No --task and a tokenizer with a chat template: the template is applied by default.
+    want = Generator.load(ckpt).generate("The cat sat on the", max_new_tokens=12, chat=True)
+    assert out["chat"] is True
     assert out["tokens"] == want.tokens[0] and out["text"] == want.texts[0]
     assert out["prompt_tokens"] == want.prompt_tokens[0]
     assert out["method"] == "dense" and out["core_neurons"] is None
@@ -43,7 +45,7 @@ def test_generate_json_dense(ckpt: Path) -> None:
 def test_generate_json_stability(ckpt: Path) -> None:
     r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "Water boils at one hundred degrees",
             "--max-new-tokens", "8", "--method", "stability", "--keep", "0.5", "--token-keep", "0.3",
-            "--layers", "1:2", "--json")
+            "--layers", "1:2", "--raw", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     gen = Generator.load(ckpt)
@@ -128,3 +130,119 @@ def test_a_project_error_is_one_line(ckpt: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(Generator, "load", broken(InputError("token id 999 is outside the vocabulary")))
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == "error: token id 999 is outside the vocabulary\n"
+
+
+def test_chat_template_is_the_default_without_a_task(ckpt: Path) -> None:
+    # The tiny tokenizer has a chat template: a plain prompt goes through it unless --no-chat/--raw.
+    prompt = "What is the tallest mountain in the world?"
+    gen = Generator.load(ckpt)
+    templated = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)
+    plain = gen.tokenizer(prompt)["input_ids"]
+    assert len(templated) > len(plain)
+    base = ["generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--max-new-tokens", "6"]
+    default = cli(*base, "--json")
+    assert default.returncode == 0, default.stderr
+    out = json.loads(default.stdout)
+    assert out["chat"] is True and out["prompt_tokens"] == len(templated)
+    for off in ("--no-chat", "--raw"):
+        raw = json.loads(cli(*base, off, "--json").stdout)
+        assert raw["chat"] is False and raw["prompt_tokens"] == len(plain)
+    # A task template shapes the prompt itself: no chat template unless asked for.
+    task = json.loads(cli(*base, "--task", "question", "--json").stdout)
+    assert task["chat"] is False
+    assert json.loads(cli(*base, "--task", "question", "--chat", "--json").stdout)["chat"] is True
+    # The stats line says which was used.
+    assert "chat template]" in cli(*base).stderr and "raw prompt]" in cli(*base, "--raw").stderr
+
+
+def test_chat_without_a_template_is_one_line(ckpt: Path, monkeypatch) -> None:
+    load = Generator.load
+
+    def without_template(*args, **kwargs):
+        gen = load(*args, **kwargs)
+        gen.tokenizer.chat_template = None
+        return gen
+
+    monkeypatch.setattr(Generator, "load", without_template)
+    base = ["generate", "--checkpoint", str(ckpt), "--prompt", "Hello there", "--max-new-tokens", "4"]
+    assert json.loads(cli(*base, "--json").stdout)["chat"] is False  # no template: the prompt as written
+    r = cli(*base, "--chat")
+    assert r.returncode == 2 and "has no chat template" in r.stderr and r.stderr.count("\n") == 1
+
+
+def ends_at_once(monkeypatch) -> None:
+    """The real generation, with the model's first token made its end token (as an instruct
+    model given a bare question does)."""
+    generate = Generator.generate
+
+    def first_token_eos(self, prompts, *args, **kwargs):
+        out = generate(self, prompts, *args, **kwargs)
+        out.tokens, out.texts = [[self.cfg.eos_token_ids[0]]], [""]
+        return out
+
+    monkeypatch.setattr(Generator, "generate", first_token_eos)
+
+
+@pytest.mark.parametrize("flags,hint", [([], "try --no-chat or --task qa"), (["--no-chat"], "try --chat")])
+def test_an_empty_generation_says_so(ckpt: Path, monkeypatch, flags: list[str], hint: str) -> None:
+    ends_at_once(monkeypatch)
+    for json_flag in ([], ["--json"]):
+        r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "Hello there", "--max-new-tokens", "4",
+                *flags, *json_flag)
+        assert r.returncode == 0, r.stderr
+        assert f"note: finished at once: the model produced its end token first; {hint}\n" in r.stderr
+
+
+def test_a_generation_with_text_has_no_note(ckpt: Path) -> None:
+    r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "The cat sat on the", "--max-new-tokens", "6", "--raw",
+            "--stop-at-newline")
+    assert r.stdout.strip() and "note:" not in r.stderr
+
+
+def test_prompt_file_and_the_hint_for_a_path(ckpt: Path, tmp_path: Path) -> None:
+    text = "The sun rises in the east"
+    path = tmp_path / "prompt.txt"
+    path.write_text(text + "\n")
+    base = ["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "5", "--raw", "--json"]
+    from_file = cli(*base, "--prompt-file", str(path))
+    from_text = cli(*base, "--prompt", text)
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["tokens"] == json.loads(from_text.stdout)["tokens"]
+    assert "note:" not in from_file.stderr + from_text.stderr
+    # A --prompt that names an existing file still generates from the text, with a one-line hint.
+    named = cli(*base, "--prompt", str(path))
+    assert named.returncode == 0
+    assert json.loads(named.stdout)["prompt_tokens"] != json.loads(from_file.stdout)["prompt_tokens"]
+    assert f"note: --prompt is the text itself; to read the file {path}, use --prompt-file\n" == named.stderr
+    missing = cli(*base, "--prompt-file", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "prompt file" in missing.stderr and "does not exist" in missing.stderr
+    both = cli(*base, "--prompt", "hi", "--prompt-file", str(path))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+@pytest.mark.parametrize("layers", ["10:5", "1:1"])
+def test_an_empty_layer_range_has_its_own_message(ckpt: Path, layers: str) -> None:
+    for command in (["generate", "--prompt", "hi", "--method", "stability"], ["predictor", "--data", "x"],
+                    ["budget", "--data", "x", "--out", "b.json"], ["sweep", "--out", "s"]):
+        r = cli(command[0], "--checkpoint", str(ckpt), *command[1:], "--layers", layers)
+        assert r.returncode == 2
+        assert f"{layers} is an empty range: END must be greater than START" in r.stderr
+        assert "outside" not in r.stderr
+
+
+def test_compile_time_in_the_api(ckpt: Path) -> None:
+    import jax
+
+    gen = Generator.load(ckpt)
+    jax.clear_caches()
+    first = gen.generate("A journey of a thousand miles", max_new_tokens=5, method=Stability(keep=0.5, layers=(0, 2)))
+    again = gen.generate("A journey of a thousand miles", max_new_tokens=5, method=Stability(keep=0.5, layers=(0, 2)))
+    assert first.compile_s > 0 and again.compile_s == 0
+    # Compiling happens inside the first call's timed sections.
+    assert first.compile_s < first.prefill_s + first.decode_s
+    jax.clear_caches()
+    warmed = gen.generate("A journey of a thousand miles", max_new_tokens=5, warmup=True)
+    assert warmed.compile_s > 0 and warmed.tokens == gen.generate("A journey of a thousand miles",
+                                                                   max_new_tokens=5).tokens
+    assert warmed.prefill_s + warmed.decode_s < warmed.compile_s

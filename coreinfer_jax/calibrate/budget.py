@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,7 +36,6 @@ from coreinfer_jax.runtime.batching import cache_length, prompt_bucket
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.budget import Budget
 from coreinfer_jax.sparse.method import Dense
-from coreinfer_jax.sparse.registry import parse_layers
 from coreinfer_jax.sparse.rules import RULES
 from coreinfer_jax.sparse.stability import Stability
 
@@ -97,13 +97,15 @@ def measure(gen: Generator, windows: Sequence[tuple[list[int], list[int]]], rule
                   dense_nll_per_token=dense_nll / tokens, windows=len(windows))
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tuple[int, int]]
+               ) -> argparse.ArgumentParser:
+    """The `budget` subcommand; `layers_arg` parses `--layers` (the command line's parser)."""
     b = sub.add_parser("budget", help="measure per-layer sensitivities and write a per-layer neuron budget")
-    b.add_argument("--data", type=Path, default=None, help="WikiText raw text (default: the Hugging Face hub)")
+    b.add_argument("--data", type=Path, required=True, help="your copy of WikiText-2 raw text")
     b.add_argument("--rule", choices=list(RULES), default="paper", help="the selection rule the budget is for")
     b.add_argument("--keep", type=float, nargs="+", default=[0.4], help="uniform keeps to measure at")
     b.add_argument("--token-keep", type=float, default=0.2)
-    b.add_argument("--layers", type=str, default=None, help="sparse layers START:END (default: the paper's)")
+    b.add_argument("--layers", type=layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
     b.add_argument("--windows", type=int, default=8, help="calibration windows")
     b.add_argument("--first-window", type=int, default=20,
                    help="skip this many windows (default 20: those `sweep` evaluates on)")
@@ -117,16 +119,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.windows < 1 or args.first_window < 0:
         raise CoreInferError("--windows must be >= 1 and --first-window >= 0")
-    layers = parse_layers(args.layers) if args.layers else None
     gen = Generator.load(args.checkpoint, args.dtype)
     windows = wikitext_windows(gen, load_wikitext(args.data), args.context_tokens, args.scored_tokens,
                                args.first_window + args.windows)[args.first_window:]
     if not windows:
         raise CoreInferError(f"the text has no windows after the first {args.first_window}")
-    n_sparse = len(Stability(layers=layers).validate(gen.cfg).sparse_layers())
+    n_sparse = len(Stability(layers=args.layers).validate(gen.cfg).sparse_layers())
     with tqdm(total=len(windows) * len(args.keep) * n_sparse, desc="budget", unit="layer") as bar:
-        budget = measure(gen, windows, args.rule, args.keep, layers, args.token_keep, bar.update)
-    budget.save(args.out)
+        budget = measure(gen, windows, args.rule, args.keep, args.layers, args.token_keep, bar.update)
+    # Written next to --out and renamed into place: an interrupt never leaves half a file.
+    tmp = args.out.with_name(f".{args.out.name}.partial")
+    try:
+        budget.save(tmp)
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     for k in args.keep:
         print(f"keep {k:g}: layers {budget.layers[0]}..{budget.layers[1] - 1} neurons "
               f"{','.join(map(str, budget.layer_neurons(k)))}")

@@ -18,7 +18,8 @@ scores the linear `fc1` output, for which the SVD is already the least-squares o
 
 The text is tokenised and cut into windows; by default the first `--skip-tokens` tokens are
 left out, so a predictor fitted on WikiText-2 does not see the windows `eval --task wikitext`
-scores (the first ones).
+scores (the first ones). Without `--layers` it covers the layers `--method hybrid` makes sparse
+by default for the model, so that the two commands fit together with their defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import functools
 import hashlib
 import sys
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +45,8 @@ from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.artifact import model_identity
-from coreinfer_jax.sparse.method import default_layer_range
+from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.predictor import Predictor, PredictorError, projections
-from coreinfer_jax.sparse.registry import parse_layers
 
 DEFAULT_EPS = 1e-3
 
@@ -88,13 +89,20 @@ def whitened_factors(w: np.ndarray, second_moment: np.ndarray, rank: int, eps: f
     return a.astype(np.float32), u[:, :rank].T.astype(np.float32)
 
 
+def hybrid_layers(cfg: ModelConfig) -> tuple[int, int]:
+    """The sparse layers `--method hybrid` uses for `cfg` when `--layers` is not given (its
+    family's recommended range; how per-token neurons are chosen does not change it)."""
+    return Hybrid(select_by="oracle").validate(cfg).layers
+
+
 def fit_predictor(gen: Generator, token_ids: list[int], rank: int, layers: tuple[int, int] | None = None,
                   window: int = 256, batch_size: int = 4, eps: float = DEFAULT_EPS, data_sha256: str = "",
                   model_name: str | None = None, progress: bool = True) -> Predictor:
-    """Fit a predictor of `rank` for `layers` (default: the model's default sparse layers) on
-    the calibration tokens `token_ids`, cut into full windows of `window` tokens."""
+    """Fit a predictor of `rank` for `layers` (default: `hybrid_layers`, those the hybrid method
+    makes sparse by default) on the calibration tokens `token_ids`, cut into full windows of
+    `window` tokens."""
     cfg = gen.cfg
-    first, end = layers or default_layer_range(cfg.num_layers)
+    first, end = layers or hybrid_layers(cfg)
     if not 0 <= first < end <= cfg.num_layers:
         raise PredictorError(f"layers {first}:{end} are outside the model's {cfg.num_layers} layers")
     if not 1 <= rank <= cfg.hidden_size:
@@ -174,12 +182,15 @@ def default_predictor_dir(checkpoint: Path) -> Path:
     return Path(checkpoint) / "predictor"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tuple[int, int]]
+               ) -> argparse.ArgumentParser:
+    """The `predictor` subcommand; `layers_arg` parses `--layers` (the command line's parser)."""
     p = sub.add_parser("predictor", help="fit the hybrid method's low-rank neuron predictor (whitened SVD)")
     p.add_argument("--data", type=Path, required=True, help="calibration text (e.g. WikiText-2 raw)")
     p.add_argument("--out", type=Path, default=None, help="predictor directory (default: CHECKPOINT/predictor)")
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--layers", type=str, default=None, help="layers START:END (default: the default sparse layers)")
+    p.add_argument("--layers", type=layers_arg, default=None,
+                   help="layers START:END (default: those --method hybrid makes sparse for this model)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to use")
     p.add_argument("--skip-tokens", type=int, default=32768,
                    help="leave out the text's first tokens (those `eval --task wikitext` scores)")
@@ -207,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     if len(ids) <= args.skip_tokens:
         raise PredictorError(f"{args.data} has {len(ids)} tokens, not more than --skip-tokens {args.skip_tokens}")
     predictor = fit_predictor(gen, ids[args.skip_tokens: args.skip_tokens + args.tokens], args.rank,
-                              parse_layers(args.layers) if args.layers else None, args.window,
+                              args.layers, args.window,
                               eps=args.eps, data_sha256=hashlib.sha256(raw).hexdigest(),
                               model_name=load_metadata(args.checkpoint).get("source"))
     if args.refine_steps:

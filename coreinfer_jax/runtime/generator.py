@@ -4,6 +4,9 @@
     gen = Generator.load()                       # the default SmolLM2 checkpoint
     out = gen.generate("The capital of France is", max_new_tokens=32, method=Stability(keep=0.4))
     out.texts[0], out.tokens[0], out.decode_tokens_per_s
+
+The first call of a new shape or method compiles, inside its `prefill_s` and `decode_s`
+(`compile_s` says how long); `warmup=True` runs the request once first, so the timings exclude it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +25,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from coreinfer_jax.errors import InputError, MethodError
-
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
@@ -32,11 +35,29 @@ from coreinfer_jax.runtime.offload import place_core_weights, prefill_streamed, 
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense, Method
 
+# Each compile's tracing, lowering and XLA time; a jit traced inside another is part of the
+# outer's trace event, so the sum counts each second once.
+_COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
+                             "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                             "/jax/core/compile/backend_compile_duration"})
+_compiled = threading.local()  # .seconds: this thread's tracing and compiling since the import
+
+
+def _on_event(name: str, seconds: float, **_: Any) -> None:
+    if name in _COMPILE_EVENTS:
+        _compiled.seconds = getattr(_compiled, "seconds", 0.0) + seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """Generated texts and ids, and honest timings (`block_until_ready` at each boundary):
     `prefill_s` covers pre-fill, core-neuron selection and gathering the core weights;
-    `decode_s` the decode loop, which ran `decode_steps` forward passes."""
+    `decode_s` the decode loop, which ran `decode_steps` forward passes. `compile_s` is the
+    tracing and compiling inside those two (0.0 when every program was compiled before; with
+    `warmup=True` the warm-up run's, which the timings then exclude)."""
 
     texts: list[str]
     tokens: list[list[int]]
@@ -47,6 +68,8 @@ class GenerationResult:
     method: Method
     core_neurons: np.ndarray | None = None  # [B, n_sparse, n_keep]
     logits: np.ndarray | None = None  # [B, max_new_tokens, V] with return_logits
+    compile_s: float = 0.0
+    chat: bool = False  # whether the prompts went through the tokenizer's chat template
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -118,12 +141,16 @@ class Generator:
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, method: Method = Dense(),
                  sampling: Sampling = Sampling(), seed: int = 0, chat: bool = False,
-                 stop_at_eos: bool = True, stop_at_newline: bool = False) -> GenerationResult:
-        """Generate from text. `stop_at_newline` ends a row at the first token containing a
-        newline (one-line answers, as in the paper's QA runs); that token is dropped from the text."""
+                 stop_at_eos: bool = True, stop_at_newline: bool = False, warmup: bool = False) -> GenerationResult:
+        """Generate from text. `chat` makes each prompt a user turn of the tokenizer's chat template
+        (off by default here, so scripted and evaluation prompts stay as written; the `generate`
+        command turns it on for a model that has one). `stop_at_newline` ends a row at the first
+        token containing a newline (one-line answers, as in the paper's QA runs), which is dropped."""
         ids = self.encode(prompts, chat)
         stops = self.newline_tokens if stop_at_newline else ()
-        result = self.generate_ids(ids, max_new_tokens, method, sampling, seed, stop_at_eos, stop_tokens=stops)
+        result = self.generate_ids(ids, max_new_tokens, method, sampling, seed, stop_at_eos, stop_tokens=stops,
+                                   warmup=warmup)
+        result.chat = chat
         if stop_at_newline:
             result.tokens = [t[:-1] if t and t[-1] in stops else t for t in result.tokens]
         result.texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
@@ -132,12 +159,22 @@ class Generator:
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                      method: Method = Dense(), sampling: Sampling = Sampling(), seed: int = 0,
                      stop_at_eos: bool = True, return_logits: bool = False,
-                     stop_tokens: Sequence[int] = ()) -> GenerationResult:
+                     stop_tokens: Sequence[int] = (), warmup: bool = False) -> GenerationResult:
         """Generate from token-id prompts of any lengths (batched, right-padded to a bucket).
 
         A row ends at EOS (with `stop_at_eos`), at any of `stop_tokens`, or after
-        `max_new_tokens`; the stopping token is part of `tokens`.
+        `max_new_tokens`; the stopping token is part of `tokens`. `warmup` runs the request once
+        first, so that the timings exclude compiling (the result's `compile_s`).
         """
+        request = (prompts, max_new_tokens, method, sampling, seed, stop_at_eos, return_logits, stop_tokens)
+        warm_compile_s = self._generate_ids(*request).compile_s if warmup else 0.0
+        result = self._generate_ids(*request)
+        result.compile_s += warm_compile_s
+        return result
+
+    def _generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, method: Method,
+                      sampling: Sampling, seed: int, stop_at_eos: bool, return_logits: bool,
+                      stop_tokens: Sequence[int]) -> GenerationResult:
         cfg = self.cfg
         method = self.resolve(method)
         rows = len(prompts)
@@ -148,6 +185,7 @@ class Generator:
         limit = jnp.int32(max_new_tokens)
 
         with self.on_mesh():
+            compiled_before = getattr(_compiled, "seconds", 0.0)
             t0 = time.perf_counter()
             first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method)
             jax.block_until_ready((first_logits, cache, core, weights))
@@ -163,6 +201,7 @@ class Generator:
                                     cfg=cfg, sampling=sampling, ffn_fn=method.decode_ffn)
             out = jax.block_until_ready(out)
             t2 = time.perf_counter()
+            compile_s = getattr(_compiled, "seconds", 0.0) - compiled_before
 
         steps = int(out["steps"])
         generated = np.asarray(out["tokens"])[:rows, :max_new_tokens]
@@ -171,7 +210,7 @@ class Generator:
             texts=[], tokens=token_lists, prompt_tokens=[len(p) for p in prompts[:rows]],
             prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, method=method,
             core_neurons=None if core is None else np.asarray(method.neuron_ids(core))[:rows],
-            logits=np.asarray(out["logits"])[:rows, :max_new_tokens] if return_logits else None,
+            logits=np.asarray(out["logits"])[:rows, :max_new_tokens] if return_logits else None, compile_s=compile_s,
         )
 
     def score_ids(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],

@@ -7,12 +7,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from coreinfer_jax.calibrate.predictor import default_predictor_dir
+from coreinfer_jax.calibrate.predictor import default_predictor_dir, hybrid_layers
 from coreinfer_jax.errors import CoreInferError, MethodError
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
 from coreinfer_jax.sparse.budget import Budget, BudgetError
 from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
-from coreinfer_jax.sparse.predictor import PredictorError
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.sparse.predictor import Predictor, PredictorError
 from coreinfer_jax.sparse.method import Method
 from coreinfer_jax.sparse.registry import METHODS, make_method, parse_layers
 from coreinfer_jax.sparse.rules import RULES, SHARES
@@ -20,11 +21,16 @@ from coreinfer_jax.sparse.token_step import RESTS
 
 
 def layers_arg(text: str) -> tuple[int, int]:
-    """`parse_layers` as an argparse type: its message, not argparse's generic one."""
+    """`parse_layers` as an argparse type: its message, not argparse's generic one; an empty or
+    reversed range gets its own (it is not outside the model)."""
     try:
-        return parse_layers(text)
+        first, end = parse_layers(text)
     except CoreInferError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if end <= first:
+        raise argparse.ArgumentTypeError(f"{text} is an empty range: END must be greater than START "
+                                         f"(half-open: START:END makes layers START .. END-1 sparse)")
+    return first, end
 
 
 def add_model_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
@@ -157,8 +163,29 @@ def hybrid_from_args(args: argparse.Namespace, keep: float | None) -> Hybrid:
             raise PredictorError(f"the hybrid method needs a predictor and {predictor} does not exist; make it with "
                                  f"`python -m coreinfer_jax predictor --checkpoint {args.checkpoint} "
                                  f"--data WIKITEXT_FILE` or give --predictor DIR")
-    return Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep,
-                  down_weighted=args.down_weighted, compensate=args.compensate, shards=args.shards, **settings)
+    method = Hybrid(predictor=predictor, select_by=args.select_by, token_keep=args.token_keep,
+                    down_weighted=args.down_weighted, compensate=args.compensate, shards=args.shards, **settings)
+    if isinstance(method.predictor, Predictor):
+        check_predictor_layers(method.predictor, args)
+    return method
+
+
+def check_predictor_layers(fitted: Predictor, args: argparse.Namespace) -> None:
+    """A predictor that does not cover the sparse layers: say which command fixes it (the
+    method's own check knows the layers but not the command line)."""
+    config = Path(args.checkpoint) / "config.json"
+    if not config.is_file():
+        return  # loading the checkpoint reports it
+    cfg = ModelConfig.load(config)
+    first, end = args.layers or hybrid_layers(cfg)
+    if fitted.covers(first, end):
+        return
+    have = f"{fitted.layers[0]}:{fitted.layers[1]}"
+    which = "--layers" if args.layers else "--method hybrid's default for this model"
+    raise PredictorError(f"the predictor has factors for layers {have}, not for the sparse layers {first}:{end} "
+                         f"({which}): fit one for them with `python -m coreinfer_jax predictor --checkpoint "
+                         f"{args.checkpoint} --data FILE --layers {first}:{end}` (without --layers it fits "
+                         f"{':'.join(map(str, hybrid_layers(cfg)))}), or add --layers {have} here")
 
 
 def method_from_args(args: argparse.Namespace) -> Method:

@@ -1,4 +1,4 @@
-"""`python -m coreinfer_jax {generate,bench,eval,calibrate,budget,predictor,sweep}`."""
+"""`python -m coreinfer_jax {generate,bench,eval,calibrate,budget,predictor,sweep,data}`."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coreinfer_jax.calibrate import budget, predictor, similarity
-from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.evaluation import evaluate, sweep
+from coreinfer_jax.errors import CoreInferError, InputError, interrupted_line, sigterm_interrupts
+from coreinfer_jax.evaluation import data, evaluate, sweep
+from coreinfer_jax.evaluation.data import missing_data
 from coreinfer_jax.evaluation.tasks import TEMPLATES, format_prompt
 from coreinfer_jax.runtime.distributed import initialize, is_main_process
 from coreinfer_jax.runtime.generator import GenerationResult, Generator
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.method import Dense
-from coreinfer_jax.tools.args import add_method_args, add_model_args, method_from_args
+from coreinfer_jax.tools.args import add_method_args, add_model_args, layers_arg, method_from_args
 from coreinfer_jax.tools.batch_bench import batch_main
 from coreinfer_jax.tools.bench import bench_main
 from coreinfer_jax.tools.compile_time import compile_main
@@ -29,29 +30,88 @@ from coreinfer_jax.tools.shapes import HF_CONFIGS
 USER_ERRORS = (CoreInferError, FileNotFoundError)
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """`--prompt TEXT`, or `--prompt-file FILE`'s text (trailing whitespace dropped)."""
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
+        return args.prompt_file.read_text(encoding="utf-8").rstrip()
+    try:
+        names_a_file = len(args.prompt) < 4096 and "\n" not in args.prompt and Path(args.prompt).is_file()
+    except OSError:  # not a possible path (e.g. a name too long): certainly text
+        names_a_file = False
+    if names_a_file:
+        print(f"note: --prompt is the text itself; to read the file {args.prompt}, use --prompt-file",
+              file=sys.stderr)
+    return args.prompt
+
+
+def use_chat(args: argparse.Namespace, gen: Generator) -> bool:
+    """The chat template by default when the tokenizer has one and no --task shapes the prompt,
+    as chat tools do (an instruct model given a bare question otherwise often ends at once)."""
+    has_template = bool(getattr(gen.tokenizer, "chat_template", None))
+    if args.chat is None:
+        return has_template and args.task == "none"
+    if args.chat and not has_template:
+        raise InputError(f"--chat: the tokenizer of {args.checkpoint} has no chat template")
+    return args.chat
+
+
+def empty_note(out: GenerationResult, gen: Generator, chat: bool) -> str | None:
+    """Why the generation holds no text, as one line (None when it has some)."""
+    if out.texts[0].strip():
+        return None
+    tokens = out.tokens[0]
+    if not tokens or tokens[0] in gen.cfg.eos_token_ids:
+        first = "a newline" if not tokens else "its end token"  # --stop-at-newline drops the newline
+        if chat:
+            hint = "try --no-chat or --task qa"
+        elif getattr(gen.tokenizer, "chat_template", None):
+            hint = "try --chat"
+        else:
+            hint = "try another prompt or --task qa"
+        return f"finished at once: the model produced {first} first; {hint}"
+    return f"no text: the {len(tokens)} generated tokens decode to whitespace or special tokens only"
+
+
 def generate_main(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
     gen = Generator.load(args.checkpoint, args.dtype, offload=args.offload, mesh=args.mesh)
     method = gen.resolve(method_from_args(args))
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    prompt = format_prompt(args.task, args.prompt)
+    chat = use_chat(args, gen)
+    prompt = format_prompt(args.task, prompt)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, method=method, sampling=sampling,
-                                  seed=args.seed, chat=args.chat,
+                                  seed=args.seed, chat=chat,
                                   stop_at_newline=args.stop_at_newline or args.task == "qa")
     # The first call compiles (pre-fill and decode for this bucket); the second is timed.
     warm = gen.generate(prompt, **kwargs)
     with maybe_profile(args.profile):
         out = gen.generate(prompt, **kwargs)
-    compile_s = max(0.0, (warm.prefill_s + warm.decode_s) - (out.prefill_s + out.decode_s))
     if not is_main_process():
         return 0
     if args.json:
-        print(json.dumps(result_json(out, compile_s, args.offload, gen)))
+        print(json.dumps(result_json(out, warm.compile_s, args.offload, gen)))
     else:
         print(out.texts[0])
-        print(f"[{method.name}] prompt {out.prompt_tokens[0]} tokens, {len(out.tokens[0])} new; "
-              f"compile {compile_s:.2f}s, pre-fill {out.prefill_s * 1e3:.1f} ms, "
+        print(f"[{method.name}, {'chat template' if chat else 'raw prompt'}] prompt {out.prompt_tokens[0]} tokens, "
+              f"{len(out.tokens[0])} new; compile {warm.compile_s:.2f}s, pre-fill {out.prefill_s * 1e3:.1f} ms, "
               f"decode {out.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    note = empty_note(out, gen, chat)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """`eval` and `sweep` need the user's data files: say so before loading a model."""
+    if args.command == "eval" and args.data is None:
+        raise missing_data(args.task)
+    if args.command == "sweep":
+        given = {task for task, _ in args.data}
+        for task in args.tasks:
+            if task not in given:
+                raise missing_data(task, f"--data {task}=FILE")
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -73,6 +133,7 @@ def result_json(out: GenerationResult, compile_s: float, offload: bool, gen: Gen
     in all layers (predictor factors included), `dense_ffn_bytes_per_token` the same for dense."""
     return {
         "offload": offload,
+        "chat": out.chat,
         "text": out.texts[0],
         "tokens": out.tokens[0],
         "prompt_tokens": out.prompt_tokens[0],
@@ -94,11 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(g)
     add_method_args(g)
-    g.add_argument("--prompt", required=True)
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file (UTF-8)")
     g.add_argument("--task", choices=list(TEMPLATES), default="none",
                    help="wrap the prompt in a task template (qa, summarize, translate: few-shot; "
                         "question: the similarity method's format)")
-    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    chat = g.add_mutually_exclusive_group()
+    chat.add_argument("--chat", action="store_true", default=None,
+                      help="apply the tokenizer's chat template (the default when it has one and --task is none)")
+    chat.add_argument("--no-chat", "--raw", dest="chat", action="store_false", default=None,
+                      help="the prompt as written, without the chat template")
     g.add_argument("--stop-at-newline", action="store_true",
                    help="end the answer at its first newline (always on with --task qa)")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -144,18 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub, add_model_args, add_method_args)
     # Calibration, budgets and predictors are fitted once, on one device.
     add_model_args(similarity.add_parser(sub), mesh=False)
-    add_model_args(budget.add_parser(sub), mesh=False)
-    add_model_args(predictor.add_parser(sub), mesh=False)
+    add_model_args(budget.add_parser(sub, layers_arg), mesh=False)
+    add_model_args(predictor.add_parser(sub, layers_arg), mesh=False)
     sweep.add_parser(sub, add_model_args)
+    data.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "coordinator", None) is not None:
-            initialize(args.coordinator, args.num_processes, args.process_id)
-        return args.func(args)
+        with sigterm_interrupts():
+            if getattr(args, "coordinator", None) is not None:
+                initialize(args.coordinator, args.num_processes, args.process_id)
+            check_data(args)
+            return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        line, status = interrupted_line(e)
+        print(f"error: {line}", file=sys.stderr)
+        return status
