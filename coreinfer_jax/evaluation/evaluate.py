@@ -11,6 +11,8 @@
   window's first `context` tokens are pre-filled densely and choose the core neurons, the
   next `scored` tokens are scored teacher-forced with the sparse FFN (one jitted chunk per
   batch, `Generator.score_ids`). Every row scores the same tokens.
+- `humaneval`: greedy code completion executed against the problem's tests in a sandbox
+  (`evaluation.humaneval`, `evaluation.sandbox`): pass@1. Runs only with `--allow-code-execution`.
 
 Each (method, keep) pair is one row: `{"task", "method", "keep", "n", "metrics"}`.
 """
@@ -29,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation import humaneval as he
 from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
 from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
 from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
@@ -36,10 +39,11 @@ from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
 
-TASKS = ("truthfulqa", "squad", "wikitext")
+TASKS = ("truthfulqa", "squad", "wikitext", "humaneval")
 # The metric each task's "vs dense" column and the 5%-loss rule are judged by, and whether
 # higher is better.
-HEADLINE = {"truthfulqa": ("rougeL_max", True), "squad": ("f1", True), "wikitext": ("perplexity", False)}
+HEADLINE = {"truthfulqa": ("rougeL_max", True), "squad": ("f1", True), "wikitext": ("perplexity", False),
+            "humaneval": ("pass@1", True)}
 
 
 @dataclasses.dataclass
@@ -64,9 +68,11 @@ class Settings:
 
     batch_size: int = 8
     few_shot: bool = True  # the six-shot QA primer (TruthfulQA), the one-shot example (SQuAD)
-    max_new_tokens: int | None = None  # per-task default: 50 (truthfulqa), 24 (squad)
+    max_new_tokens: int | None = None  # per-task default: 50 (truthfulqa), 24 (squad), 384 (humaneval)
     context_tokens: int = 256  # wikitext: pre-filled densely, chooses the core neurons
     scored_tokens: int = 128  # wikitext: scored with the sparse FFN
+    prompt_format: str = "completion"  # humaneval: `completion` or `chat`
+    allow_code_execution: bool = False  # humaneval runs the model's code (in a sandbox) only with this
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "context_tokens", "scored_tokens"):
@@ -74,6 +80,9 @@ class Settings:
                 raise CoreInferError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise CoreInferError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompt_format not in he.PROMPT_FORMATS:
+            raise CoreInferError(f"unknown prompt format {self.prompt_format!r}; "
+                                 f"choose one of: {', '.join(he.PROMPT_FORMATS)}")
 
 
 Progress = Callable[[int], None]
@@ -143,6 +152,13 @@ def wikitext(gen: Generator, windows: Sequence[tuple[list[int], list[int]]], met
     return {"perplexity": perplexity(nll, tokens), "nll_per_token": nll / tokens, "tokens": float(tokens)}, records
 
 
+def humaneval(gen: Generator, problems: Sequence[he.Problem], method: Method, settings: Settings = Settings(),
+              progress: Progress = lambda n: None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """pass@1 of greedy completions, each executed with the problem's tests in the sandbox."""
+    return he.humaneval(gen, problems, method, settings.batch_size, settings.max_new_tokens, settings.prompt_format,
+                        settings.allow_code_execution, progress=progress)
+
+
 def load_task(gen: Generator, task: str, data: Path | None, limit: int | None,
               settings: Settings = Settings()) -> tuple[Sequence[Any], dict[str, float]]:
     """The task's examples (first `limit`) and facts about the selection worth reporting."""
@@ -156,6 +172,9 @@ def load_task(gen: Generator, task: str, data: Path | None, limit: int | None,
         return answerable[:limit], {"skipped_unanswerable": float(len(items) - len(answerable))}
     if task == "wikitext":
         return wikitext_windows(gen, load_wikitext(data), settings.context_tokens, settings.scored_tokens, limit), {}
+    if task == "humaneval":
+        he.check_code_execution(settings.allow_code_execution)
+        return he.load_humaneval(data)[:limit], {}
     raise CoreInferError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
 
@@ -173,7 +192,7 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
     if not examples:
         skipped = f" ({extra['skipped_unanswerable']:.0f} unanswerable questions are not scored)" if extra else ""
         raise CoreInferError(f"no {task} example to score in {data or 'the dataset'}{skipped}")
-    run = {"truthfulqa": truthfulqa, "squad": squad, "wikitext": wikitext}[task]
+    run = {"truthfulqa": truthfulqa, "squad": squad, "wikitext": wikitext, "humaneval": humaneval}[task]
     results = []
     with tqdm(total=len(examples) * len(methods), desc=f"eval {task}", unit="ex") as bar:
         for m in methods:
@@ -256,23 +275,29 @@ def fmt_metric(x: float) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable, add_method_args: Callable) -> None:
-    e = sub.add_parser("eval", help="task quality of dense and sparse decoding (TruthfulQA, SQuAD, WikiText-2)")
+    e = sub.add_parser("eval", help="task quality of dense and sparse decoding (TruthfulQA, SQuAD, WikiText-2, "
+                                    "HumanEval)")
     add_model_args(e)
     add_method_args(e, default="stability", several_keeps=True)
     e.add_argument("--task", choices=TASKS, required=True)
     e.add_argument("--data", type=Path, default=None,
-                   help="the task's data file (TruthfulQA CSV, SQuAD v2 JSON, WikiText raw text); "
-                        "without it, the dataset is loaded from the Hugging Face hub")
+                   help="the task's data file (TruthfulQA CSV, SQuAD v2 JSON, WikiText raw text, HumanEval "
+                        "JSONL[.gz]); without it, the dataset is loaded from the Hugging Face hub (not humaneval)")
     e.add_argument("--limit", type=int, default=None,
                    help="first N examples (answerable questions for squad, windows for wikitext)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer length cap (default: 50 for truthfulqa, 24 for squad)")
+                   help="answer length cap (default: 50 for truthfulqa, 24 for squad, 384 for humaneval)")
     e.add_argument("--zero-shot", action="store_true",
                    help="no six-shot QA primer (truthfulqa), no one-shot example (squad)")
     e.add_argument("--context-tokens", type=int, default=256,
                    help="wikitext: tokens per window pre-filled densely (they choose the core neurons)")
     e.add_argument("--scored-tokens", type=int, default=128, help="wikitext: tokens per window scored sparse")
+    e.add_argument("--prompt-format", choices=he.PROMPT_FORMATS, default="completion",
+                   help="humaneval: the prompt as it is (completion) or in the chat template (chat)")
+    e.add_argument("--allow-code-execution", action="store_true",
+                   help="humaneval: run the model's code with the problem's tests in a sandbox (a separate "
+                        "unprivileged, resource-limited process; not a container: docs/code_generation.md)")
     e.add_argument("--records", type=Path, default=None, help="also write every example's answer and scores (JSONL)")
     e.add_argument("--no-dense", action="store_true", help="skip the dense row (measured by default)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
@@ -281,7 +306,9 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable, add_me
 
 def main(args: argparse.Namespace) -> int:
     settings = Settings(args.batch_size, not args.zero_shot, args.max_new_tokens, args.context_tokens,
-                        args.scored_tokens)
+                        args.scored_tokens, args.prompt_format, args.allow_code_execution)
+    if args.task == "humaneval":  # before loading the model
+        he.check_code_execution(args.allow_code_execution)
     methods: list[Method] = [] if args.no_dense and args.method != "dense" else [Dense()]
     if args.method != "dense":
         methods += methods_from_args(args, args.keep)
