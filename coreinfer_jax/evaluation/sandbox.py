@@ -42,13 +42,14 @@ from coreinfer_jax.errors import CoreInferError
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWPID = 0x20000000
 
-# Run by the sandboxed interpreter: argv = [program path, outcome fd, "fork" or "nofork"].
+# Run by the sandboxed interpreter: argv = [program path, outcome fd, "fork" or "nofork",
+# "hook" or "nohook"].
 # With a PID namespace it forks once, so that the program runs as the namespace's first
 # process and the kernel kills whatever it leaves behind when it exits. The outcome (passed,
 # or the exception's type) goes to its own pipe: the program's output cannot fake it by accident.
 WRAPPER = r'''
-import json, os, sys, sysconfig
-path, result_fd, fork = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fork"
+import json, os, sys, sysconfig, traceback
+path, result_fd, fork, audit = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fork", sys.argv[4] == "hook"
 source = open(path, encoding="utf-8").read()
 if fork:
     pid = os.fork()
@@ -82,10 +83,12 @@ def hook(event, args):
     elif event in CHANGES and not all(inside(a, (home,)) for a in args[:CHANGES[event]] if a is not None):
         raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
 code = compile(source, "program.py", "exec")
-sys.addaudithook(hook)
+if audit:
+    sys.addaudithook(hook)
 try:
     exec(code, {"__name__": "__main__"})
 except BaseException as e:
+    traceback.print_exc()
     outcome = {"passed": False, "error": type(e).__name__}
 else:
     outcome = {"passed": True, "error": None}
@@ -215,8 +218,9 @@ def _reason(returncode: int, result: bytes, timed_out: bool) -> tuple[bool, str]
     return False, f"failed: {error}" if error == "AssertionError" else f"error: {error}"
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Outcome:
-    """Run `source` as a Python program in the sandbox; it passes when it runs to its end."""
+def run_program(source: str, limits: Limits = Limits(), audit_hook: bool = True) -> Outcome:
+    """Run `source` as a Python program in the sandbox; it passes when it runs to its end.
+    `audit_hook=False` leaves out the interpreter layer (to test the others alone)."""
     iso = isolation()
     start = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="coreinfer-sandbox-"))
@@ -230,7 +234,7 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
         try:
             proc = subprocess.Popen(
                 [iso.python, "-I", "-S", "-c", WRAPPER, str(program), str(write_end),
-                 "fork" if iso.namespaces else "nofork"],
+                 "fork" if iso.namespaces else "nofork", "hook" if audit_hook else "nohook"],
                 cwd=home, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 pass_fds=(write_end,), start_new_session=True, preexec_fn=_preexec(limits, iso))
         except BaseException:
