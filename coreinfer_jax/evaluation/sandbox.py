@@ -278,10 +278,41 @@ def _read_output(proc: subprocess.Popen, limits: Limits, deadline: float) -> tup
             kept += chunk[: max(0, limits.output_bytes - len(kept))]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _children(pid: int) -> list[int]:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # already gone
-    proc.wait()
-    proc.stdout.close()
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Kill everything the program started and wait until it is gone. The namespace's first
+    process is killed by pid (it may have left the process group with setsid), which makes the
+    kernel kill the rest of its namespace; then the process group."""
+    targets = [proc.pid] + _children(proc.pid)
+    for pid in targets[1:]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        alive = False
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+            alive = True
+        except ProcessLookupError:
+            pass
+        proc.poll()  # reaps the wrapper, our child
+        for pid in targets[1:]:  # reaped by their new parent once the wrapper is gone
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                pass
+        if not alive:
+            proc.wait()
+            proc.stdout.close()
+            return
+        time.sleep(0.01)
+    raise CoreInferError(f"the sandboxed program's processes ({targets}) survived SIGKILL for {grace_s:g} s")
