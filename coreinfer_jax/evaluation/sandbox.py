@@ -21,12 +21,10 @@ Only the standard library is importable: the benchmarks' programs need nothing e
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import pwd
-import resource
 import selectors
 import shutil
 import signal
@@ -41,6 +39,28 @@ from coreinfer_jax.errors import CoreInferError
 
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWPID = 0x20000000
+
+# Started by `subprocess` (not a `preexec_fn`: forking a multithreaded evaluator, JAX's, and
+# running Python before exec can deadlock), as the evaluator's user: enters the namespaces, sets
+# the limits, drops to the unprivileged user, then runs the wrapper in its place.
+# argv = [namespaces 0/1, uid, gid, then the limits as resource=value..., "--", wrapper argv...].
+LAUNCHER = r'''
+import os, resource, sys
+end = sys.argv.index("--")
+namespaces, uid, gid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if namespaces:
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).unshare(%d) != 0:
+        sys.exit(f"sandbox: unshare failed: {os.strerror(ctypes.get_errno())}")
+for item in sys.argv[4:end]:
+    name, value = item.split("=")
+    resource.setrlimit(getattr(resource, name), (int(value), int(value)))
+if uid >= 0:  # last: the namespaces and limits above need root
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+os.execv(sys.executable, [sys.executable, "-I", "-S", "-c"] + sys.argv[end + 1:])
+''' % (_CLONE_NEWNET | _CLONE_NEWPID)
 
 # Run by the sandboxed interpreter: argv = [program path, outcome fd, "fork" or "nofork",
 # "hook" or "nohook"].
@@ -182,21 +202,11 @@ def isolation() -> Isolation:
     return _ISOLATION
 
 
-def _preexec(limits: Limits, iso: Isolation):
-    unshare = ctypes.CDLL(None, use_errno=True).unshare if iso.namespaces else None
-
-    def setup() -> None:  # in the child, between fork and exec; an exception here fails the Popen
-        if unshare is not None and unshare(_CLONE_NEWNET | _CLONE_NEWPID) != 0:
-            raise OSError(ctypes.get_errno(), "unshare of the network and PID namespaces failed")
-        for what, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_bytes),
-                            (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
-                            (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(what, (value, value))
-        if iso.user is not None:  # last: the namespaces and limits above need root
-            os.setgroups([])
-            os.setgid(iso.gid)
-            os.setuid(iso.uid)
-    return setup
+def _launch_args(limits: Limits, iso: Isolation) -> list[str]:
+    rlimits = {"RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_bytes, "RLIMIT_FSIZE": limits.file_bytes,
+               "RLIMIT_NPROC": limits.processes, "RLIMIT_NOFILE": limits.open_files, "RLIMIT_CORE": 0}
+    return ([str(int(iso.namespaces)), str(iso.uid), str(iso.gid)] + [f"{k}={v}" for k, v in rlimits.items()]
+            + ["--"])
 
 
 def _reason(returncode: int, result: bytes, timed_out: bool) -> tuple[bool, str]:
@@ -233,10 +243,10 @@ def run_program(source: str, limits: Limits = Limits(), audit_hook: bool = True)
         read_end, write_end = os.pipe()
         try:
             proc = subprocess.Popen(
-                [iso.python, "-I", "-S", "-c", WRAPPER, str(program), str(write_end),
-                 "fork" if iso.namespaces else "nofork", "hook" if audit_hook else "nohook"],
+                [iso.python, "-I", "-S", "-c", LAUNCHER, *_launch_args(limits, iso), WRAPPER, str(program),
+                 str(write_end), "fork" if iso.namespaces else "nofork", "hook" if audit_hook else "nohook"],
                 cwd=home, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                pass_fds=(write_end,), start_new_session=True, preexec_fn=_preexec(limits, iso))
+                pass_fds=(write_end,), start_new_session=True)
         except BaseException:
             os.close(read_end)
             raise
