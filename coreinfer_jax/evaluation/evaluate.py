@@ -173,7 +173,6 @@ def load_task(gen: Generator, task: str, data: Path | None, limit: int | None,
     if task == "wikitext":
         return wikitext_windows(gen, load_wikitext(data), settings.context_tokens, settings.scored_tokens, limit), {}
     if task == "humaneval":
-        he.check_code_execution(settings.allow_code_execution)
         return he.load_humaneval(data)[:limit], {}
     raise CoreInferError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
