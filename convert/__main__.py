@@ -17,6 +17,10 @@ from coreinfer_jax.models.config import ConfigError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert",
                                 description="Convert a Hugging Face or GGUF checkpoint for coreinfer_jax.")
     p.add_argument("source", nargs="?", default=None,
@@ -27,7 +31,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"output directory (default for bundled models: {default_out(BUNDLED).parent}/NAME)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

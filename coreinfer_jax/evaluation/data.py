@@ -26,6 +26,7 @@ FORMATS = {
                   "answers separated by '; ')",
     "squad": "SQuAD v2 JSON in the official layout (data[].paragraphs[].qas[], answers[].text)",
     "wikitext": "WikiText-2 raw text (the test split)",
+    "humaneval": "HumanEval's JSONL, plain or .gz (task_id, prompt, entry_point, test per line)",
 }
 # `data fetch`: the hub dataset, config and split of each task, and the file it writes.
 HUB_NAMES = {
@@ -195,7 +196,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     f = actions.add_parser("fetch", help="download TruthfulQA, SQuAD v2 and WikiText-2 into --out, in the "
                                          "formats --data takes (needs a reachable hub)")
     f.add_argument("--out", type=Path, required=True, help="directory to write the files into")
-    f.add_argument("--tasks", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    f.add_argument("--tasks", nargs="+", choices=list(HUB_NAMES), default=list(HUB_NAMES))
     f.set_defaults(func=fetch_main)
     return d
 
