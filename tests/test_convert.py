@@ -304,7 +304,7 @@ def test_error_out_required_for_directories(tiny_hf_dir: Callable[[str], Path]) 
     proc = run_convert(tiny_hf_dir("llama"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: --out is required when converting {tiny_hf_dir('llama')} "
-        f"(only the bundled smollm2-135m, gemma3-270m have a default)")
+        f"(only the bundled smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b have a default)")
 
 
 def test_no_source_reports_an_existing_default_checkpoint(tmp_path: Path,
