@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from conftest import SENTENCES, TINY_CONFIGS, randomise, run_main
 from convert.__main__ import main as convert_main
 from coreinfer_jax.sparse.budget import Budget
+from coreinfer_jax.sparse.calibration import Calibration
 from coreinfer_jax.sparse.predictor import Predictor
 from coreinfer_jax.tools.cli import main
 from eval_files import write_squad
@@ -97,7 +98,10 @@ def test_calibrate_then_similarity(ckpt: Path, truthfulqa: Path, tmp_path: Path)
     assert done.returncode == 0, done.stderr
     row = generated("--checkpoint", ckpt, "--method", "similarity", "--calibration", tmp_path / "calib",
                     "--task", "question", "--prompt", QUESTION)
-    assert row["method"] == "similarity" and row["ffn_bytes_per_token"] < row["dense_ffn_bytes_per_token"]
+    assert row["method"] == "similarity" and row["layers"] == [2, 7] and len(row["core_neurons"]) == 5
+    # The prompt's core neurons in the first sparse layer are one cluster's list, cut to keep 0.4.
+    cal = Calibration.load(tmp_path / "calib")
+    assert row["core_neurons"][0] in cal.neurons[:, 2, :int(128 * 0.4)].tolist()
 
 
 def test_budget_then_generate_with_it(ckpt: Path, wikitext: Path, tmp_path: Path) -> None:
