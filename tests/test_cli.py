@@ -246,3 +246,15 @@ def test_compile_time_in_the_api(ckpt: Path) -> None:
     assert warmed.compile_s > 0 and warmed.tokens == gen.generate("A journey of a thousand miles",
                                                                    max_new_tokens=5).tokens
     assert warmed.prefill_s + warmed.decode_s < warmed.compile_s
+
+
+def test_convert_reports_a_missing_source_before_asking_for_out(tmp_path: Path) -> None:
+    from convert.__main__ import main as convert_main
+
+    r = run_main(convert_main, tmp_path / "no-such-model")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"source {tmp_path / 'no-such-model'} does not exist" in r.stderr and "--out" not in r.stderr
+    # An existing source without --out: now --out is what is missing.
+    (tmp_path / "model").mkdir()
+    r = run_main(convert_main, tmp_path / "model")
+    assert r.returncode == 2 and "--out is required" in r.stderr
