@@ -14,7 +14,9 @@
 - `humaneval`: greedy code completion executed against the problem's tests in a sandbox
   (`evaluation.humaneval`, `evaluation.sandbox`): pass@1. Runs only with `--allow-code-execution`.
 
-Each (method, keep) pair is one row: `{"task", "method", "keep", "n", "metrics"}`.
+Each (method, keep) pair is one row: `{"task", "method", "keep", "n", "metrics"}`, and for the
+sparse rows of a run with a dense row, the paired per-example difference from dense with its
+standard error (`paired_vs_dense`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ TASKS = ("truthfulqa", "squad", "wikitext", "humaneval")
 # higher is better.
 HEADLINE = {"truthfulqa": ("rougeL_max", True), "squad": ("f1", True), "wikitext": ("perplexity", False),
             "humaneval": ("pass@1", True)}
+# The per-example score each task's paired differences are taken over, and the eval record
+# fields it comes from.
+PER_EXAMPLE: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
+    "truthfulqa": ("rougeL_max", lambda r: r["rougeL_max"]),
+    "squad": ("f1", lambda r: r["f1"]),
+    "wikitext": ("nll/token", lambda r: r["nll"] / r["tokens"]),
+    "humaneval": ("passed", lambda r: float(r["passed"])),
+}
 
 
 @dataclasses.dataclass
@@ -60,6 +70,14 @@ class EvalResult:
     layer_keep: list[int] | None = None  # stability's per-layer budget, neurons per sparse layer
     shards: int = 1  # shard-local selection over this many blocks (a tensor-parallel mesh's)
     share: str = "row"  # "batch": one core set per batch
+    paired_vs_dense: dict[str, float | None] | None = None  # {"mean", "se"} of the per-example differences
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the per-example differences `a - b` (None for one example:
+    one difference gives no estimate of its spread)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +211,8 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
         raise CoreInferError(f"no {task} example to score in {data or 'the dataset'}{skipped}")
     run = {"truthfulqa": truthfulqa, "squad": squad, "wikitext": wikitext, "humaneval": humaneval}[task]
     results = []
+    _, score = PER_EXAMPLE[task]
+    scores = []
     with tqdm(total=len(examples) * len(methods), desc=f"eval {task}", unit="ex") as bar:
         for m in methods:
             bar.set_postfix_str(m.label)
@@ -202,9 +222,15 @@ def evaluate(gen: Generator, task: str, methods: Sequence[Method], data: Path | 
             results.append(EvalResult(task, d["method"], d["keep"], len(examples), {**metrics, **extra},
                                       d["token_keep"], d["layers"], time.perf_counter() - t0, d["rule"],
                                       d["layer_neurons"], d.get("shards", 1), d.get("share", "row")))
+            scores.append([score(r) for r in rows])
             if records is not None:
                 records += [{"task": task, "method": m.name, "keep": results[-1].keep, "label": m.label, **r}
                             for r in rows]
+    dense = next((s for m, s in zip(methods, scores) if m.name == "dense"), None)
+    for m, r, s in zip(methods, results, scores):
+        if dense is not None and m.name != "dense":
+            mean, se = paired(s, dense)
+            r.paired_vs_dense = {"mean": mean, "se": se}
     return results
 
 
@@ -241,15 +267,22 @@ def markdown(results: Sequence[EvalResult]) -> str:
     names = [k for k in results[0].metrics if k not in ("tokens", "skipped_unanswerable")]
     headline, _ = HEADLINE[results[0].task]
     dense = next((r for r in results if r.method == "dense"), None)
-    lines = [f"| task | method | keep | n | {' | '.join(names)} | {headline} vs dense |",
-             "|---|---|---:|---:|" + "---:|" * (len(names) + 1)]
+    with_pairs = any(r.paired_vs_dense for r in results)
+    pair_head = f" paired Δ {PER_EXAMPLE[results[0].task][0]} vs dense ± SE |" if with_pairs else ""
+    lines = [f"| task | method | keep | n | {' | '.join(names)} | {headline} vs dense |{pair_head}",
+             "|---|---|---:|---:|" + "---:|" * (len(names) + 1 + with_pairs)]
     for r, rel in zip(results, relative_to_dense(results)):
         cells = " | ".join(fmt_metric(r.metrics[k]) for k in names)
         if rel is not None:
             versus = f"{rel:.1%}"
         else:  # a ratio to 0 says nothing; without a dense row there is none
             versus = "n/a (dense 0)" if dense else ""
-        lines.append(f"| {r.task} | {r.method}{_variant(r)} | {r.keep:g} | {r.n} | {cells} | {versus} |")
+        pair = ""
+        if with_pairs:
+            p = r.paired_vs_dense
+            pair = "" if p is None else f"{p['mean']:+.4f} ± " + ("n/a" if p["se"] is None else f"{p['se']:.4f}")
+            pair = f" {pair} |"
+        lines.append(f"| {r.task} | {r.method}{_variant(r)} | {r.keep:g} | {r.n} | {cells} | {versus} |{pair}")
     keep = within_loss(results)
     lines.append("")
     if dense is None:

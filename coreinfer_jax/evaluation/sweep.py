@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.evaluation.evaluate import HEADLINE, TASKS, Settings, evaluate, fmt_metric
+from coreinfer_jax.evaluation.humaneval import PROMPT_FORMATS, check_code_execution
+from coreinfer_jax.evaluation.evaluate import HEADLINE, PER_EXAMPLE, TASKS, Settings, evaluate, fmt_metric, paired
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.sparse.budget import Budget
@@ -39,15 +39,8 @@ from coreinfer_jax.sparse.stability import Stability
 from coreinfer_jax.tools.args import hybrid_arg, layers_arg
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 
-# The per-example score each task's paired differences are taken over, and the eval record
-# fields it comes from.
-PER_EXAMPLE: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
-    "truthfulqa": ("rougeL_max", lambda r: r["rougeL_max"]),
-    "squad": ("f1", lambda r: r["f1"]),
-    "wikitext": ("nll/token", lambda r: r["nll"] / r["tokens"]),
-}
 # A second metric shown in the table: TruthfulQA's "closer to a true than a false answer".
-SECONDARY = {"truthfulqa": "rougeL_acc", "squad": "exact_match", "wikitext": "nll_per_token"}
+SECONDARY = {"truthfulqa": "rougeL_acc", "squad": "exact_match", "wikitext": "nll_per_token", "humaneval": "pass@1"}
 
 
 def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: float = 0.2,
@@ -69,13 +62,6 @@ def sweep_methods(rules: Sequence[str], keeps: Sequence[float], token_keep: floa
     if budget is not None:
         methods += [dataclasses.replace(budget.method(k), token_keep=token_keep) for k in keeps]
     return methods + [dataclasses.replace(h, layers=layers or h.layers, token_keep=token_keep) for h in hybrids]
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
-    """Mean and standard error of the per-example differences `a - b` (None for one example:
-    one difference gives no estimate of its spread)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
 
 
 def task_rows(task: str, methods: Sequence[Method], results: Sequence[Any], records: Sequence[dict[str, Any]],
@@ -233,7 +219,8 @@ def data_arg(text: str) -> tuple[str, Path]:
 def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> None:
     s = sub.add_parser("sweep", help="selection rules x keeps on each task: JSON + markdown table + Pareto plot")
     add_model_args(s)
-    s.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    # HumanEval runs the model's code: only when named, with --allow-code-execution.
+    s.add_argument("--tasks", nargs="+", choices=TASKS, default=[t for t in TASKS if t != "humaneval"])
     s.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     s.add_argument("--keep", type=float, nargs="+", default=[0.4, 0.6])
     s.add_argument("--token-keep", type=float, default=0.2)
@@ -250,20 +237,25 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
                    help="the low-rank predictor of the :predictor hybrid rows (default: CHECKPOINT/predictor)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",
                    help="data file per task (default: the Hugging Face hub)")
-    s.add_argument("--limit", type=int, default=None, help="first N questions of truthfulqa and squad")
+    s.add_argument("--limit", type=int, default=None, help="first N questions of truthfulqa and squad, problems of humaneval")
     s.add_argument("--windows", type=int, default=20, help="wikitext windows")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--zero-shot", action="store_true", help="no six-shot QA primer (truthfulqa), no one-shot example (squad)")
     s.add_argument("--context-tokens", type=int, default=256)
     s.add_argument("--scored-tokens", type=int, default=128)
+    s.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="completion", help="humaneval's prompt format")
+    s.add_argument("--allow-code-execution", action="store_true",
+                   help="humaneval: run the model's code in the sandbox (docs/code_generation.md)")
     s.add_argument("--out", type=Path, required=True, help="directory for sweep.json, sweep.md, pareto.png")
     s.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     settings = Settings(args.batch_size, not args.zero_shot, args.max_new_tokens, args.context_tokens,
-                        args.scored_tokens)
+                        args.scored_tokens, args.prompt_format, args.allow_code_execution)
+    if "humaneval" in args.tasks:  # before loading the model
+        check_code_execution(args.allow_code_execution)
     budget = Budget.load(args.budget) if args.budget else None
     predictor = None
     if args.predictor is not None or any(h.get("select_by") == "predictor" for h in args.hybrid):
@@ -271,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
     hybrids = [Hybrid(predictor=predictor if h.get("select_by") == "predictor" else None, **h) for h in args.hybrid]
     methods = sweep_methods(args.rules, args.keep, args.token_keep, args.layers, budget, hybrids, args.compensate)
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
-    limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows}
+    limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows, "humaneval": args.limit}
     report = run_sweep(gen, args.tasks, methods, dict(args.data), limits, settings, args.out)
     print(markdown(report))
     print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.md'}, {args.out / 'pareto.png'}")
