@@ -24,7 +24,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.models.rope import apply_rotary, rope_tables
-from coreinfer_jax.models.sharding import constrain_cache
+from coreinfer_jax.models.sharding import constrain_cache, mesh_tensor_size
 
 Cache = list[dict[str, jnp.ndarray]]
 # Called as select(layer_index, activation [B, T, F]) in pre-fill; its results are collected.
@@ -87,11 +87,17 @@ def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndar
     window = cfg.window(layer_type or cfg.only_layer_type())
     B, T, _ = x.shape
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = x @ p["w_q"]  # [B, T, H*hd]
-    k = x @ p["w_k"]  # [B, T, Hkv*hd]
-    v = x @ p["w_v"]
-    if cfg.qkv_bias:
-        q, k, v = q + p["b_q"], k + p["b_k"], v + p["b_v"]
+    if "w_qkv" in p:  # decode's one product for all three (`fuse_qkv`)
+        qkv = x @ p["w_qkv"]  # [B, T, (H + 2 Hkv) hd]
+        if cfg.qkv_bias:
+            qkv = qkv + p["b_qkv"]
+        q, k, v = jnp.split(qkv, [H * hd, (H + Hkv) * hd], axis=-1)
+    else:
+        q = x @ p["w_q"]  # [B, T, H*hd]
+        k = x @ p["w_k"]  # [B, T, Hkv*hd]
+        v = x @ p["w_v"]
+        if cfg.qkv_bias:
+            q, k, v = q + p["b_q"], k + p["b_k"], v + p["b_v"]
     q = q.reshape(B, T, H, hd)
     k = k.reshape(B, T, Hkv, hd)
     v = v.reshape(B, T, Hkv, hd)
@@ -131,26 +137,53 @@ def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndar
     return out, kv
 
 
+def fuse_qkv(params: Params) -> Params:
+    """`params` with each layer's `w_q`, `w_k`, `w_v` (and biases) as one `w_qkv`
+    `[D, (H + 2 Hkv) hd]`, for a decode loop to read with one product.
+
+    A token's K and V products (`[1, D] x [D, Hkv hd]`, 4M multiply-adds at 8B shapes) are
+    under the size XLA's GPU compiler sends to a matrix-product kernel: it rewrites them as
+    a multiply and a reduction and writes the product `[D, Hkv hd]` out at every step (16 MB
+    per layer-step at 8B shapes, `tools.gpu_compile`; two 10.8 us reductions and an 8.7 us
+    multiply per layer in the H200 profile). One product with Q is over that size. Under a
+    mesh that splits heads the three stay apart (their concatenation would cross devices)."""
+    if mesh_tensor_size() > 1:
+        return params
+    layers = []
+    for layer in params["layers"]:
+        a = layer["attn"]
+        fused = {k: v for k, v in a.items() if k not in ("w_q", "w_k", "w_v", "b_q", "b_k", "b_v")}
+        fused["w_qkv"] = jnp.concatenate([a["w_q"], a["w_k"], a["w_v"]], axis=1)  # [D, (H + 2 Hkv) hd]
+        if "b_q" in a:
+            fused["b_qkv"] = jnp.concatenate([a["b_q"], a["b_k"], a["b_v"]])
+        layers.append(dict(layer, attn=fused))
+    return dict(params, layers=layers)
+
+
 def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """FFN output and the activation CoreInfer ranks neurons by.
 
     The activation is the input of the down projection for gated models and the `fc1`
     output before ReLU for OPT. Weights are `[F, D]` (shared) or `[B, K, D]` (per-row core
-    neurons); the contraction is the same either way.
+    neurons); the contraction is the same either way. Gathered gated FFNs hold `w_gate_up`
+    `[.., 2K, D]` in place of `w_gate` and `w_up`.
     """
-    per_row = p["w_up"].ndim == 3
+    per_row = p["w_down"].ndim == 3
     up_eq, down_eq = ("btd,bfd->btf", "btf,bfd->btd") if per_row else ("btd,fd->btf", "btf,fd->btd")
     act = activation_fn(cfg)
-    up = jnp.einsum(up_eq, x, p["w_up"])  # [B, T, F or K]
-    if "b_up" in p:
-        up = up + (p["b_up"][:, None] if per_row else p["b_up"])
+
+    def project(name: str) -> jnp.ndarray:
+        out = jnp.einsum(up_eq, x, p[f"w_{name}"])  # [B, T, rows]
+        bias = p.get(f"b_{name}")
+        return out if bias is None else out + (bias[:, None] if per_row else bias)
+
     if cfg.family == "opt":
+        up = project("up")  # [B, T, F or K]
         score, hidden = up, act(up)
     else:
-        gate = jnp.einsum(up_eq, x, p["w_gate"])  # [B, T, F or K]
-        if "b_gate" in p:
-            gate = gate + (p["b_gate"][:, None] if per_row else p["b_gate"])
-        hidden = act(gate) * up
+        # Gathered core neurons come as one gate|up matrix (`sparse.gather.fused_layout`).
+        gate, up = jnp.split(project("gate_up"), 2, axis=-1) if "w_gate_up" in p else (project("gate"), project("up"))
+        hidden = act(gate) * up  # [B, T, F or K]
         score = hidden
     out = jnp.einsum(down_eq, hidden, p["w_down"])  # [B, T, D]
     if "b_down" in p:

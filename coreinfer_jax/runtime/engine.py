@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from coreinfer_jax.models.config import ModelConfig
-from coreinfer_jax.models.forward import FFN, Cache, ffn, forward, init_cache, logits
+from coreinfer_jax.models.forward import FFN, Cache, ffn, forward, fuse_qkv, init_cache, logits
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime.sampling import Sampling, sample
 from coreinfer_jax.sparse.method import Method
@@ -147,6 +147,9 @@ def _loop(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_
             new["logits"] = s["logits"].at[:, s["i"]].set(step_logits)
         return new
 
+    # Built here, before the loop, once per call: XLA does not hoist a concatenation out of a
+    # while loop, and a jitted function returning it would keep a second copy alive.
+    weights = fuse_qkv(weights)
     final = lax.while_loop(running, step, dict(state, cache=cache))
     return dict(final, steps=final["i"] - 1, more=wanted(final))
 

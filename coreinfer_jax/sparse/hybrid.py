@@ -40,7 +40,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.compensation import with_bias
-from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers
+from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gathered_rows
 from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError
 from coreinfer_jax.sparse.rules import check_rule
@@ -198,10 +198,11 @@ class Hybrid(Stability):
         return dict(params, layers=layers)
 
     def ffn_bytes(self, params: Params) -> list[int]:
-        """Static rows + dynamic rows + the predictor (sketch or factors) in sparse layers; the
-        oracle reads all."""
+        """Static rows (padded: `Method.read_rows`) + dynamic rows + the predictor (sketch or
+        factors) in sparse layers; the oracle reads all."""
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
-        rows = sharded_count(F, self.keep, self.shards) + sharded_count(F, self.dynamic, self.shards)
+        rows = gathered_rows(sharded_count(F, self.keep, self.shards), F, self.shards) + \
+            sharded_count(F, self.dynamic, self.shards)
         sparse = set(self.sparse_layers())
         out = []
         for i, layer in enumerate(params["layers"]):

@@ -42,7 +42,7 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import FFN, ffn
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.compensation import with_bias
-from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers
+from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gathered_rows
 from coreinfer_jax.sparse.rules import check_share
 from coreinfer_jax.sparse.selection import n_keep_for, sharded_count
 
@@ -112,6 +112,11 @@ class Method:
         """FFN neurons each sparse layer reads per decoded token, in `sparse_layers()` order."""
         return ()
 
+    def read_rows(self, width: int) -> tuple[int, ...]:
+        """FFN rows each sparse layer's decode step reads: `layer_neurons`, and the padding
+        rows its gather adds."""
+        return self.layer_neurons(width)
+
     def selecting_layers(self) -> frozenset[int]:
         return frozenset()
 
@@ -138,10 +143,10 @@ class Method:
 
     def ffn_bytes(self, params: Params) -> list[int]:
         """Per layer, the FFN weight bytes one decode step reads: a sparse layer's neuron-major
-        tensors only their kept rows (integer arithmetic, so equal neuron totals give equal
+        tensors only their `read_rows` (integer arithmetic, so equal row totals give equal
         bytes), every other tensor whole."""
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
-        kept = dict(zip(self.sparse_layers(), self.layer_neurons(F)))
+        kept = dict(zip(self.sparse_layers(), self.read_rows(F)))
         return [sum(w.nbytes * kept.get(i, F) // F if name in NEURON_ROWS else w.nbytes
                     for name, w in layer["ffn"].items()) for i, layer in enumerate(params["layers"])]
 
@@ -214,6 +219,9 @@ class CoreNeurons(Method):
 
     def layer_neurons(self, width: int) -> tuple[int, ...]:
         return (sharded_count(width, self.keep, self.shards),) * len(self.sparse_layers())
+
+    def read_rows(self, width: int) -> tuple[int, ...]:
+        return tuple(gathered_rows(n, width, self.shards) for n in self.layer_neurons(width))
 
     def decode_weights(self, params: Params, core: jnp.ndarray | dict[str, jnp.ndarray] | None) -> Params:
         """`params` with each sparse layer's FFN replaced by its core neurons `core[:, j]`

@@ -16,7 +16,8 @@ is never stale and never belongs to another model. On SmolLM2-135M it ranks neur
 as the true activations do: static 0.25 + per-token 0.25 in layers 1..29, WikiText-2
 perplexity 24.98 (true activations 25.25, rank-64 whitened SVD 37.86, dense 23.39;
 docs/hybrid.md). XLA fuses the unpacking into each matrix-vector product, so a step reads
-the nibbles, not float32 copies of them (docs/hybrid.md#speed).
+the nibbles, not float32 copies of them (docs/hybrid.md#speed); on a GPU the products are
+written as reductions for that (`models.products`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.models.products import times_rows
 
 QMAX = 7  # symmetric 4-bit levels -7..7; stored + 8 so a nibble is 1..15
 OFFSET = 8
@@ -139,8 +141,8 @@ def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: boo
         packed, x = jax.lax.optimization_barrier((factors["packed"], x))
         low, high = unpack(packed, x.dtype)
         scales = factors["scales"].astype(x.dtype)
-        first = (x @ low.T) * scales[0]  # [..., R]
-        second = (x @ high.T) * scales[1]  # [..., R]
+        first = times_rows(x, low) * scales[0]  # [..., R]
+        second = times_rows(x, high) * scales[1]  # [..., R]
         if relu:
             F = ffn["w_up"].shape[0]
             up = jnp.concatenate([first, second], axis=-1)[..., :F]  # [..., F]
@@ -159,4 +161,4 @@ def rest_output(factors: Params, hidden: jnp.ndarray, width: int) -> jnp.ndarray
         packed, hidden = jax.lax.optimization_barrier((factors["down"], hidden))  # as in sketch_estimate
         low, high = unpack(packed, hidden.dtype)  # [ceil(D / 2), F] each
         weighted = hidden * factors["down_scales"].astype(hidden.dtype)  # [..., F]
-        return jnp.concatenate([weighted @ low.T, weighted @ high.T], axis=-1)[..., :width]  # [..., D]
+        return jnp.concatenate([times_rows(weighted, low), times_rows(weighted, high)], axis=-1)[..., :width]  # [..., D]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.models.products import gathered_times, times_gathered
 from coreinfer_jax.sparse.gather import gather_rows
 from coreinfer_jax.sparse.predictor import predicted_scores
 from coreinfer_jax.sparse.rules import top_neurons
@@ -83,17 +84,29 @@ class TokenNeurons:
     def decode_step(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray,
                     cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
         """One token's FFN from the core's rows and the `dynamic` `[B, n]` rows, read from the
-        full weights (on a mesh, each device from its own)."""
+        full weights where they lie (`models.products`; on a mesh, each device gathers its own)."""
         out, hidden = ffn(p["core"], x, cfg)
         if dynamic.shape[-1] == 0:
             return out, hidden
-        neuron_major = {k: v for k, v in p["full"].items() if k != "b_down"}
-        rows = gather_rows(neuron_major, dynamic, self.shards)  # [B, n, D]
-        out = out + ffn(rows, x, cfg)[0]
-        if "means" in p:  # computed now: their prompt means leave the compensation bias
-            means = jnp.take_along_axis(p["means"], dynamic, axis=1)  # [B, n]
-            out = out - jnp.einsum("bn,bnd->bd", means.astype(x.dtype), rows["w_down"])[:, None]
-        return out, hidden
+        full = p["full"]
+        if self.shards > 1:
+            neuron_major = {k: v for k, v in full.items() if k != "b_down"}
+            rows = gather_rows(neuron_major, dynamic, self.shards)  # [B, n, D]
+            out = out + ffn(rows, x, cfg)[0]
+            if "means" in p:  # computed now: their prompt means leave the compensation bias
+                means = jnp.take_along_axis(p["means"], dynamic, axis=1)  # [B, n]
+                out = out - jnp.einsum("bn,bnd->bd", means.astype(x.dtype), rows["w_down"])[:, None]
+            return out, hidden
+
+        def project(name: str) -> jnp.ndarray:  # [B, n]
+            y = times_gathered(x[:, 0], full[f"w_{name}"], dynamic)
+            return y + jnp.take(full[f"b_{name}"], dynamic) if f"b_{name}" in full else y
+
+        act = activation_fn(cfg)
+        h = act(project("up")) if cfg.family == "opt" else act(project("gate")) * project("up")  # [B, n]
+        if "means" in p:
+            h = h - jnp.take_along_axis(p["means"], dynamic, axis=1).astype(h.dtype)
+        return out + gathered_times(h, full["w_down"], dynamic)[:, None], hidden
 
 
 @functools.partial(jax.jit, static_argnames=("counts", "width"))

@@ -1,0 +1,341 @@
+"""XLA's GPU compiler without a GPU: compile pre-fill, the gather and the decode loop for an
+sm_90 target (an H200's `GpuTargetConfig`, kept in `gpu_targets/`) from abstract arguments,
+and read what the optimized program does inside the decode loop.
+
+Nothing is allocated: the params are `jax.ShapeDtypeStruct`s sharded on a one-device mesh
+of the target's topology, so Llama-3-8B shapes compile on a 2-core CPU machine in seconds.
+It needs the CUDA plugin (the `cuda12` extra) but no GPU, driver or CUDA runtime.
+
+What it checks (`check`, `python -m coreinfer_jax.tools.gpu_compile`):
+- the decode loop's body writes no weight-sized buffer (`loop_writes`): on 2026-12-04 the
+  H200 profile showed XLA concatenating each sparse layer's gathered gate and up rows and
+  padding its down rows at every step (141 MB per layer-step at 8B shapes, more than the
+  method saved), and this compile finds the same 21 + 21 copies;
+- one decode step reads what the method says it reads (`loop_read_bytes` of the compiled
+  loop against `roofline.bytes_per_token`, the count every speed bound is made from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.models.forward import init_cache
+from coreinfer_jax.models.params import Params
+from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.sparse.calibration import Calibration
+from coreinfer_jax.sparse.hybrid import Hybrid
+from coreinfer_jax.sparse.method import Dense, Method
+from coreinfer_jax.sparse.similarity import Similarity
+from coreinfer_jax.sparse.sketch import Sketch
+from coreinfer_jax.sparse.stability import Stability
+from coreinfer_jax.tools.roofline import bytes_per_token
+from coreinfer_jax.tools.shapes import model_config, random_params
+
+TARGETS = Path(__file__).parent / "gpu_targets"
+# A buffer of at least this many bytes written inside the decode loop is a copy of weights:
+# a step's activations, logits and one layer's cache update are far smaller at batch 1.
+WEIGHT_SIZED = 1 << 20
+# How far a decode step's bytes (XLA's count) may stray from the method's count.
+BYTES_TOLERANCE = 0.10
+
+
+class GpuCompileError(CoreInferError):
+    """The GPU compiler is not installed, or an unknown target."""
+
+
+def unavailable() -> str | None:
+    """Why a deviceless GPU compile cannot run here (None: it can)."""
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        return "the CUDA plugin is not installed (pip install -e '.[cuda12]'): no GPU compiler to run"
+    return None
+
+
+@functools.cache
+def replicated(target: str = "h200") -> NamedSharding:
+    """A sharding on one device of `target`'s topology (`gpu_targets/TARGET.txtpb`)."""
+    reason = unavailable()
+    if reason:
+        raise GpuCompileError(reason)
+    path = TARGETS / f"{target}.txtpb"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in TARGETS.glob("*.txtpb")))
+        raise GpuCompileError(f"no GPU target {target!r}; known: {known}")
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(platform="cuda", target_config=path.read_text(), topology="1x1x1")
+    return NamedSharding(topologies.make_mesh(topology, (1,), ("x",)), P())
+
+
+def _abstract(tree, sharding: NamedSharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Write:
+    """One buffer a loop body writes: the instruction, its op (a fusion's kind and fused root),
+    shape text and bytes."""
+
+    name: str
+    op: str
+    shape: str
+    nbytes: int
+
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]+)\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+# Ops that name buffers without writing them, or update a loop-carried one in place.
+_NOT_WRITES = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+               "dynamic-update-slice", "after-all", "partition-id", "replica-id"}
+
+
+def _bytes(shape: str) -> int:
+    return sum(_ITEMSIZE.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+               for t, dims in _ARRAY.findall(shape))
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """Each computation's instruction lines, by name."""
+    out, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if head and line.rstrip().endswith("{"):
+            name = head.group(1)
+            out[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None and line.strip():
+            out[name].append(line)
+    return out
+
+
+def _root_op(lines: list[str]) -> str:
+    root = next(line for line in lines if line.lstrip().startswith("ROOT "))
+    return _INSTRUCTION.match(root).group(3)
+
+
+def _loop_instructions(hlo: str) -> Iterator[tuple[dict[str, list[str]], dict[str, str], str, str, str, str]]:
+    """`(computations, shapes of the instruction's computation, name, shape, op, rest of line)`
+    of each instruction in the bodies of the while loops of the optimized `hlo` text and in
+    the computations they call (not fused ones); fusions' ops are "fusion KIND ROOT_OP", and
+    instructions that only name buffers are left out."""
+    comps = _computations(hlo)
+    todo = [m for line in hlo.splitlines() for m in re.findall(r"\bbody=%(\S+?)[,\s]", line + " ")]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        parsed = [m.groups() for m in map(_INSTRUCTION.match, comps[name]) if m]
+        shapes = {inst: shape for inst, shape, _, _ in parsed}
+        for inst, shape, op, rest in parsed:
+            todo += re.findall(r"(?:body|to_apply|condition)=%([^,\s}]+)", rest)
+            for branches in re.findall(r"branch_computations=\{([^}]*)\}", rest):
+                todo += [b.strip().lstrip("%") for b in branches.split(",")]
+            if op == "fusion":
+                called = re.search(r"calls=%([^,\s}]+)", rest).group(1)
+                kind = re.search(r"kind=(\w+)", rest).group(1)
+                op = f"fusion {kind} {_root_op(comps[called])}"
+            elif op in _NOT_WRITES:
+                continue
+            yield comps, shapes, inst, shape, op, rest
+
+
+def loop_writes(hlo: str, min_bytes: int = WEIGHT_SIZED) -> list[Write]:
+    """Buffers of at least `min_bytes` that the decode loop's body writes at every iteration
+    (`_loop_instructions`). A fusion rooted in a dynamic-update-slice updates its operand in
+    place (the KV cache) and is not counted."""
+    return [Write(inst, op, shape.split("{")[0] if shape[0] != "(" else shape, _bytes(shape))
+            for _, _, inst, shape, op, _ in _loop_instructions(hlo)
+            if not op.endswith("dynamic-update-slice") and _bytes(shape) >= min_bytes]
+
+
+def loop_read_bytes(hlo: str) -> int:
+    """Bytes the decode loop's body reads per iteration: each kernel's operands, except that
+    an operand a fusion only gathers or slices from counts as the rows it takes (the hybrid's
+    per-token rows are read where they lie), and in-place cache writes read nothing.
+
+    XLA's own cost analysis reports nothing for a deviceless GPU compile (and on the CPU it
+    counts each fused op's traffic, several times the weights), so the count is made here."""
+    total = 0
+    for comps, shapes, _, _, op, rest in _loop_instructions(hlo):
+        if op.endswith("dynamic-update-slice"):
+            continue
+        operands = re.findall(r"%([^,\s)]+)", rest.split(")", 1)[0])
+        fused = comps.get(m.group(1)) if op.startswith("fusion") and (m := re.search(r"calls=%([^,\s}]+)", rest)) else None
+        for i, name in enumerate(operands):
+            taken = _rows_taken(fused, i) if fused is not None else None
+            total += _bytes(shapes.get(name, "")) if taken is None else taken
+    return total
+
+
+def _rows_taken(fused: list[str], index: int) -> int | None:
+    """Bytes a fused computation takes of its parameter `index` when it only gathers or
+    slices from it, else None."""
+    param = next((m.group(1) for m in map(_INSTRUCTION.match, fused)
+                  if m and m.group(3) == "parameter" and m.group(4).startswith(f"{index})")), None)
+    users = [m for m in map(_INSTRUCTION.match, fused)
+             if m and re.search(rf"%{re.escape(param)}[,)]", m.group(4).split(")", 1)[0] + ")")] if param else []
+    if not users or any(u.group(3) not in ("gather", "dynamic-slice", "slice") or
+                        u.group(4).split(",")[0].split(")")[0].strip() != f"%{param}" for u in users):
+        return None
+    return sum(_bytes(u.group(2)) for u in users)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """The optimized HLO text of one method's programs, and the bytes of one decode step."""
+
+    label: str
+    prefill: str
+    gather: str | None
+    decode: str
+    step_bytes: int  # what one iteration of the decode loop reads (`loop_read_bytes`)
+    counted_bytes: int  # the method's count (`roofline.bytes_per_token`)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sized:
+    """An abstract array that knows its bytes, for the byte counts (`ShapeDtypeStruct` does not)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+def _calibration(cfg: ModelConfig, keep: float, clusters: int = 4) -> Calibration:
+    """A stand-in calibration of `cfg`'s shapes (random lists: decode reads them the same)."""
+    from coreinfer_jax.sparse.artifact import model_identity
+
+    F = cfg.intermediate_size
+    rng = np.random.default_rng(0)
+    neurons = np.stack([np.stack([rng.permutation(F)[: int(F * keep)] for _ in range(cfg.num_layers)])
+                        for _ in range(clusters)]).astype(np.int32)
+    return Calibration(model=model_identity(cfg), layer=cfg.num_layers * 25 // 32, keep=keep,
+                       signature_size=max(1, F * 3000 // 16384), data_sha256="0" * 64, seed=0, inertias={},
+                       centroids=rng.random((clusters, F)).astype(np.float32), neurons=neurons,
+                       labels=np.zeros(1, np.int32), signatures=np.zeros((1, F), bool))
+
+
+def methods(cfg: ModelConfig) -> dict[str, Method]:
+    """The methods the check covers: dense, stability per row and batch-shared, similarity,
+    the hybrid default, and compensation."""
+    return {"dense": Dense(), "stability keep 0.4": Stability(keep=0.4),
+            "stability keep 0.4 shared": Stability(keep=0.4, share="batch"),
+            "similarity keep 0.4": Similarity(calibration=_calibration(cfg, 0.4), keep=0.4),
+            "hybrid default": Hybrid(),
+            "stability keep 0.4 compensated": Stability(keep=0.4, compensate=True)}
+
+
+def _with_sketch(method: Method, params: Params) -> tuple[Method, Params | None]:
+    """The hybrid's sketch built abstractly (its arrays' shapes), and the method holding it."""
+    if not isinstance(method, Hybrid) or method.select_by != "sketch" or method.predictor is not None:
+        return method, None
+    down = method.rest == "sketch"
+    factors = jax.eval_shape(lambda p: Sketch.build(p, method.layers, down=down).factors, params)
+    return dataclasses.replace(method, predictor=Sketch(method.layers, factors)), factors
+
+
+def compile_method(cfg: ModelConfig, params: Params, method: Method, *, label: str = "", batch: int = 1,
+                   prompt: int = 64, slots: int = 256, target: str = "h200") -> Compiled:
+    """Pre-fill (`prompt` tokens), gather and decode (a `slots`-slot cache) of `method` for
+    `target`, from abstract `params` (`jax.eval_shape` of a param tree)."""
+    shard = replicated(target)
+    method = method.validate(cfg)
+    method, factors = _with_sketch(method, params)
+    spec = functools.partial(_abstract, sharding=shard)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shard)
+    ids = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shard)  # noqa: E731
+    tables = method.tables()
+    prefill = engine.prefill.trace(spec(params), ids(batch, prompt), ids(batch), spec(tables) if tables else None,
+                                   cfg=cfg, method=method, cache_len=slots)
+    _, _, core = jax.eval_shape(lambda *a: engine.prefill(*a, cfg=cfg, method=method, cache_len=slots),
+                                params, ids(batch, prompt), ids(batch), tables)
+
+    def build(p: Params, core, factors):
+        m = method if factors is None else dataclasses.replace(method, predictor=Sketch(method.layers, factors))
+        return m.decode_weights(p, core)
+
+    gather = None
+    if core is not None:
+        gather = jax.jit(build).trace(spec(params), spec(core), spec(factors)).lower(
+            lowering_platforms=("cuda",)).compile().as_text()
+    weights = jax.eval_shape(build, params, core, factors)
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, slots, params["embed"].dtype))
+    decode = engine.decode.trace(spec(weights), spec(jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)),
+                                 spec(cache), ids(batch), ids(), ids(8), key, cfg=cfg, sampling=Sampling(),
+                                 max_steps=slots - prompt, ffn_fn=method.decode_ffn)
+
+    decode_hlo = decode.lower(lowering_platforms=("cuda",)).compile().as_text()
+    return Compiled(label or method.label, prefill.lower(lowering_platforms=("cuda",)).compile().as_text(), gather,
+                    decode_hlo, loop_read_bytes(decode_hlo),
+                    bytes_per_token(cfg, jax.tree.map(lambda x: _Sized(x.shape, x.dtype), params), method, slots))
+
+
+def check(shape: str = "llama-3-8b", dtype: str = "bfloat16", names: Sequence[str] | None = None,
+          target: str = "h200") -> list[dict]:
+    """One row per method: the weight-sized writes in its decode loop, and its step bytes
+    (XLA's) against its counted bytes."""
+    from tqdm import tqdm
+
+    cfg, _ = model_config(shape)
+    params = jax.eval_shape(lambda: random_params(cfg, dtype))
+    chosen = {k: v for k, v in methods(cfg).items() if names is None or k in names}
+    rows = []
+    for label, method in tqdm(chosen.items(), desc=f"compiling for {target}", unit="method"):
+        c = compile_method(cfg, params, method, label=label, target=target)
+        writes = loop_writes(c.decode)
+        rows.append({"method": label, "loop_writes": [dataclasses.asdict(w) for w in writes],
+                     "step_bytes": c.step_bytes, "counted_bytes": c.counted_bytes,
+                     "bytes_ratio": c.step_bytes / c.counted_bytes})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coreinfer_jax.tools.gpu_compile",
+                                description="compile decode for a GPU without one; list weight-sized copies "
+                                            "in the decode loop and compare a step's bytes with the method's count")
+    p.add_argument("--shapes", default="llama-3-8b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--target", default="h200")
+    args = p.parse_args(argv)
+    try:
+        rows = check(args.shapes, args.dtype, target=args.target)
+    except CoreInferError as e:
+        print(f"error: {e}")
+        return 2
+    failed = False
+    for r in rows:
+        ratio = f"{r['bytes_ratio']:.3f}"
+        copies = ", ".join(f"{w['op']} {w['shape']}" for w in r["loop_writes"]) or "none"
+        print(f"{r['method']:32s} step bytes / counted {ratio:>6s}  weight-sized writes in the loop: "
+              f"{len(r['loop_writes'])} ({copies[:200]})")
+        failed |= bool(r["loop_writes"]) or abs(r["bytes_ratio"] - 1) > BYTES_TOLERANCE
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

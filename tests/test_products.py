@@ -1,0 +1,53 @@
+"""The GPU forms of one token's products (multiply-and-reduce over gathered or unpacked rows)
+equal the CPU forms and a NumPy restatement, and decode with them gives the same tokens."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coreinfer_jax import Generator, Hybrid
+from coreinfer_jax.models import products
+from coreinfer_jax.models.products import gathered_times, times_gathered, times_rows
+
+PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Run the products in the form given, on this CPU, with no compile reused across forms."""
+    def use(form: str) -> None:
+        jax.clear_caches()
+        monkeypatch.setattr(products, "FORCE", form)
+    yield use
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("form", ["cpu", "gpu"])
+def test_each_form_equals_numpy(form, forced) -> None:
+    forced(form)
+    rng = np.random.default_rng(1)
+    F, D, n = 300, 40, 37
+    w = rng.normal(size=(F, D)).astype(np.float32)
+    x = rng.normal(size=(2, D)).astype(np.float32)
+    idx = np.stack([rng.permutation(F)[:n] for _ in range(2)]).astype(np.int32)
+    h = rng.normal(size=(2, n)).astype(np.float32)
+    np.testing.assert_allclose(times_rows(jnp.asarray(x[:, None]), jnp.asarray(w))[:, 0], x @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(times_gathered(jnp.asarray(x), jnp.asarray(w), jnp.asarray(idx)),
+                               np.einsum("bd,bnd->bn", x, w[idx]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gathered_times(jnp.asarray(h), jnp.asarray(w), jnp.asarray(idx)),
+                               np.einsum("bn,bnd->bd", h, w[idx]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "opt"])
+def test_hybrid_decode_with_the_gpu_forms_gives_the_cpu_tokens(name, tiny_checkpoint, forced) -> None:
+    gen = Generator.load(tiny_checkpoint(name))
+    method = Hybrid(keep=0.25, dynamic=0.25, layers=(0, 2), select_by="sketch")
+    tokens = {}
+    for form in ("cpu", "gpu"):
+        forced(form)
+        tokens[form] = gen.generate_ids(PROMPTS, 12, method=method, stop_at_eos=False).tokens
+    assert tokens["gpu"] == tokens["cpu"]
+    assert all(len(t) == 12 for t in tokens["cpu"])
