@@ -17,13 +17,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
-import pytest
-import torch
+# The suite runs on the CPU. With the `cuda12` extra installed (its GPU compiler serves the
+# deviceless sm_90 check) JAX would otherwise try a CUDA backend first and, finding no GPU,
+# print a plugin traceback in every process; subprocesses inherit this. A run that sets
+# JAX_PLATFORMS itself (the device suite's GPU tests) keeps its own.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
