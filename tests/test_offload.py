@@ -8,6 +8,7 @@ accelerator gets), forced.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from coreinfer_jax import Dense, Generator, Stability
-from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime import engine, offload
 from coreinfer_jax.sparse.gather import NEURON_ROWS
 from coreinfer_jax.runtime.offload import _layer, device_bytes, host_kind, place_core_weights, prefill_streamed, split_params
 from coreinfer_jax.models.params import param_shapes
@@ -50,11 +51,16 @@ def test_cpu_keeps_numpy_unless_pinned_is_forced(gen) -> None:
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_offloaded_generation_matches_on_device_generation(gen, host) -> None:
+def test_offloaded_generation_matches_on_device_generation(gen, host, monkeypatch) -> None:
     method = Stability(keep=0.4, token_keep=0.2)  # default range on 2 layers: layer 0 dense, layer 1 sparse
     want = gen.generate_ids(PROMPTS, max_new_tokens=12, method=method, stop_at_eos=False, return_logits=True)
+    host_gathers = []
+    gather = offload._gather_on_host
+    monkeypatch.setattr(offload, "_gather_on_host", lambda *a: host_gathers.append(1) or gather(*a))
     offloaded = Generator(gen.cfg, gen.params, gen.tokenizer, offload=True, host_memory=host)
     got = offloaded.generate_ids(PROMPTS, max_new_tokens=12, method=method, stop_at_eos=False, return_logits=True)
+    # pinned_host storage gathers its one sparse layer's rows on the host (what a GPU runs).
+    assert len(host_gathers) == (1 if host == "pinned_host" else 0)
     assert got.tokens == want.tokens
     np.testing.assert_array_equal(got.core_neurons, want.core_neurons)
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
@@ -142,3 +148,48 @@ def test_load_offloaded_keeps_the_ffn_off_the_device(tiny_checkpoint) -> None:
     method = Stability(keep=0.5, layers=(0, 2))
     want = Generator.load(path).generate("The cat sat on the", max_new_tokens=8, method=method)
     assert gen.generate("The cat sat on the", max_new_tokens=8, method=method).tokens == want.tokens
+
+
+def _pinned_ffn(gen: Generator) -> tuple[dict, np.ndarray]:
+    _, host_ffn = split_params(gen.params, gen.cfg, host="pinned_host")
+    idx = np.array([[3, 0, 77, 12], [127, 5, 5, 64]], np.int32)  # [B, K], a repeat included
+    return host_ffn[1], idx
+
+
+def _expect_rows(ffn: dict, idx: np.ndarray) -> dict:
+    return {name: np.asarray(w)[idx] if name in NEURON_ROWS else np.asarray(w) for name, w in ffn.items()}
+
+
+def test_host_gather_runs_on_the_host_and_returns_device_rows(gen) -> None:
+    ffn, idx = _pinned_ffn(gen)
+    ids = jax.device_put(idx, ffn["w_up"].sharding)
+    got = offload._gather_on_host(ffn, ids)
+    assert {w.sharding.memory_kind for w in jax.tree.leaves(got)} == {"device"}
+    for name, want in _expect_rows(ffn, idx).items():
+        np.testing.assert_array_equal(got[name], want)
+    assert '_xla_compute_type = "host"' in offload._gather_on_host.lower(ffn, ids).as_text()
+
+
+def test_host_compute_transform_is_chosen_by_signature(gen, monkeypatch) -> None:
+    """JAX 0.11's `compute_on(f, *, compute_type, out_memory_spaces, compiler_options=None)`
+    (0.10's `compute_on2` under that name; no `compute_on2`), stood in for by 0.10's transform."""
+    real = offload._compute_on_module
+    calls = []
+
+    def compute_on(f=None, *, compute_type, out_memory_spaces, compiler_options=None):
+        calls.append(compute_type)
+        return real.compute_on2(f, compute_type=compute_type, out_memory_spaces=out_memory_spaces,
+                                compiler_options=compiler_options)
+
+    monkeypatch.setattr(offload, "_compute_on_module", types.SimpleNamespace(compute_on=compute_on))
+    ffn, idx = _pinned_ffn(gen)
+    ids = jax.device_put(idx, ffn["w_up"].sharding)
+    # A new function, so that it is traced afresh (JAX caches traces by function), with the 0.11 form.
+    got = jax.jit(lambda f, i: offload._gather_on_host.__wrapped__(f, i))(ffn, ids)
+    assert calls == ["device_host"]
+    for name, want in _expect_rows(ffn, idx).items():
+        np.testing.assert_array_equal(got[name], want)
+    # And JAX 0.10's own module: a context-manager `compute_on` beside the `compute_on2` transform.
+    monkeypatch.setattr(offload, "_compute_on_module", real)
+    new = tuple(map(int, jax.__version__.split(".")[:2])) >= (0, 11)
+    assert offload._host_compute() is (real.compute_on if new else real.compute_on2)

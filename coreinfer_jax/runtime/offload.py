@@ -13,8 +13,8 @@ methods can, since a dense decode would stream every FFN weight for every token.
 Host storage (`split_params(host="auto")`):
   * an accelerator exposing the `pinned_host` memory kind (GPU, TPU): FFN arrays are JAX
     arrays in pinned host memory, so transfers are DMA; the core rows are gathered by a
-    jitted gather that XLA runs on the host (`compute_on("device_host")`), whose output is
-    placed in device memory, so only the kept rows cross the bus.
+    jitted gather that XLA runs on the host (`compute_on`, compute type "device_host"), whose
+    output is placed in device memory, so only the kept rows cross the bus.
   * the CPU backend: plain NumPy arrays, gathered with `np.take`. CPU devices also report a
     `pinned_host` kind, but there host and "device" are the same RAM, so pinning buys nothing;
     `host="pinned_host"` forces that path anyway (the tests use it to cover it on CPU).
@@ -23,12 +23,13 @@ Host storage (`split_params(host="auto")`):
 from __future__ import annotations
 
 import functools
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
+from jax.experimental import compute_on as _compute_on_module
 from jax.sharding import SingleDeviceSharding
 
 from coreinfer_jax.errors import CoreInferError
@@ -165,15 +166,34 @@ def prefill_streamed(device_params: Params, host_ffn: list[Params], tokens: jnp.
     return out, cache, method.core_neurons(selected, tables)  # core [B, n_sparse, n_keep]
 
 
+def _host_compute() -> Callable[..., Any]:
+    """JAX's function transform that runs a function on the host: `f(*, compute_type,
+    out_memory_spaces)` wraps `f`.
+
+    JAX 0.10 has it as `compute_on2` (its `compute_on` is a context manager taking only
+    `compute_type`); JAX 0.11 renamed it `compute_on`, deleted `compute_on2`, and the context
+    manager is gone (calling it the old way fails: "compute_on() missing 2 required keyword-only
+    arguments"). Chosen by signature, not version number, so a later rename of neither breaks it.
+    """
+    transform = _compute_on_module.compute_on
+    if "out_memory_spaces" in inspect.signature(transform).parameters:
+        return transform  # JAX >= 0.11
+    return _compute_on_module.compute_on2  # JAX 0.10
+
+
+def _host_rows(ffn: Params, idx: jnp.ndarray) -> Params:
+    # `promise_in_bounds`: the ids are neuron indices below F by construction, and the default
+    # mode's clamping adds constants that XLA has refused to mix with host-memory operands.
+    return {name: w.at[idx].get(mode="promise_in_bounds") if name in NEURON_ROWS else w
+            for name, w in ffn.items()}  # w_* [B, K, D], b_gate/b_up [B, K]
+
+
 @jax.jit
 def _gather_on_host(ffn: Params, idx: jnp.ndarray) -> Params:
-    """Rows `idx` `[B, K]` of pinned_host FFN arrays, gathered on the host, output on the device."""
-    with compute_on("device_host"):
-        # `promise_in_bounds`: the clamping of the default mode adds device-side constants,
-        # which XLA refuses to mix with host-memory operands.
-        rows = {name: w.at[idx].get(mode="promise_in_bounds") if name in NEURON_ROWS else w
-                for name, w in ffn.items()}  # w_* [B, K, D], b_gate/b_up [B, K]
-    return jax.device_put(rows, jax.memory.Space.Device)
+    """Rows `idx` `[B, K]` of pinned_host FFN arrays, gathered on the host, output in device
+    memory: only the gathered rows cross the bus."""
+    gather = _host_compute()(_host_rows, compute_type="device_host", out_memory_spaces=jax.memory.Space.Device)
+    return gather(ffn, idx)
 
 
 def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.ndarray | dict[str, jnp.ndarray],
