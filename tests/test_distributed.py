@@ -29,7 +29,7 @@ def run_two_processes(checkpoint, method_args: list[str]) -> list[subprocess.Com
     procs = [subprocess.Popen(
         [sys.executable, "-m", "coreinfer_jax", "generate", "--checkpoint", str(checkpoint), "--prompt", PROMPT,
          "--max-new-tokens", "8", "--mesh", "1x4", "--json", "--coordinator", f"127.0.0.1:{port}",
-         "--num-processes", "2", "--process-id", str(i), *method_args],
+         "--num-processes", "2", "--process-id", str(i), "--raw", *method_args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outs = [p.communicate(timeout=300) for p in procs]
