@@ -145,8 +145,11 @@ def test_bad_fractions_are_rejected(kwargs, words) -> None:
 def test_bad_layer_range_and_method_name(tiny_checkpoint) -> None:
     gen = Generator.load(tiny_checkpoint("llama"))
     n = gen.cfg.num_layers
-    for layers in [(0, n + 1), (2, 2), (-1, 1)]:
+    for layers in [(0, n + 1), (-1, 1)]:
         with pytest.raises(ValueError, match="outside the model"):
+            gen.generate_ids([[1, 2, 3]], 4, method=Stability(layers=layers))
+    for layers in [(2, 2), (2, 1)]:  # empty, not outside: its own message
+        with pytest.raises(ValueError, match="is empty: END must be greater than START"):
             gen.generate_ids([[1, 2, 3]], 4, method=Stability(layers=layers))
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         make_method("magic")

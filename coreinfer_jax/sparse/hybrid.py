@@ -51,7 +51,7 @@ from coreinfer_jax.sparse.token_step import RESTS, TokenNeurons, core_masks
 
 SELECT_BY = ("sketch", "predictor", "oracle")
 # What `Hybrid()` resolves to per model family when keep, dynamic, rule, select_by, layers or
-# rest are left unset, chosen on ../shared/data (docs/hybrid.md): gated models need the per-token
+# rest are left unset, chosen on TruthfulQA, SQuAD and WikiText-2 (docs/hybrid.md): gated models need the per-token
 # share, and with the sketch's ranking every layer but the first can be sparse; ReLU models
 # keep most of their quality with a per-prompt core alone. "layers": (first layer, layers
 # left dense at the end), or None for the paper's range scaled to depth.
@@ -135,8 +135,11 @@ class Hybrid(Stability):
                 raise PredictorError(f"the hybrid method needs a predictor (--predictor DIR); make one with `{MAKE}`")
             predictor.check_model(cfg)
             if not predictor.covers(*layers):
-                raise PredictorError(f"the predictor has factors for layers {predictor.layers[0]}:"
-                                     f"{predictor.layers[1]}, not for the sparse layers {layers[0]}:{layers[1]}")
+                have = f"{predictor.layers[0]}:{predictor.layers[1]}"
+                raise PredictorError(f"the predictor has factors for layers {have}, not for the sparse layers "
+                                     f"{layers[0]}:{layers[1]}: fit one for them (`predictor --layers "
+                                     f"{layers[0]}:{layers[1]}`) or decode the layers it covers (`--layers {have}`, "
+                                     f"layers=({predictor.layers[0]}, {predictor.layers[1]}))")
         elif method.select_by == "sketch" and predictor is not None:
             if not isinstance(predictor, Sketch):
                 raise MethodError("a fitted predictor is for select_by='predictor'; the sketch is built from the "

@@ -61,6 +61,9 @@ def resolve_layers(layers: tuple[int, int] | None, keep: float, cfg: ModelConfig
     """`layers`, or the default range for `cfg`'s depth; raises MethodError outside the model
     or when `keep` keeps no neuron."""
     first, end = layers or default_layer_range(cfg.num_layers)
+    if end <= first:
+        raise MethodError(f"sparse layer range {first}:{end} is empty: END must be greater than START "
+                          f"(half-open: layers START .. END-1 are sparse)")
     if not 0 <= first < end <= cfg.num_layers:
         raise MethodError(
             f"sparse layer range {first}:{end} is outside the model's {cfg.num_layers} layers "
