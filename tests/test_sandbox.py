@@ -68,6 +68,7 @@ def test_a_correct_program_passes_and_failures_are_told_apart() -> None:
     assert (ok.passed, ok.reason, ok.output) == (True, "passed", "hello\n")
     assert run_program("assert 1 == 2", FAST).reason == "failed: AssertionError"
     assert run_program("undefined_name()", FAST).reason == "error: NameError"
+    assert run_program("def f(:\n    pass", FAST).reason == "error: SyntaxError"
     assert run_program("import sys\nsys.exit(0)", FAST).reason == "error: SystemExit"
     # Leaving without reaching the end is not a pass, even with exit status 0.
     assert run_program("import os\nos._exit(0)", FAST).reason == "exit: 0"

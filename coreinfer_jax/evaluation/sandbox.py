@@ -102,11 +102,10 @@ def hook(event, args):
         raise PermissionError(f"sandbox: listing {args[0]!r} is not allowed")
     elif event in CHANGES and not all(inside(a, (home,)) for a in args[:CHANGES[event]] if a is not None):
         raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
-code = compile(source, "program.py", "exec")
 if audit:
     sys.addaudithook(hook)
 try:
-    exec(code, {"__name__": "__main__"})
+    exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
 except BaseException as e:
     traceback.print_exc()
     outcome = {"passed": False, "error": type(e).__name__}
