@@ -1,8 +1,10 @@
 """`bench --suite device --tiny`: the prepared accelerator run, on tiny shapes on the CPU, so that
-it cannot rot: every row present, measured rows with real numbers, GPU rows skipped (never faked)."""
+it cannot rot: every row present, measured rows with real numbers, GPU rows skipped (never
+faked), every part under a time bound that turns an overrun into a row saying why."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,34 +12,35 @@ from pathlib import Path
 import jax
 import pytest
 
-from coreinfer_jax.tools import bench
+from coreinfer_jax.tools import device_suite
 from coreinfer_jax.tools.cli import main
-from coreinfer_jax.tools.device_suite import MEASURED
-from coreinfer_jax.tools.roofline import bandwidth_probe
+from coreinfer_jax.tools.device_suite import FULL, GRACE_S, MEASURED, NO_GPU_TRACE, TINY, Job, run_job, run_suite
 from coreinfer_jax.tools.shapes import model_config, random_params
 
-SHAPES = ("smollm2-135m", "llama-3-8b")
+SHAPES = ("llama-3-8b", "smollm2-135m")
+JAX_ROWS = ("jax-dense", "jax-stability-keep0.4", "jax-stability-keep0.4-shared",
+            "jax-hybrid-0.24+0.24-int4+rest-normalized_magnitude")
+PARTS = ("tests", "bench", "profile", "offload")
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> tuple[dict, str, str]:
     out = tmp_path_factory.mktemp("suite")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(bench, "bandwidth_probe", lambda: bandwidth_probe(16 << 20))  # not 512 MiB
-        status = main(["bench", "--suite", "device", "--tiny", "--out", str(out)])
-    assert status == 0
+    assert main(["bench", "--suite", "device", "--tiny", "--out", str(out)]) == 0
     return json.loads((out / "device_suite.json").read_text()), (out / "device_suite.md").read_text(), str(out)
 
 
 def expected_rows() -> dict[tuple[str, str], str]:
     """(part, row name) -> how it must end on a machine without a GPU."""
-    rows = {("tests", "pytest test_parity test_decode test_sparse --collect-only"): "collected"}
+    rows = {("tests", "pytest test_products test_gather test_decode test_sparse --collect-only"): "collected"}
     for shape in SHAPES:
         rows |= {("bench", f"{shape}: transformers-pytorch-sdpa-cuda"): "skipped: no GPU",
-                 ("bench", f"{shape}: jax-dense"): "measured", ("bench", f"{shape}: jax-stability-keep0.4"): "measured",
-                 ("bench", f"{shape}: jax-hybrid-0.24+0.24-int4+rest-normalized_magnitude"): "measured"}
-    rows |= {("offload", "llama-3-8b: transformers-accelerate-cpu-offload"): "skipped: no GPU",
-             ("offload", "llama-3-8b: jax-stability-keep0.4"): "measured"}
+                 ("bench", f"{shape}: transformers-pytorch-sdpa-cuda-static-compile"): "skipped: no GPU"}
+        rows |= {("bench", f"{shape}: {n}"): "measured" for n in JAX_ROWS}
+        rows |= {("profile", f"{shape}: {n}"): NO_GPU_TRACE for n in JAX_ROWS}
+        if shape == "llama-3-8b":
+            rows |= {("offload", "llama-3-8b: transformers-accelerate-cpu-offload"): "skipped: no GPU",
+                     ("offload", "llama-3-8b: jax-stability-keep0.4"): "measured"}
     return rows
 
 
@@ -45,15 +48,15 @@ def test_every_row_is_present_with_its_status(suite) -> None:
     report, _, _ = suite
     got = {(r["part"], r["name"]): r["status"] for r in report["rows"]}
     assert got == expected_rows()
-    assert report["tiny"] and report["platform"] == "cpu" and report["seconds"] > 0
+    assert report["tiny"] and report["platform"] == "cpu" and 0 < report["seconds"] < TINY.budget_s
 
 
 def test_measured_rows_have_positive_finite_numbers_and_skipped_rows_none(suite) -> None:
     report, _, _ = suite
     for r in report["rows"]:
-        numbers = [r.get(k) for k in MEASURED]
+        numbers = [r.get(k) for k in (*MEASURED, "non_matmul_share")]
         if r["status"] == "measured":
-            assert all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in numbers), r
+            assert all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in numbers[:-1]), r
         else:
             assert all(x is None for x in numbers), r
     tests = next(r for r in report["rows"] if r["part"] == "tests")
@@ -67,13 +70,62 @@ def test_measured_rows_have_positive_finite_numbers_and_skipped_rows_none(suite)
     assert model - ffn < offload["device_weight_bytes"] < model
 
 
-def test_markdown_lists_every_row(suite) -> None:
+def test_markdown_lists_every_row_with_the_probes_bandwidth(suite) -> None:
     report, table, out = suite
     assert table.startswith(f"device suite, {report['date']}, cpu (cpu)")
+    assert "bandwidth probe of 16 MiB (GB/s per row)" in table.splitlines()[0]
+    header = table.splitlines()[2]
+    assert "| probe GB/s |" in header and "| non-matmul share |" in header
     lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(lines) == len(report["rows"])
     for line, r in zip(lines, report["rows"]):
         assert f"| {r['part']} | {r['name']} | {r['status']} |" in line
         if r["status"] == "measured":
-            assert f"| {r['decode_tokens_per_s']:.1f} |" in line
+            assert f"| {r['decode_tokens_per_s']:.1f} |" in line and f"| {r['bandwidth_gb_s']:.1f} |" in line
     assert Path(out, "device_suite.md").exists()
+
+
+def test_every_part_has_a_bound_inside_the_six_minute_budget() -> None:
+    """Tests, each job's rows (bench, offload) and its profile rows: every bound set, and all of
+    them together within the budget, itself at most 6 minutes."""
+    assert {j.kind for j in FULL.jobs} == {"bench", "offload"} and {j.shape for j in FULL.jobs} == set(SHAPES)
+    assert FULL.tests_s > 0 and all(j.rows_s > j.reps_s > 0 for j in FULL.jobs)
+    assert all(j.profile_s > 0 for j in FULL.jobs if j.kind == "bench")
+    assert FULL.tests_s + sum(j.rows_s + j.profile_s + GRACE_S for j in FULL.jobs) <= FULL.budget_s <= 360
+    assert all(x > 0 for x in (FULL.setup_s, FULL.warm_s, FULL.profile_row_s))
+
+
+def test_a_spent_budget_leaves_a_skip_row_with_its_reason_for_every_part(tmp_path) -> None:
+    report = run_suite(dataclasses.replace(TINY, budget_s=0), tmp_path)
+    reason = "skipped: the suite's 0 s budget is spent"
+    assert [(r["part"], r["name"], r["status"]) for r in report["rows"]] == [
+        ("tests", "pytest", reason), ("bench", "llama-3-8b", reason), ("offload", "llama-3-8b", reason),
+        ("bench", "smollm2-135m", reason)]
+
+
+def test_the_tests_part_is_killed_at_its_bound(monkeypatch) -> None:
+    rows = device_suite.run_tests(dataclasses.replace(TINY, collect_only=False), 3)
+    assert [r["status"] for r in rows] == ["skipped: over 3 s (0 passed, 0 failed before the bound)"]
+    assert 3 <= rows[0]["seconds"] < 10
+
+
+def test_a_compile_over_its_bound_is_killed_and_its_row_skipped(tmp_path) -> None:
+    """The offload job with a 1 s bound on a row's compile and first run: the JAX row's warm-up
+    (seconds of compiling) is killed, the worker restarted without it, and the job ends."""
+    plan = dataclasses.replace(TINY, warm_s=1)
+    rows = run_job(Job("offload", "llama-3-8b", 200, 60), plan, 300, tmp_path)
+    assert [(r["part"], r["name"], r["status"]) for r in rows] == [
+        ("offload", "llama-3-8b: transformers-accelerate-cpu-offload", "skipped: no GPU"),
+        ("offload", "llama-3-8b: jax-stability-keep0.4", "skipped: over 1 s (compile and first run)")]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["offload-llama-3-8b-0.log",
+                                                                    "offload-llama-3-8b-1.log"]
+
+
+def test_a_row_not_begun_for_lack_of_time_says_so(tmp_path) -> None:
+    """A job whose rows must end before its repetitions could fit (1 s in all, 0.5 s of them for
+    the repetitions) begins no warm-up: every row says so, and its profile rows too (0.5 s
+    after the rows' 1 s, gone before the worker's setup is done)."""
+    rows = run_job(Job("bench", "smollm2-135m", 1, 0.5, 0.5), TINY, 300, tmp_path)
+    by_status = {(r["part"], r["status"]) for r in rows if "transformers" not in r["name"]}
+    assert by_status == {("bench", "skipped: not begun: the job's time was spent (compile and first run)"),
+                         ("profile", "skipped: not begun: the job's time was spent (trace)")}

@@ -8,10 +8,16 @@ back, learned positions and no final norm (post-LN).
 
 from __future__ import annotations
 
+import glob
+import math
+import re
+from pathlib import Path
+
 import pytest
 
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.tools import roofline
 from coreinfer_jax.tools.roofline import bytes_per_token, decode_kv_slots, ffn_bytes_per_token
 
 V, D, F, E, HD = 320, 64, 128, 32, 16
@@ -62,3 +68,28 @@ def test_kv_slots_are_the_cache_lengths_decode_runs_on() -> None:
     assert decode_kv_slots(7, 8, 128) == 64  # one segment: 16-token bucket + 8, rounded to 64
     with pytest.raises(CoreInferError, match="a generation of 1 token"):
         decode_kv_slots(7, 1, 128)
+
+
+def largest_cpu_cache() -> int:
+    """This machine's largest CPU cache in bytes, from sysfs ("32768K")."""
+    sizes = [Path(p).read_text().strip() for p in glob.glob("/sys/devices/system/cpu/cpu*/cache/index*/size")]
+    if not sizes:
+        pytest.skip("no /sys/devices/system/cpu/*/cache on this machine")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return max(int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in sizes)
+
+
+def h200_l2() -> int:
+    text = (Path(roofline.__file__).parent / "gpu_targets" / "h200.txtpb").read_text()
+    return int(re.search(r"l2_cache_size:\s*(\d+)", text).group(1))
+
+
+def test_probe_buffer_exceeds_eight_times_the_caches_it_reads_past() -> None:
+    assert h200_l2() == 62914560  # the 60 MB the H200 run's README names
+    probe = roofline.bandwidth_probe()  # the default, as bench and the device suite build it
+    assert probe.nbytes == probe.w.nbytes == roofline.PROBE_BYTES
+    assert probe.nbytes >= 8 * h200_l2()
+    assert probe.nbytes >= 8 * largest_cpu_cache()
+    bandwidth = probe()
+    assert math.isfinite(bandwidth) and bandwidth > 0
+    assert probe.calls >= 1

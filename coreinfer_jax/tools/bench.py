@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from tqdm import tqdm
@@ -78,9 +79,10 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
     """The bench of a converted checkpoint: its tokenizer's `prompt`, Transformers on the same weights."""
     check_run_settings(new_tokens, reps)
     gen = Generator.load(checkpoint, dtype, mesh=mesh)
-    torch_runner = TorchRunner.from_checkpoint(checkpoint, dtype, torch_attention) if torch_baseline else None
-    report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, torch_runner,
-                     f"transformers-pytorch-{torch_attention}")
+    baselines = ({f"transformers-pytorch-{torch_attention}": TorchRunner.from_checkpoint(checkpoint, dtype,
+                                                                                          torch_attention)}
+                 if torch_baseline else {})
+    report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, baselines)
     return {"checkpoint": str(checkpoint), "model": str(checkpoint), **report}
 
 
@@ -95,19 +97,25 @@ def run_random_bench(shape: str, methods: list[Method], new_tokens: int = 128, r
     dtype = dtype or "float32"
     cfg, hf = model_config(shape, tiny)
     gen = Generator(cfg, random_params(cfg, dtype), tokenizer=None, mesh=mesh)
-    torch_runner = TorchRunner.from_hf_config(hf, dtype, torch_attention, torch_device) if torch_baseline else None
-    report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, torch_runner,
-                     f"transformers-pytorch-{torch_attention}")
+    baselines = ({f"transformers-pytorch-{torch_attention}": TorchRunner.from_hf_config(hf, dtype, torch_attention,
+                                                                                         torch_device)}
+                 if torch_baseline else {})
+    report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, baselines)
     return {"model": f"{shape}{' (tiny)' if tiny else ''}, random weights", **report}
 
 
 def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_tokens: int, reps: int,
-            torch_runner: TorchRunner | None, torch_name: str = "transformers-pytorch-eager") -> dict[str, Any]:
+            baselines: dict[str, TorchRunner], phase: Callable[[str], bool] = lambda name: True,
+            probe: Callable[[], float] | None = None) -> dict[str, Any]:
     """Every row decodes `prompt_ids` greedily for `new_tokens`: warm-up runs first, then
-    `reps` repetitions interleaved across rows; medians. `torch_runner`'s row is `torch_name`."""
+    `reps` repetitions interleaved across rows; medians. `baselines` are Transformers rows by
+    name, the first the one `vs_torch` divides by. `phase` hears "warm:<row>" before each
+    warm-up and "reps" before the timed repetitions (the device suite bounds each); a row whose
+    warm-up it refuses (returns False) is left out. `probe` samples the read bandwidth
+    (default: a new `bandwidth_probe()`)."""
     cfg, params = gen.cfg, gen.params
     methods = [gen.resolve(m) for m in methods]
-    names = [(torch_name, None)] if torch_runner else []
+    names: list[tuple[str, Method | None]] = [(n, None) for n in baselines]
     names += [(label(m), m) for m in methods]
     labels = [n for n, _ in names]
     repeated = [n for n in labels if labels.count(n) > 1]
@@ -123,22 +131,26 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
         prefill_s, tps = runners[n]()
         return prefill_s, tps, time.perf_counter() - t
 
-    runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda: torch_runner.run(prompt_ids, new_tokens))
+    runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda n=n: baselines[n].run(prompt_ids, new_tokens))
                for n, m in names}
     samples: dict[str, list[tuple[float, float, float]]] = {n: [] for n, _ in names}
     first, memory = {}, {}
-    for n, m in names:
+    for n, m in list(names):
+        if not phase(f"warm:{n}"):
+            names.remove((n, m))
+            continue
         first[n] = timed(n)[2]  # warm-up: compilation, first-touch allocation
-        memory[n] = peak_memory() if m is not None else torch_runner.peak_memory()
+        memory[n] = peak_memory() if m is not None else baselines[n].peak_memory()
     # The host's bandwidth drifts by tens of percent within minutes, so it is sampled
     # between the rows of every repetition, like the rows themselves.
-    probe, bandwidths = bandwidth_probe(), []
+    probe, bandwidths = probe or bandwidth_probe(), []
+    phase("reps")
     for _ in tqdm(range(reps), desc="bench", file=sys.stderr):
         for n, _ in names:
             samples[n].append(timed(n))
             bandwidths.append(probe())
 
-    bandwidth = median(bandwidths)
+    bandwidth = median(bandwidths) if bandwidths else math.nan  # nan: every row was left out
     kv_slots = decode_kv_slots(len(prompt_ids), new_tokens, cfg.max_position_embeddings)
     dense_bytes = bytes_per_token(cfg, params, Dense(), kv_slots)
     rows = []
@@ -150,7 +162,8 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
         compile_s = max(0.0, first[n] - median([s[2] for s in samples[n]]))
         rows.append(Row(n, tps, prefill_ms, b, bound, tps / bound, compile_s=compile_s,
                         peak_memory_bytes=memory[n][0], peak_memory_kind=memory[n][1]))
-    torch_tps = rows[0].decode_tokens_per_s if torch_runner else None
+    torch_row = next((r for r in rows if r.name in baselines), None)  # the first baseline measured
+    torch_tps = torch_row.decode_tokens_per_s if torch_row else None
     dense_row = next((r for r in rows if r.name == "jax-dense"), None)
     for r in rows:
         if torch_tps:
