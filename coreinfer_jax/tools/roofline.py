@@ -115,7 +115,7 @@ class BandwidthProbe:
         return self.nbytes / min(self._seconds(read, self.calls) for read in self.reads)
 
 
-# The name `bench`, `bench --batch` and the suite build their probe by (tests swap it for a smaller one).
+# The name `bench` and `bench --batch` build their probe by (tests swap it for a smaller one).
 bandwidth_probe = BandwidthProbe
 
 
