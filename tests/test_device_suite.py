@@ -129,3 +129,14 @@ def test_a_row_not_begun_for_lack_of_time_says_so(tmp_path) -> None:
     by_status = {(r["part"], r["status"]) for r in rows if "transformers" not in r["name"]}
     assert by_status == {("bench", "skipped: not begun: the job's time was spent (compile and first run)"),
                          ("profile", "skipped: not begun: the job's time was spent (trace)")}
+
+
+def test_outcomes_are_counted_from_pytests_verbose_lines() -> None:
+    """What the tests row reports, from complete or cut-off `pytest -v` output."""
+    out = ("tests/test_decode.py::test_a PASSED                  [  2%]\n"
+           "tests/test_decode.py::test_b[llama-0.4] FAILED       [  5%]\n"
+           "tests/test_sparse.py::test_c SKIPPED (needs a GPU)   [  7%]\n"
+           "tests/test_sparse.py::test_d ERROR                   [ 10%]\n"
+           "tests/test_sparse.py::test_e PASSED                  [ 12%]\n"
+           "tests/test_sparse.py::test_f ")  # cut off mid-test by the bound
+    assert device_suite._counts(out) == {"passed": 2, "failed": 1, "error": 1, "skipped": 1}
