@@ -1,6 +1,9 @@
 """`python -m coreinfer_jax bench --suite device [--tiny] [--out DIR]`: one prepared run of
 what is worth measuring on an accelerator, written as one JSON and one markdown table.
 
+It is long because it is one bounded run: each part's worker processes, their time bounds
+and the rows that say why a part was cut belong together, so a GPU session can trust it.
+
 Parts, in order, each with its own time bound inside a whole-suite budget (`Plan`; 6 minutes
 on one GPU):
   tests    pytest files that exercise the compiled programs (products, gather, decode, sparse;
@@ -153,7 +156,9 @@ def run_tests(plan: Plan, bound_s: float) -> list[dict[str, Any]]:
     # `-o addopts=` drops the project's `-n 2`; `-p no:xdist` holds even where xdist is absent.
     cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:xdist", "-p", "no:cacheprovider",
            "-m", "not slow", *(["-q", "--collect-only"] if plan.collect_only else ["-v"]), *files]
-    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
+    # The test suite pins JAX to the CPU unless told otherwise (tests/conftest.py): name this
+    # process's platform, so the tests run on the device being measured.
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_PLATFORMS=jax.devices()[0].platform)
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=bound_s)
