@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--random-weights", action="store_true",
                    help="random params of --shapes made on the device, a prompt of random token ids")
     b.add_argument("--tiny", action="store_true",
-                   help="tiny widths of --shapes, or the tiny shapes and short runs of --suite (CPU, ~1 minute)")
+                   help="tiny widths of --shapes, or the tiny shapes and short runs of --suite (CPU, ~2 minutes)")
     b.add_argument("--compile-depths", type=int, nargs="+", default=None, metavar="LAYERS",
                    help="instead of decoding: compile seconds of pre-fill and decode at these depths "
                         "(--shapes' family at tiny width, default smollm2-135m)")
