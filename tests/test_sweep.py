@@ -58,6 +58,9 @@ def test_gathered_weights_are_each_layers_own_rows(gen) -> None:
     weights = method.decode_weights(gen.params, jnp.asarray(core))
     for j, n in enumerate((96, 32)):
         full, got = gen.params["layers"][j]["ffn"], weights["layers"][j]["ffn"]
+        # Gate and up rows come as one matrix (`sparse.gather.fused_layout`); this test-sized
+        # FFN is too narrow to be padded.
+        got = dict(got, w_gate=got["w_gate_up"][:, :n], w_up=got["w_gate_up"][:, n:])
         for name in ("w_gate", "w_up", "w_down"):
             assert got[name].shape == (2, n, gen.cfg.hidden_size)
             for b in range(2):
