@@ -65,7 +65,9 @@ def compiled_programs(gen: Generator, method: Any, prompts: list[list[int]], new
                                      sampling=Sampling(), max_steps=cache_len - tokens.shape[1],
                                      ffn_fn=method.decode_ffn).compile().as_text()
         layer = weights["layers"][sparse[0]]["ffn"]
-        w_up = layer.get("core", layer)["w_up"]  # the hybrid method's core rows sit under "core"
+        rows = layer.get("core", layer)  # the hybrid method's core rows sit under "core"
+        # One device's gather fuses gate|up (`sparse.gather.fused_layout`); shard-local ones do not.
+        w_up = rows["w_up"] if "w_up" in rows else rows["w_gate_up"]
     return {"gather": collectives(gather), "decode": collectives(decode),
             "core_w_up_shape": list(w_up.shape),
             "core_w_up_shard_shapes": sorted({tuple(s.data.shape) for s in w_up.addressable_shards})}
