@@ -119,6 +119,9 @@ def test_code_runs_only_with_allow_code_execution(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "--allow-code-execution" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(CoreInferError, match="--allow-code-execution"):
         humaneval(None, load_humaneval(data), Dense())
+    proc = run_main(main, "sweep", "--tasks", "humaneval", "--data", f"humaneval={data}", "--checkpoint",
+                    tmp_path / "none", "--out", tmp_path / "out")
+    assert proc.returncode != 0 and "--allow-code-execution" in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_keep_one_equals_dense_problem_by_problem(tiny_checkpoint, tmp_path: Path) -> None:
@@ -150,6 +153,13 @@ def test_eval_cli_runs_humaneval(tiny_checkpoint, tmp_path: Path) -> None:
     for row in rows:
         mine = [r["passed"] for r in records if r["method"] == row["method"]]
         assert row["metrics"]["pass@1"] == sum(mine) / 3
+    dense = [r["passed"] for r in records if r["method"] == "dense"]
+    sparse = [r["passed"] for r in records if r["method"] == "stability"]
+    differences = [float(a) - float(b) for a, b in zip(sparse, dense)]
+    mean = sum(differences) / 3
+    se = (sum((d - mean) ** 2 for d in differences) / 2) ** 0.5 / 3 ** 0.5
+    assert rows[0]["paired_vs_dense"] is None
+    assert rows[1]["paired_vs_dense"] == {"mean": pytest.approx(mean), "se": pytest.approx(se)}
 
 
 def test_the_chat_format_continues_the_prompt_in_an_open_code_fence(tiny_checkpoint) -> None:
