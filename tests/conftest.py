@@ -67,11 +67,6 @@ def _free_compiled_programs():
     gc.collect()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs a real model (SmolLM2-135M, Gemma-3-270M) or compiles for "
-                                       "minutes in a subprocess (meshes, processes)")
-
-
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "A journey of a thousand miles begins with a single step.",
