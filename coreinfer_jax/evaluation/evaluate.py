@@ -17,6 +17,9 @@
 Each (method, keep) pair is one row: `{"task", "method", "keep", "n", "metrics"}`, and for the
 sparse rows of a run with a dense row, the paired per-example difference from dense with its
 standard error (`paired_vs_dense`).
+
+It is long because the tasks share one loop over methods and rows, one record format and
+one command line; each task's own prompts, stops and metrics live in their modules.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ they do not stop):
   directory and the standard library (an extra layer: audit hooks are not a security boundary).
 
 Only the standard library is importable: the benchmarks' programs need nothing else.
+
+It is long because it is one security boundary: the launcher, the limits, the privilege
+drop, the audit hook and the clean-up are read and reviewed together.
 """
 
 from __future__ import annotations
