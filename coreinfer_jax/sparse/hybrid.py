@@ -51,10 +51,11 @@ from coreinfer_jax.sparse.token_step import RESTS, TokenNeurons, core_masks
 
 SELECT_BY = ("sketch", "predictor", "oracle")
 # What `Hybrid()` resolves to per model family when keep, dynamic, rule, select_by, layers or
-# rest are left unset, chosen on TruthfulQA, SQuAD and WikiText-2 (docs/hybrid.md): gated models need the per-token
-# share, and with the sketch's ranking every layer but the first can be sparse; ReLU models
-# keep most of their quality with a per-prompt core alone. "layers": (first layer, layers
-# left dense at the end), or None for the paper's range scaled to depth.
+# rest are left unset, chosen on TruthfulQA, SQuAD and WikiText-2 (docs/hybrid.md): gated
+# models need the per-token share, and with the sketch's ranking every layer but the first
+# can be sparse; ReLU models keep most of their quality with a per-prompt core alone.
+# "layers": (first layer, layers left dense at the end), or None for the paper's range
+# scaled to depth.
 # "rest": what the other neurons add (the sketch's estimate needs the sketch's ranking; with
 # another predictor, or compensation, an unset rest is "zero").
 RECOMMENDED = {"gated": {"keep": 0.24, "dynamic": 0.24, "rule": "normalized_magnitude", "select_by": "sketch",

@@ -35,7 +35,7 @@ from coreinfer_jax.models.forward import init_cache
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.runtime.sampling import Sampling
-from coreinfer_jax.sparse.calibration import Calibration
+from coreinfer_jax.sparse.calibration import Calibration, default_calibration_layer, signature_size
 from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.sparse.similarity import Similarity
@@ -46,7 +46,7 @@ from coreinfer_jax.tools.roofline import bytes_per_token
 from coreinfer_jax.tools.shapes import model_config, random_params
 
 TARGETS = Path(__file__).parent / "gpu_targets"
-# How far a decode step's bytes (XLA's count) may stray from the method's count.
+# How far what the decode loop reads (`loop_read_bytes`) may stray from the method's count.
 BYTES_TOLERANCE = 0.10
 
 
@@ -117,8 +117,8 @@ def _calibration(cfg: ModelConfig, keep: float, clusters: int = 4) -> Calibratio
     rng = np.random.default_rng(0)
     neurons = np.stack([np.stack([rng.permutation(F)[: int(F * keep)] for _ in range(cfg.num_layers)])
                         for _ in range(clusters)]).astype(np.int32)
-    return Calibration(model=model_identity(cfg), layer=cfg.num_layers * 25 // 32, keep=keep,
-                       signature_size=max(1, F * 3000 // 16384), data_sha256="0" * 64, seed=0, inertias={},
+    return Calibration(model=model_identity(cfg), layer=default_calibration_layer(cfg.num_layers), keep=keep,
+                       signature_size=signature_size(F), data_sha256="0" * 64, seed=0, inertias={},
                        centroids=rng.random((clusters, F)).astype(np.float32), neurons=neurons,
                        labels=np.zeros(1, np.int32), signatures=np.zeros((1, F), bool))
 
