@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,11 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Special tokens that end a generation besides the config's end token. Transformers stops at
+# every id of a checkpoint's generation_config.json, llama.cpp at special tokens with these
+# texts; a GGUF names one end token (Qwen2.5's <|im_end|>, not the <|endoftext|> that ends
+# its plain completions), and a config.json often names one of several.
+END_TEXTS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>"})
 
 
 def convert_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
@@ -51,6 +57,13 @@ def convert_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
         shown = ", ".join(repr(n) for n in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise ConversionError(f"missing {len(missing)} tensor(s): {shown}")
     return out
+
+
+def end_tokens(cfg: ModelConfig, tokenizer: Any, listed: Sequence[int] = ()) -> tuple[int, ...]:
+    """`cfg`'s end tokens, then the `listed` ones (generation_config.json's) and the tokenizer's
+    special tokens named in `END_TEXTS`, each once."""
+    named = [i for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special and t.content in END_TEXTS]
+    return tuple(i for i in dict.fromkeys([*cfg.eos_token_ids, *listed, *named]) if 0 <= i < cfg.vocab_size)
 
 
 def default_out(source: str | Path) -> Path:
@@ -112,6 +125,7 @@ def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: 
     hf_config = src.hf_config()
     cfg = ModelConfig.from_hf(hf_config)
     tokenizer = src.tokenizer()
+    cfg = dataclasses.replace(cfg, eos_token_ids=end_tokens(cfg, tokenizer, src.generation_end_tokens()))
     bar = tqdm(src.tensors(), total=src.tensor_count(), desc=f"converting {out.name}", unit="tensor",
                disable=None)  # None: no bar when stderr is not a terminal (logs, subprocesses)
     with bar:

@@ -78,6 +78,10 @@ class Source(abc.ABC):
     def tokenizer(self) -> Any:
         """The Hugging Face tokenizer."""
 
+    def generation_end_tokens(self) -> list[int]:
+        """End tokens the checkpoint's generation config lists (none by default)."""
+        return []
+
     @abc.abstractmethod
     def tensor_count(self) -> int:
         """How many tensors `tensors` will yield (for the progress bar)."""
@@ -150,6 +154,16 @@ class HFDirSource(Source):
         if self._text_of:
             return dict(config.text_config.to_dict(), architectures=[self._text_of])
         return config.to_dict()
+
+    def generation_end_tokens(self) -> list[int]:
+        path = self.path / "generation_config.json"
+        if not path.is_file():
+            return []
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ConversionError(f"cannot parse {path}: {e}") from e
+        return [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
 
     def tokenizer(self) -> Any:
         if not any((self.path / name).is_file() for name in _TOKENIZER_FILES):

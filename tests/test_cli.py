@@ -12,7 +12,7 @@ import pytest
 from conftest import run_main
 from coreinfer_jax import Generator, Stability
 from coreinfer_jax.errors import InputError
-from coreinfer_jax.tools.cli import main
+from coreinfer_jax.tools.cli import empty_note, main, unescape
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -198,6 +198,29 @@ def test_a_generation_with_text_has_no_note(ckpt: Path) -> None:
     r = cli("generate", "--checkpoint", str(ckpt), "--prompt", "The cat sat on the", "--max-new-tokens", "6", "--raw",
             "--stop-at-newline")
     assert r.stdout.strip() and "note:" not in r.stderr
+
+
+def test_stop_ends_the_answer_before_the_text(ckpt: Path) -> None:
+    base = ["generate", "--checkpoint", str(ckpt), "--prompt", "The cat sat on the", "--max-new-tokens", "24", "--raw"]
+    full = cli(*base, "--json")
+    out = json.loads(full.stdout)
+    text = out["text"]
+    # The random model writes stray bytes too; a stop string of two ASCII letters after the first few.
+    stop = next(text[i: i + 2] for i in range(4, len(text)) if text[i: i + 2].isascii() and text[i: i + 2].isalpha())
+    assert len(out["tokens"]) == 24
+    r = cli(*base, "--stop", "zzz", "--stop", stop, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["text"] == text[: text.index(stop)]
+    assert len(got["tokens"]) < 24 and got["tokens"] == out["tokens"][: len(got["tokens"])]
+
+
+def test_stop_text_escapes_and_an_answer_cut_to_nothing(ckpt: Path) -> None:
+    assert unescape("a\\nb\\tc") == "a\nb\tc"  # as a shell passes '--stop "a\nb\tc"'
+    gen = Generator.load(ckpt)
+    out = gen.generate("The cat sat on the", max_new_tokens=6)
+    out.texts = [""]  # what a --stop text at the very start leaves
+    assert empty_note(out, gen, chat=False) == "no text before the first --stop text"
 
 
 def test_prompt_file_and_the_hint_for_a_path(ckpt: Path, tmp_path: Path) -> None:

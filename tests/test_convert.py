@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from conftest import TINY_CONFIGS, run_main
+from conftest import TINY_CONFIGS, build_tiny_tokenizer, run_main
 from convert import convert_checkpoint, keymap, torch_model_from_checkpoint
 from convert.__main__ import main as convert_main
+from convert.core import end_tokens
 from coreinfer_jax.models.checkpoint import load_checkpoint, load_metadata, load_params
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import count_params, flat_shapes, param_shapes, path_str
@@ -188,6 +190,24 @@ def test_force_replaces_an_existing_checkpoint(tmp_path: Path, tiny_hf_dir: Call
     assert not (out / "stale").exists()
     assert load_metadata(out)["architecture"] == "OPTForCausalLM"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_end_tokens_come_from_the_generation_config_and_named_special_tokens(
+        tmp_path: Path, tiny_hf_dir: Callable[[str], Path], tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf_dir("llama"), src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 9]}))
+    cfg = load_checkpoint(convert_checkpoint(src, tmp_path / "out"))[0]
+    assert cfg.eos_token_ids == (2, 7, 9)  # config.json's </s> first, each once
+    # Special tokens with an end text count (Qwen's <|endoftext|>, Gemma's <end_of_turn>);
+    # the same text as an ordinary token, or a special token with another text, does not.
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>"]})
+    tok.add_tokens(["<end_of_turn>"])
+    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<end_of_turn>"])
+    cfg = dataclasses.replace(cfg, vocab_size=len(tok), eos_token_ids=(2,))
+    assert end_tokens(cfg, tok, [5]) == (2, 5, ids[0])
+    assert end_tokens(cfg, tiny_tokenizer) == (2,)
 
 
 def run_convert(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -137,6 +137,10 @@ def test_qwen_coder_05b_converts_as_qwen2(qwen: Generator) -> None:
     cfg = qwen.cfg
     assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == ("Qwen2ForCausalLM", 24, 896, 4864)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, cfg.o_bias, cfg.tie_word_embeddings) == (14, 2, True, False, False)
+    # The GGUF names <|im_end|> only; <|endoftext|> ends a plain completion (as in Qwen's
+    # generation_config.json and llama.cpp).
+    assert cfg.eos_token_ids == (151645, 151643)
+    assert qwen.tokenizer.convert_ids_to_tokens(list(cfg.eos_token_ids)) == ["<|im_end|>", "<|endoftext|>"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """HumanEval (Chen et al. 2021): greedy code completion, executed against the problem's tests.
 
 Each problem's prompt (a signature and docstring) is pre-filled, so it chooses the core
-neurons; the completion is decoded greedily to `max_new_tokens` (default 384) or a special
-token, then cut at the first stop sequence (a new top-level `def`, `class`, `if`, `print` or
-`#` line, as the Codex paper does; the chat format also stops at the closing code fence). The
+neurons; the completion is decoded greedily until it contains a stop sequence (a new
+top-level `def`, `class`, `if`, `print` or `#` line, as the Codex paper does; the chat format
+also stops at the closing code fence), a special token or `max_new_tokens` (default 384), and
+cut before its first stop sequence. The
 program `prompt + completion + test + check(entry_point)` runs in the sandbox
 (`evaluation.sandbox`) and passes when it runs to its end: pass@1 over greedy completions.
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.sandbox import Limits, isolation, run_program
 from coreinfer_jax.runtime.generator import Generator
+from coreinfer_jax.runtime.stop_strings import cut
 from coreinfer_jax.sparse.method import Method
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
@@ -67,14 +68,13 @@ def load_humaneval(path: Path | None) -> list[Problem]:
     return problems
 
 
-_STOP = re.compile("|".join(re.escape(s) for s in STOP_SEQUENCES))
-_STOP_CHAT = re.compile("|".join(re.escape(s) for s in STOP_SEQUENCES + (CHAT_STOP,)))
+def stop_sequences(chat: bool) -> tuple[str, ...]:
+    return STOP_SEQUENCES + ((CHAT_STOP,) if chat else ())
 
 
 def truncate(completion: str, chat: bool = False) -> str:
     """`completion` up to (not including) its first stop sequence."""
-    match = (_STOP_CHAT if chat else _STOP).search(completion)
-    return completion if match is None else completion[: match.start()]
+    return cut(completion, stop_sequences(chat))
 
 
 def prompt_text(gen: Generator, problem: Problem, prompt_format: str) -> str:
@@ -118,7 +118,8 @@ def humaneval(gen: Generator, problems: Sequence[Problem], method: Method, batch
         batch = problems[i: i + batch_size]
         ids = [gen.tokenizer(prompt_text(gen, p, prompt_format), add_special_tokens=not chat)["input_ids"]
                for p in batch]
-        out = gen.generate_ids(ids, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, method, stop_tokens=stops)
+        out = gen.generate_ids(ids, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, method, stop_tokens=stops,
+                               stop_strings=stop_sequences(chat))
         for p, tokens in zip(batch, out.tokens):
             raw = gen.tokenizer.decode(tokens, skip_special_tokens=True)
             completion = truncate(raw, chat)

@@ -73,6 +73,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.runtime.stop_strings import cut
 from coreinfer_jax.sparse.registry import make_method, parse_layers
 from coreinfer_jax.sparse.rules import check_share
 
@@ -298,16 +299,14 @@ class CoreInferLM(TemplateLM):
         prompts = [self.tok_encode(c) or [self.prefix_token_id] for c in contexts]
         self._warn_truncated(sum(len(p) > room for p in prompts), "generate_until")
         prompts = [p[-room:] for p in prompts]
-        stops = self.gen.newline_tokens if "\n" in until else ()
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         texts = [""] * len(prompts)
         for seed, start in enumerate(range(0, len(order), self.batch_size)):
             batch = order[start: start + self.batch_size]
             out = self.gen.generate_ids(self._padded([prompts[i] for i in batch]), max_new, self.method,
-                                        sampling, seed=seed, stop_tokens=stops)
+                                        sampling, seed=seed, stop_strings=until)
             for i, tokens in zip(batch, out.tokens):
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                texts[i] = text[: min((text.find(s) for s in until if s in text), default=len(text))]
+                texts[i] = cut(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
             bar.update(len(batch))
         return texts
 

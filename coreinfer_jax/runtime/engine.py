@@ -65,8 +65,8 @@ _LOOP_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_steps", "return_logits", "ffn_fn"),
                    donate_argnames=("cache",), compiler_options=_LOOP_COMPILER_OPTIONS)
 def decode(weights: Params, first_logits: jnp.ndarray, cache: Cache, lengths: jnp.ndarray,
-           max_new_tokens: jnp.ndarray, eos_ids: jnp.ndarray, key: jax.Array, *,
-           cfg: ModelConfig, sampling: Sampling, max_steps: int,
+           max_new_tokens: jnp.ndarray, eos_ids: jnp.ndarray, key: jax.Array,
+           stop_table: jnp.ndarray | None = None, *, cfg: ModelConfig, sampling: Sampling, max_steps: int,
            return_logits: bool = False, ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
     """Generate up to `max_new_tokens` (<= `max_steps`) tokens per row after pre-fill, until
     the rows' positions fill `cache` (its length is the attention window: see `resume`).
@@ -74,6 +74,8 @@ def decode(weights: Params, first_logits: jnp.ndarray, cache: Cache, lengths: jn
     `weights` are the method's decode weights (`method.decode_weights`) and `ffn_fn` its
     `decode_ffn`. `eos_ids` may be padded with -1 (no token is -1), so that a different
     number of stop tokens can share a compile. `key` is unused for greedy sampling.
+    `stop_table` (`runtime.stop_strings`, `[S, V]`) also ends a row when its text contains
+    a stop string: each row carries its automaton state, and stops at MATCHED (`S - 1`).
 
     Returns the loop state: `tokens` `[B, max_steps]` (-1 past a row's end), with
     `return_logits` the `logits` `[B, max_steps, V]` each token was chosen from, and the rest
@@ -90,19 +92,23 @@ def decode(weights: Params, first_logits: jnp.ndarray, cache: Cache, lengths: jn
     state.update(i=jnp.int32(1), token=first, pos=lengths.astype(jnp.int32),
                  done=jnp.isin(first, eos_ids) | (max_new_tokens <= 1),
                  tokens=jnp.full((B, max_steps), -1, jnp.int32).at[:, 0].set(first))
+    if stop_table is not None:
+        state["stop_state"] = stop_table[0, first].astype(jnp.int32)  # [B]
+        state["done"] |= state["stop_state"] == stop_table.shape[0] - 1
     if return_logits:
         state["logits"] = jnp.zeros((B, max_steps, first_logits.shape[-1]), jnp.float32).at[:, 0].set(first_logits)
-    return _loop(weights, state, cache, max_new_tokens, eos_ids, cfg, sampling, ffn_fn)
+    return _loop(weights, state, cache, max_new_tokens, eos_ids, stop_table, cfg, sampling, ffn_fn)
 
 
 # What `decode` and `resume` carry from one step (and one call) to the next.
-STATE = ("i", "token", "pos", "done", "tokens", "key", "logits")
+STATE = ("i", "token", "pos", "done", "tokens", "key", "logits", "stop_state")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "ffn_fn"), donate_argnames=("state", "cache"),
                    compiler_options=_LOOP_COMPILER_OPTIONS)
 def resume(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_tokens: jnp.ndarray,
-           eos_ids: jnp.ndarray, *, cfg: ModelConfig, sampling: Sampling, ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
+           eos_ids: jnp.ndarray, stop_table: jnp.ndarray | None = None, *, cfg: ModelConfig, sampling: Sampling,
+           ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
     """Continue `decode` from its returned `state` (the `STATE` entries) with a longer `cache`.
 
     A decode step's attention reads every slot of the cache it is given, so the caller runs
@@ -110,7 +116,7 @@ def resume(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new
     step reads at most about twice the live slots, and one compile per cache length serves
     every generation that reaches it.
     """
-    return _loop(weights, state, cache, max_new_tokens, eos_ids, cfg, sampling, ffn_fn)
+    return _loop(weights, state, cache, max_new_tokens, eos_ids, stop_table, cfg, sampling, ffn_fn)
 
 
 @functools.partial(jax.jit, static_argnames=("slots",))
@@ -121,7 +127,8 @@ def grow_cache(cache: Cache, *, slots: int) -> Cache:
 
 
 def _loop(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_tokens: jnp.ndarray,
-          eos_ids: jnp.ndarray, cfg: ModelConfig, sampling: Sampling, ffn_fn: FFN) -> dict[str, jnp.ndarray]:
+          eos_ids: jnp.ndarray, stop_table: jnp.ndarray | None, cfg: ModelConfig, sampling: Sampling,
+          ffn_fn: FFN) -> dict[str, jnp.ndarray]:
     slots = cache[0]["k"].shape[-1]
 
     def wanted(s):
@@ -143,6 +150,9 @@ def _loop(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_
             token = sample(step_logits, sub, sampling)
         new.update(token=token, tokens=s["tokens"].at[:, s["i"]].set(jnp.where(s["done"], -1, token)),
                    done=s["done"] | jnp.isin(token, eos_ids) | (s["i"] + 1 >= max_new_tokens))
+        if stop_table is not None:
+            new["stop_state"] = stop_table[s["stop_state"], token].astype(jnp.int32)  # [B]
+            new["done"] |= new["stop_state"] == stop_table.shape[0] - 1
         if "logits" in s:
             new["logits"] = s["logits"].at[:, s["i"]].set(step_logits)
         return new

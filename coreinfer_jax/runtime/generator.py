@@ -7,6 +7,9 @@
 
 The first call of a new shape or method compiles, inside its `prefill_s` and `decode_s`
 (`compile_s` says how long); `warmup=True` runs the request once first, so the timings exclude it.
+
+It is long because `Generator` is the one object a user holds: loading, meshes and offload,
+text and token-id requests with their stops, and scoring all meet the compiled programs here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from coreinfer_jax.runtime import engine
 from coreinfer_jax.runtime.batching import cache_length, cache_windows, check_ids, prompt_bucket, stop_ids
 from coreinfer_jax.runtime.offload import place_core_weights, prefill_streamed, split_params
 from coreinfer_jax.runtime.sampling import Sampling
+from coreinfer_jax.runtime.stop_strings import cut, stop_table
 from coreinfer_jax.sparse.method import Dense, Method
 
 # Each compile's tracing, lowering and XLA time; a jit traced inside another is part of the
@@ -97,6 +101,7 @@ class Generator:
         self.params = params
         self.offloaded = split_params(params, cfg, host_memory) if offload else None
         self.derived: dict = {}  # what methods build from the weights once (`Method.prepare`)
+        self.stop_tables: dict[tuple[str, ...], jnp.ndarray] = {}  # per set of stop strings
 
     @classmethod
     def load(cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, dtype: str | None = None, offload: bool = False,
@@ -141,32 +146,39 @@ class Generator:
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, method: Method = Dense(),
                  sampling: Sampling = Sampling(), seed: int = 0, chat: bool = False,
-                 stop_at_eos: bool = True, stop_at_newline: bool = False, warmup: bool = False) -> GenerationResult:
+                 stop_at_eos: bool = True, stop_at_newline: bool = False, stop_strings: Sequence[str] = (),
+                 warmup: bool = False) -> GenerationResult:
         """Generate from text. `chat` makes each prompt a user turn of the tokenizer's chat template
         (off by default here, so scripted and evaluation prompts stay as written; the `generate`
         command turns it on for a model that has one). `stop_at_newline` ends a row at the first
-        token containing a newline (one-line answers, as in the paper's QA runs), which is dropped."""
+        token containing a newline (one-line answers, as in the paper's QA runs), which is dropped.
+        A row also ends once its text contains one of `stop_strings`; its text is cut before the
+        first one (its tokens keep the one that completed it)."""
+        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         ids = self.encode(prompts, chat)
         stops = self.newline_tokens if stop_at_newline else ()
         result = self.generate_ids(ids, max_new_tokens, method, sampling, seed, stop_at_eos, stop_tokens=stops,
-                                   warmup=warmup)
+                                   stop_strings=stop_strings, warmup=warmup)
         result.chat = chat
         if stop_at_newline:
             result.tokens = [t[:-1] if t and t[-1] in stops else t for t in result.tokens]
-        result.texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+        result.texts = [cut(self.tokenizer.decode(t, skip_special_tokens=True), stop_strings) for t in result.tokens]
         return result
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                      method: Method = Dense(), sampling: Sampling = Sampling(), seed: int = 0,
                      stop_at_eos: bool = True, return_logits: bool = False,
-                     stop_tokens: Sequence[int] = (), warmup: bool = False) -> GenerationResult:
+                     stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                     warmup: bool = False) -> GenerationResult:
         """Generate from token-id prompts of any lengths (batched, right-padded to a bucket).
 
-        A row ends at EOS (with `stop_at_eos`), at any of `stop_tokens`, or after
+        A row ends at EOS (with `stop_at_eos`), at any of `stop_tokens`, once the text of its
+        new tokens contains one of `stop_strings` (`runtime.stop_strings`), or after
         `max_new_tokens`; the stopping token is part of `tokens`. `warmup` runs the request once
         first, so that the timings exclude compiling (the result's `compile_s`).
         """
-        request = (prompts, max_new_tokens, method, sampling, seed, stop_at_eos, return_logits, stop_tokens)
+        request = (prompts, max_new_tokens, method, sampling, seed, stop_at_eos, return_logits, stop_tokens,
+                   self.stop_table(stop_strings))
         warm_compile_s = self._generate_ids(*request).compile_s if warmup else 0.0
         result = self._generate_ids(*request)
         result.compile_s += warm_compile_s
@@ -174,7 +186,7 @@ class Generator:
 
     def _generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, method: Method,
                       sampling: Sampling, seed: int, stop_at_eos: bool, return_logits: bool,
-                      stop_tokens: Sequence[int]) -> GenerationResult:
+                      stop_tokens: Sequence[int], stops: jnp.ndarray | None) -> GenerationResult:
         cfg = self.cfg
         method = self.resolve(method)
         rows = len(prompts)
@@ -190,14 +202,14 @@ class Generator:
             first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method)
             jax.block_until_ready((first_logits, cache, core, weights))
             t1 = time.perf_counter()
-            out = engine.decode(weights, first_logits, cache, lengths, limit, eos, jax.random.key(seed), cfg=cfg,
+            out = engine.decode(weights, first_logits, cache, lengths, limit, eos, jax.random.key(seed), stops, cfg=cfg,
                                 sampling=sampling, max_steps=cache_len - tokens.shape[1],
                                 return_logits=return_logits, ffn_fn=method.decode_ffn)
             for slots in windows[1:]:
                 if not out["more"]:  # one host sync per segment
                     break
                 cache = engine.grow_cache(out.pop("cache"), slots=slots)
-                out = engine.resume(weights, {k: out[k] for k in engine.STATE if k in out}, cache, limit, eos,
+                out = engine.resume(weights, {k: out[k] for k in engine.STATE if k in out}, cache, limit, eos, stops,
                                     cfg=cfg, sampling=sampling, ffn_fn=method.decode_ffn)
             out = jax.block_until_ready(out)
             t2 = time.perf_counter()
@@ -212,6 +224,13 @@ class Generator:
             core_neurons=None if core is None else np.asarray(method.neuron_ids(core))[:rows],
             logits=np.asarray(out["logits"])[:rows, :max_new_tokens] if return_logits else None, compile_s=compile_s,
         )
+
+    def stop_table(self, stop_strings: Sequence[str]) -> jnp.ndarray | None:
+        """The decode loop's table for `stop_strings` (None for none), built once per set."""
+        key = tuple(sorted({stop_strings} if isinstance(stop_strings, str) else set(stop_strings)))
+        if key and key not in self.stop_tables:
+            self.stop_tables[key] = jnp.asarray(stop_table(self.tokenizer, key, self.cfg.vocab_size))
+        return self.stop_tables.get(key)
 
     def score_ids(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
                   method: Method = Dense()) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -71,7 +71,14 @@ def empty_note(out: GenerationResult, gen: Generator, chat: bool) -> str | None:
         else:
             hint = "try another prompt or --task qa"
         return f"finished at once: the model produced {first} first; {hint}"
+    if gen.tokenizer.decode(tokens, skip_special_tokens=True).strip():
+        return "no text before the first --stop text"
     return f"no text: the {len(tokens)} generated tokens decode to whitespace or special tokens only"
+
+
+def unescape(text: str) -> str:
+    """`--stop` text as meant: a shell passes "\\n" as a backslash and an n."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -83,7 +90,8 @@ def generate_main(args: argparse.Namespace) -> int:
     prompt = format_prompt(args.task, prompt)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, method=method, sampling=sampling,
                                   seed=args.seed, chat=chat,
-                                  stop_at_newline=args.stop_at_newline or args.task == "qa")
+                                  stop_at_newline=args.stop_at_newline or args.task == "qa",
+                                  stop_strings=[unescape(s) for s in args.stop])
     # The first call compiles (pre-fill and decode for this bucket); the second is timed.
     warm = gen.generate(prompt, **kwargs)
     with maybe_profile(args.profile):
@@ -168,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the prompt as written, without the chat template")
     g.add_argument("--stop-at-newline", action="store_true",
                    help="end the answer at its first newline (always on with --task qa)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer before TEXT (repeatable; decoding stops once TEXT is written; "
+                        "\\n and \\t are read as a newline and a tab)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
