@@ -130,6 +130,7 @@ def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: 
                disable=None)  # None: no bar when stderr is not a terminal (logs, subprocesses)
     with bar:
         flat = convert_tensors(cfg, bar, dtype)
+    src.release()
     metadata = {"source": src.label, "source_format": src.format}
     return write_checkpoint(out, cfg, unflatten(cfg, flat), tokenizer, hf_config, metadata, dtype,
                             overwrite=force)

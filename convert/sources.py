@@ -82,6 +82,9 @@ class Source(abc.ABC):
         """End tokens the checkpoint's generation config lists (none by default)."""
         return []
 
+    def release(self) -> None:
+        """Drop what the source holds in memory once its tensors are read (nothing by default)."""
+
     @abc.abstractmethod
     def tensor_count(self) -> int:
         """How many tensors `tensors` will yield (for the progress bar)."""
@@ -228,7 +231,8 @@ class GGUFSource(Source):
         self._model: Any = None
 
     def model(self) -> Any:
-        """Transformers' model of the file (float32, loaded once), whose weights `tensors` yields."""
+        """Transformers' model of the file (float32, loaded once, and again after `release`), whose weights
+        `tensors` yields."""
         if self._model is None:
             try:
                 self._model = AutoModelForCausalLM.from_pretrained(
@@ -239,6 +243,11 @@ class GGUFSource(Source):
 
     def hf_config(self) -> dict[str, Any]:
         return self.model().config.to_dict()
+
+    def release(self) -> None:
+        # The dequantised model is as large as the converted params: writing them while it is
+        # alive took Qwen2.5-Coder-1.5B past 23 GB. `model()` loads it again if asked.
+        self._model = None
 
     def tokenizer(self) -> Any:
         try:
