@@ -32,7 +32,8 @@ def suite(tmp_path_factory) -> tuple[dict, str, str]:
 
 def expected_rows() -> dict[tuple[str, str], str]:
     """(part, row name) -> how it must end on a machine without a GPU."""
-    rows = {("tests", "pytest test_products test_gather test_decode test_sparse --collect-only"): "collected"}
+    tests = "pytest test_products test_gather test_decode test_sparse test_attention_forms --collect-only"
+    rows = {("tests", tests): "collected"}
     for shape in SHAPES:
         rows |= {("bench", f"{shape}: transformers-pytorch-sdpa-cuda"): "skipped: no GPU",
                  ("bench", f"{shape}: transformers-pytorch-sdpa-cuda-static-compile"): "skipped: no GPU"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import pytest
 
+from coreinfer_jax.models import products
 from coreinfer_jax.sparse import gather
 from coreinfer_jax.sparse.stability import Stability
 from coreinfer_jax.tools import gpu_compile
@@ -49,3 +50,26 @@ def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> 
     assert ("concatenate", "bf16[11468,4096]") in found
     assert ("pad", "bf16[5760,4096]") in found
     assert len(loop_writes(compiled.decode)) == 2 * n_sparse
+
+
+# Kernels a layer adds to a decode step at 8B widths, bf16, batch 1 (2026-12-05, JAX 0.10.2):
+# 7 products for dense (QKV, scores, values, output, gate, up, down; the sparse methods read
+# gate|up with one), the softmax, the query's RoPE, two cache writes (the new key's RoPE
+# fused in), two residual adds (which also sum split-K partials), two norms of two kernels
+# each, and the activation. The hybrid adds its per-token selection and products.
+KERNELS_PER_LAYER = {"dense": 19, "stability keep 0.4": 18, "hybrid default": 29}
+
+
+@pytest.mark.parametrize("label", sorted(KERNELS_PER_LAYER))
+def test_a_decode_layer_compiles_to_few_kernels(label) -> None:
+    assert gpu_compile.kernels_per_layer(label) <= KERNELS_PER_LAYER[label]
+
+
+def test_the_cpu_attention_form_on_a_gpu_costs_kernels(monkeypatch) -> None:
+    """Attending to the new token apart from the cache (the CPU's form) compiles, for a GPU,
+    to a kernel that concatenates the scores and recomputes the new key inside it: the H200
+    profile's 30 us per layer-step."""
+    jax.clear_caches()
+    monkeypatch.setattr(products, "FORCE", "cpu")
+    assert gpu_compile.kernels_per_layer("dense") > KERNELS_PER_LAYER["dense"]
+    jax.clear_caches()

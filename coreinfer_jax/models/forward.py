@@ -2,10 +2,10 @@
 
 One function, `forward`, serves pre-fill (a right-padded `[B, T]` chunk written at slot 0),
 single-token decode (`T = 1` at each row's own position) and teacher-forced chunks: every
-row attends to its cached slots `s < start[b]` and causally within the chunk, then writes
-the chunk's keys/values at `start[b] + t`. Padding after a row's real tokens is written
-too, and overwritten by the decode step that reaches that slot before any real query can
-see it.
+row attends to its cached slots `s < start[b]` and causally within the chunk, and the
+chunk's keys/values are written at `start[b] + t` (`models.attend`). Padding after a row's
+real tokens is written too, and overwritten by the decode step that reaches that slot
+before any real query can see it.
 
 A layer's FFN params are either the full `[F, D]` matrices or, in sparse decode, the
 per-sequence gathered core neurons `[B, K, D]`; `ffn` handles both.
@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.models.attend import attend
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.models.rope import apply_rotary, rope_tables
@@ -74,11 +75,6 @@ def norm(p: dict[str, jnp.ndarray], x: jnp.ndarray, cfg: ModelConfig) -> jnp.nda
     return p["scale"] * h.astype(x.dtype)
 
 
-def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """Write `new` `[B, Hkv, hd, T]` into `cache` `[B, Hkv, hd, S]` at each row's `start[b]`."""
-    return jax.vmap(lambda c, n, s: lax.dynamic_update_slice(c, n, (0, 0, s)))(cache, new, start)
-
-
 def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
               kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
               cfg: ModelConfig, prefix: bool = True,
@@ -108,29 +104,8 @@ def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndar
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 3, 1)  # [B, Hkv, hd, T]
     q = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
     q = q * jnp.asarray((cfg.query_pre_attn_scalar or hd) ** -0.5, x.dtype)
-    # Attend to the cached prefix (slots before `start`) and to the chunk itself, and write
-    # the chunk into the cache last: nothing then reads the updated cache within the step,
-    # so a decode loop updates it in place instead of copying every layer's cache per token.
-    offsets = jnp.arange(T)
-    visible = offsets[None, :, None] >= offsets[None, None, :]  # [1, T, T]
-    if window is not None:
-        visible &= offsets[None, None, :] > offsets[None, :, None] - window
-    masked = jnp.finfo(jnp.float32).min
-    chunk = jnp.einsum("bkgtd,bkdu->bkgtu", q, k).astype(jnp.float32)  # [B, Hkv, G, T, T]
-    scores, values = [jnp.where(visible[:, None, None], chunk, masked)], [v]
-    if prefix:
-        slots = jnp.arange(kv["k"].shape[3])
-        visible = slots[None, None, :] < start[:, None, None]  # [B, 1, S]
-        if window is not None:
-            visible &= slots[None, None, :] > positions[:, :, None] - window  # [B, T, S]
-        cached = jnp.einsum("bkgtd,bkds->bkgts", q, kv["k"]).astype(jnp.float32)  # [B, Hkv, G, T, S]
-        scores.insert(0, jnp.where(visible[:, None, None], cached, masked))
-        values.insert(0, kv["v"])
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(x.dtype)  # [B, Hkv, G, T, S + T]
-    splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
-    out = sum(jnp.einsum("bkgts,bkds->btkgd", p, val)
-              for p, val in zip(jnp.split(probs, splits, axis=-1), values)).reshape(B, T, H * hd)  # [B, T, H*hd]
-    kv = {"k": _write(kv["k"], k, start), "v": _write(kv["v"], v, start)}  # [B, Hkv, hd, S]
+    out, kv = attend(q, k, v, kv, start, positions, window, prefix)
+    out = out.reshape(B, T, H * hd)  # [B, T, H*hd]
     out = out @ p["w_o"]
     if cfg.o_bias:
         out = out + p["b_o"]

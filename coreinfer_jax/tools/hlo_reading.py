@@ -30,9 +30,11 @@ _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 
              "s64": 8, "u64": 8, "f64": 8}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]+)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
-# Ops that name buffers without writing them, or update a loop-carried one in place.
-_NOT_WRITES = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
-               "dynamic-update-slice", "after-all", "partition-id", "replica-id"}
+# Ops that launch nothing: they name buffers or hold other computations.
+_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+              "after-all", "partition-id", "replica-id"}
+# ... and the ones that write nothing new either (an in-place update of a loop-carried buffer).
+_NOT_WRITES = _NO_KERNEL | {"dynamic-update-slice"}
 
 
 def _bytes(shape: str) -> int:
@@ -60,11 +62,12 @@ def _root_op(lines: list[str]) -> str:
     return _INSTRUCTION.match(root).group(3)
 
 
-def _loop_instructions(hlo: str) -> Iterator[tuple[dict[str, list[str]], dict[str, str], str, str, str, str]]:
+def _loop_instructions(hlo: str, skip: set[str] = _NOT_WRITES,
+                       ) -> Iterator[tuple[dict[str, list[str]], dict[str, str], str, str, str, str]]:
     """`(computations, shapes of the instruction's computation, name, shape, op, rest of line)`
     of each instruction in the bodies of the while loops of the optimized `hlo` text and in
     the computations they call (not fused ones); fusions' ops are "fusion KIND ROOT_OP", and
-    instructions that only name buffers are left out."""
+    instructions whose op is in `skip` are left out."""
     comps = _computations(hlo)
     todo = [m for line in hlo.splitlines() for m in re.findall(r"\bbody=%(\S+?)[,\s]", line + " ")]
     seen = set()
@@ -83,7 +86,7 @@ def _loop_instructions(hlo: str) -> Iterator[tuple[dict[str, list[str]], dict[st
                 called = re.search(r"calls=%([^,\s}]+)", rest).group(1)
                 kind = re.search(r"kind=(\w+)", rest).group(1)
                 op = f"fusion {kind} {_root_op(comps[called])}"
-            elif op in _NOT_WRITES:
+            elif op in skip:
                 continue
             yield comps, shapes, inst, shape, op, rest
 
@@ -95,6 +98,14 @@ def loop_writes(hlo: str, min_bytes: int = WEIGHT_SIZED) -> list[Write]:
     return [Write(inst, op, shape.split("{")[0] if shape[0] != "(" else shape, _bytes(shape))
             for _, _, inst, shape, op, _ in _loop_instructions(hlo)
             if not op.endswith("dynamic-update-slice") and _bytes(shape) >= min_bytes]
+
+
+def loop_kernels(hlo: str) -> list[str]:
+    """What the decode loop's body launches per iteration, in schedule order: the op of each
+    instruction that runs on the device (a fusion, as "fusion KIND ROOT_OP", a library call,
+    a copy, a sort). At batch 1 every kernel but the products is small, so their number is
+    what a step spends outside reading weights."""
+    return [op for *_, op, _ in _loop_instructions(hlo, skip=_NO_KERNEL)]
 
 
 def loop_read_bytes(hlo: str) -> int:
