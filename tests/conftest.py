@@ -20,7 +20,7 @@ import io
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # The suite runs on the CPU. With the `cuda12` extra installed (its GPU compiler serves the
 # deviceless sm_90 check) JAX would otherwise try a CUDA backend first and, finding no GPU,
@@ -39,6 +39,7 @@ from convert import convert_checkpoint
 from convert.__main__ import main as convert_main
 from convert.core import convert_source
 from convert.sources import GGUFSource, open_source
+from coreinfer_jax.models import products
 
 
 def run_main(main: Callable[[list[str]], int], *args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -283,3 +284,15 @@ def coreinfer_home(tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint:
 def gemma3_torch_model(gemma3_source: GGUFSource) -> PreTrainedModel:
     """Transformers' Gemma-3-270M on the same dequantised weights, float32, eval mode."""
     return gemma3_source.model().eval()
+
+
+@pytest.fixture
+def forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """`forced("cpu" | "gpu")` runs the backend-specific forms (`products.by_platform`: one
+    token's products, decode attention) in the form given, on this CPU, with no compile
+    reused across forms."""
+    def use(form: str) -> None:
+        jax.clear_caches()
+        monkeypatch.setattr(products, "FORCE", form)
+    yield use
+    jax.clear_caches()

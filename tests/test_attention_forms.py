@@ -69,14 +69,6 @@ def test_the_gpu_form_is_what_a_gpu_program_runs() -> None:
     assert "concatenate" not in lowered["cuda"]
 
 
-@pytest.fixture
-def forced(monkeypatch):
-    def use(form: str) -> None:
-        jax.clear_caches()
-        monkeypatch.setattr(products, "FORCE", form)
-    yield use
-    jax.clear_caches()
-
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2_window", "phi3", "gemma3", "opt"])
 def test_decoding_with_either_form_gives_the_same_tokens(name, tiny_checkpoint, forced) -> None:

@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 from coreinfer_jax import Generator, Hybrid
-from coreinfer_jax.models import products
 from coreinfer_jax.models.products import gathered_times, times_gathered, times_rows
 
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]
 
-
-@pytest.fixture
-def forced(monkeypatch):
-    """Run the products in the form given, on this CPU, with no compile reused across forms."""
-    def use(form: str) -> None:
-        jax.clear_caches()
-        monkeypatch.setattr(products, "FORCE", form)
-    yield use
-    jax.clear_caches()
 
 
 @pytest.mark.parametrize("form", ["cpu", "gpu"])
