@@ -11,7 +11,7 @@ from coreinfer_jax.models import products
 from coreinfer_jax.sparse import gather
 from coreinfer_jax.sparse.stability import Stability
 from coreinfer_jax.tools import gpu_compile
-from coreinfer_jax.tools.hlo_reading import loop_writes
+from coreinfer_jax.tools.hlo_reading import loop_kernels, loop_writes
 from coreinfer_jax.tools.shapes import model_config, random_params
 
 pytestmark = [pytest.mark.skipif(gpu_compile.unavailable() is not None, reason=str(gpu_compile.unavailable())),
@@ -31,6 +31,9 @@ def test_decode_loop_copies_no_weights_and_reads_the_counted_bytes(label, llama8
     compiled = gpu_compile.compile_method(cfg, params, gpu_compile.methods(cfg)[label], label=label)
     assert "__triton" in compiled.decode  # compiled by the GPU backend: its products are Triton fusions
     assert loop_writes(compiled.decode) == []
+    # One row's sort is six launches, 56 us, on an H200: the hybrid's per-token choice selects
+    # by radix instead (`sparse.radix_select`).
+    assert not [op for op in loop_kernels(compiled.decode) if op.endswith("sort")]
     assert abs(compiled.step_bytes / compiled.counted_bytes - 1) <= gpu_compile.BYTES_TOLERANCE
     if label != "dense":
         assert compiled.gather is not None
@@ -56,13 +59,24 @@ def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> 
 # 7 products for dense (QKV, scores, values, output, gate, up, down; the sparse methods read
 # gate|up with one), the softmax, the query's RoPE, two cache writes (the new key's RoPE
 # fused in), two residual adds (which also sum split-K partials), two norms of two kernels
-# each, and the activation. The hybrid adds its per-token selection and products.
-KERNELS_PER_LAYER = {"dense": 19, "stability keep 0.4": 18, "hybrid default": 29}
+# each, and the activation. The hybrid adds its sketch, its per-token products, and a radix
+# selection of ten small kernels in place of one sort (six launches, 56 us on an H200).
+KERNELS_PER_LAYER = {"dense": 19, "stability keep 0.4": 18, "hybrid default": 35}
 
 
 @pytest.mark.parametrize("label", sorted(KERNELS_PER_LAYER))
 def test_a_decode_layer_compiles_to_few_kernels(label) -> None:
     assert gpu_compile.kernels_per_layer(label) <= KERNELS_PER_LAYER[label]
+
+
+def test_the_sorted_choice_on_a_gpu_is_a_sort_in_the_loop(llama8b, monkeypatch) -> None:
+    """The check sees a sort where there is one: the hybrid with the CPU's forms (`lax.top_k`)."""
+    cfg, params = llama8b
+    jax.clear_caches()
+    monkeypatch.setattr(products, "FORCE", "cpu")
+    compiled = gpu_compile.compile_method(cfg, params, gpu_compile.methods(cfg)["hybrid default"])
+    jax.clear_caches()
+    assert [op for op in loop_kernels(compiled.decode) if op.endswith("sort")]
 
 
 def test_the_cpu_attention_form_on_a_gpu_costs_kernels(monkeypatch) -> None:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from coreinfer_jax import Stability, make_method, select_core_neurons
-from coreinfer_jax.sparse.rules import RULES
+from coreinfer_jax.sparse.radix_select import radix_top
+from coreinfer_jax.sparse.rules import RULES, top_neurons_and_mask
 
 
 def magnitude_reference(acts: np.ndarray, n_keep: int, token_keep: float) -> np.ndarray:
@@ -104,6 +105,60 @@ def test_padding_and_other_rows_never_count(rule: str) -> None:
 def test_ties_are_taken_in_index_order(rule: str) -> None:
     acts = np.ones((1, 6, 20), np.float32)  # every neuron scores the same
     assert run(rule, acts, np.ones((1, 6), bool), 7)[0].tolist() == list(range(7))
+
+
+def numpy_top(scores: np.ndarray, n: int) -> np.ndarray:
+    """The `n` highest of `scores` `[F]` in the order `lax.top_k` documents: by value, +0
+    above -0, then lower id first."""
+    return np.lexsort((np.arange(len(scores)), np.signbit(scores), -scores))[:n]
+
+
+def tied_scores(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Few distinct values (ties in every row), -inf (the hybrid's core neurons), +inf, and
+    both zeros."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(-2, 4, shape) / 4).astype(np.float32)
+    for value, share in ((-np.inf, 0.15), (np.inf, 0.03), (-0.0, 0.1)):
+        scores[rng.random(shape) < share] = value
+    return scores
+
+
+@pytest.mark.parametrize("form", ["cpu", "gpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("n,shards,T", [(1, 1, 1), (5, 1, 1), (12, 1, 3), (24, 1, 1), (6, 2, 1), (12, 3, 3)])
+def test_top_neurons_and_mask_equal_a_numpy_scatter(n: int, shards: int, T: int, dtype, form, forced) -> None:
+    """The per-token choice's ids and mask (made by comparison or by radix selection, not a
+    scatter) against NumPy: a stable sort per neuron block, its ids set in a zero mask."""
+    forced(form)
+    scores = tied_scores(n * 10 + shards, (2, T, 24))  # [B, T, F]
+    ids, mask = top_neurons_and_mask(jnp.asarray(scores, dtype), n, shards)
+    block = 24 // shards
+    want_ids = np.zeros((2, T, n), np.int64)
+    want_mask = np.zeros((2, T, 24), bool)
+    for b, t, s in np.ndindex(2, T, shards):
+        top = s * block + numpy_top(scores[b, t, s * block:(s + 1) * block], n // shards)
+        want_ids[b, t, s * (n // shards):(s + 1) * (n // shards)] = top
+        want_mask[b, t, top] = True
+    assert ids.dtype == jnp.int32 and mask.dtype == jnp.bool_
+    if form == "gpu" and T == 1:  # radix selection: the same ids, each block's in increasing order
+        want_ids = np.sort(want_ids.reshape(2, T, shards, -1), axis=-1).reshape(2, T, n)
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    np.testing.assert_array_equal(np.asarray(mask), want_mask)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("n", [1, 37, 299, 300])
+def test_radix_selection_equals_numpy(n: int, dtype) -> None:
+    """`radix_top` on rows of 300 scores, one row of distinct ones (every byte of the key
+    decides), against NumPy's order."""
+    scores = tied_scores(n, (3, 300))
+    scores[2] = np.random.default_rng(n).standard_normal(300) * 10.0 ** np.random.default_rng(n + 1).integers(-4, 4, 300)
+    scores = np.asarray(jnp.asarray(scores, dtype).astype(jnp.float32))  # the values `dtype` holds
+    ids, mask = jax.jit(radix_top, static_argnums=1)(jnp.asarray(scores, dtype), n)
+    for row, got_ids, got_mask in zip(scores, np.asarray(ids), np.asarray(mask)):
+        want = np.sort(numpy_top(row, n))
+        np.testing.assert_array_equal(got_ids, want)
+        np.testing.assert_array_equal(np.flatnonzero(got_mask), want)
 
 
 @pytest.mark.parametrize("keep", [0.05, 0.2, 0.4, 0.6, 1.0])

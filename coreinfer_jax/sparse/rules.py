@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from coreinfer_jax.errors import MethodError
+from coreinfer_jax.models.products import by_platform
+from coreinfer_jax.sparse.radix_select import radix_top
 from coreinfer_jax.sparse.selection import stability_counts
 
 Score = Callable[[jnp.ndarray, jnp.ndarray, float], jnp.ndarray]
@@ -103,12 +105,40 @@ def top_neurons(scores: jnp.ndarray, n_keep: int, shards: int = 1, share: str = 
     lead = scores.shape[:-1]
     if share == "batch":
         scores = scores.sum(0, keepdims=True)  # [1, F]
-    block = scores.shape[-1] // shards
     # Two-dimensional: XLA's CPU top-k took ~40% longer on the same numbers as [B, T, N, F/N].
-    _, idx = lax.top_k(scores.reshape(-1, block), n_keep // shards)  # [B * T * N, n/N]
-    idx = (idx.reshape(*scores.shape[:-1], shards, -1) + jnp.arange(shards)[:, None] * block).reshape(
-        *scores.shape[:-1], n_keep)  # [..., n_keep]
-    return jnp.broadcast_to(idx, (*lead, n_keep)).astype(jnp.int32)
+    _, idx = lax.top_k(scores.reshape(-1, scores.shape[-1] // shards), n_keep // shards)  # [B * T * N, n/N]
+    return jnp.broadcast_to(_ids(idx, scores.shape, shards), (*lead, n_keep))
+
+
+def top_neurons_and_mask(scores: jnp.ndarray, n_keep: int, shards: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`top_neurons(scores, n_keep, shards)` per row of `scores` `[B, T, F]`, and `bool
+    [B, T, F]`: True at those ids.
+
+    A decode step (`T == 1`) lowered for a GPU selects without sorting
+    (`radix_select.radix_top`: the same ids, in increasing order); everything else ranks
+    with `lax.top_k` and scatters the ids into the mask. (Comparing with the last kept score
+    instead made XLA's CPU backend turn its top-k into a full sort: 8x slower at SmolLM2's
+    widths.)"""
+    blocks = scores.reshape(-1, scores.shape[-1] // shards)  # [B * T * N, F/N]
+    n = n_keep // shards
+    if scores.shape[-2] == 1:
+        idx, mask = by_platform(lambda b: _sorted_top(b, n), lambda b: radix_top(b, n), blocks)
+    else:
+        idx, mask = _sorted_top(blocks, n)
+    return _ids(idx, scores.shape, shards), mask.reshape(scores.shape)
+
+
+def _sorted_top(blocks: jnp.ndarray, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Each row's top `n` in-block ids `[R, n]` (by score, `lax.top_k`) and its mask `[R, F/N]`."""
+    _, idx = lax.top_k(blocks, n)  # [R, n]
+    return idx, jnp.zeros(blocks.shape, bool).at[jnp.arange(blocks.shape[0])[:, None], idx].set(True)
+
+
+def _ids(idx: jnp.ndarray, shape: tuple[int, ...], shards: int) -> jnp.ndarray:
+    """In-block ids `[R, n/N]` as neuron ids `int32 [..., n]`."""
+    block = shape[-1] // shards
+    return (idx.reshape(*shape[:-1], shards, -1) + jnp.arange(shards)[:, None] * block).reshape(
+        *shape[:-1], -1).astype(jnp.int32)
 
 
 def _plain(score: Score) -> Rule:

@@ -26,7 +26,7 @@ from coreinfer_jax.models.params import Params
 from coreinfer_jax.models.products import gathered_times, times_gathered
 from coreinfer_jax.sparse.gather import gather_rows
 from coreinfer_jax.sparse.predictor import predicted_scores
-from coreinfer_jax.sparse.rules import top_neurons
+from coreinfer_jax.sparse.rules import top_neurons_and_mask
 from coreinfer_jax.sparse.selection import sharded_count
 from coreinfer_jax.sparse.sketch import rest_output, sketch_estimate
 
@@ -69,10 +69,11 @@ class TokenNeurons:
             if "down_norm" in p:
                 scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
             scores = jnp.where(core[:, None, :], -jnp.inf, scores)  # [B, T, F]
-            dynamic = (top_neurons(scores, n_dynamic, self.shards) if n_dynamic
-                       else jnp.zeros((B, T, 0), jnp.int32))  # [B, T, n_dynamic]
-            chosen = core[:, None, :] | jnp.zeros((B, T, F), bool).at[
-                jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], dynamic].set(True)  # [B, T, F]
+            if n_dynamic:
+                dynamic, picked = top_neurons_and_mask(scores, n_dynamic, self.shards)  # [B, T, n], [B, T, F]
+            else:
+                dynamic, picked = jnp.zeros((B, T, 0), jnp.int32), jnp.zeros((B, T, F), bool)
+            chosen = core[:, None, :] | picked  # [B, T, F]
         if T == 1:
             out, hidden = self.decode_step(p, x, dynamic[:, 0], cfg)
         else:

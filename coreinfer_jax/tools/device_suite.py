@@ -67,7 +67,9 @@ from coreinfer_jax.tools.torch_baseline import TorchRunner
 ROOT = Path(__file__).resolve().parents[2]
 # Test files, or pytest node ids where a file's other tests would not fit the part's bound.
 DEVICE_TESTS = ("tests/test_products.py", "tests/test_gather.py", "tests/test_decode.py", "tests/test_sparse.py",
-                "tests/test_attention_forms.py::test_each_form_equals_numpy")
+                "tests/test_attention_forms.py::test_each_form_equals_numpy",
+                "tests/test_rules.py::test_radix_selection_equals_numpy[299-bfloat16]",
+                "tests/test_rules.py::test_radix_selection_equals_numpy[37-float32]")
 # The numbers every measured bench or offload row carries (positive and finite).
 MEASURED = ("decode_tokens_per_s", "bytes_per_token", "bandwidth_gb_s", "fraction_of_bound", "compile_s",
             "peak_memory_bytes")
@@ -152,7 +154,8 @@ def _counts(output: str) -> dict[str, int]:
 def run_tests(plan: Plan, bound_s: float) -> list[dict[str, Any]]:
     """The device test files in one pytest process (no xdist), killed at `bound_s`."""
     files = [f for f in DEVICE_TESTS if (ROOT / f.split("::")[0]).exists()]
-    name = "pytest " + " ".join(Path(f.split("::")[0]).stem for f in DEVICE_TESTS) + (" --collect-only" if plan.collect_only else "")
+    stems = dict.fromkeys(Path(f.split("::")[0]).stem for f in DEVICE_TESTS)
+    name = "pytest " + " ".join(stems) + (" --collect-only" if plan.collect_only else "")
     if not files:
         return [skipped("tests", name, f"no test files under {ROOT} (an installed package)")]
     # `-o addopts=` drops the project's `-n 2`; `-p no:xdist` holds even where xdist is absent.
