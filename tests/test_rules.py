@@ -127,8 +127,9 @@ def tied_scores(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("n,shards,T", [(1, 1, 1), (5, 1, 1), (12, 1, 3), (24, 1, 1), (6, 2, 1), (12, 3, 3)])
 def test_top_neurons_and_mask_equal_a_numpy_scatter(n: int, shards: int, T: int, dtype, form, forced) -> None:
-    """The per-token choice's ids and mask (made by comparison or by radix selection, not a
-    scatter) against NumPy: a stable sort per neuron block, its ids set in a zero mask."""
+    """The per-token choice's ids and mask in both forms (`top_k` and a scatter; a radix
+    selection in a decode step for a GPU) against NumPy: a stable sort per neuron block, its
+    ids set in a zero mask."""
     forced(form)
     scores = tied_scores(n * 10 + shards, (2, T, 24))  # [B, T, F]
     ids, mask = top_neurons_and_mask(jnp.asarray(scores, dtype), n, shards)
