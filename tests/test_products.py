@@ -3,7 +3,6 @@ equal the CPU forms and a NumPy restatement, and decode with them gives the same
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from coreinfer_jax import Generator, Hybrid
 from coreinfer_jax.models.products import gathered_times, times_gathered, times_rows
 
 PROMPTS = [[5, 17, 33, 100, 2, 9, 250, 41, 7, 61, 3, 90, 14, 15], [7, 8, 9, 10, 11]]
-
 
 
 @pytest.mark.parametrize("form", ["cpu", "gpu"])
