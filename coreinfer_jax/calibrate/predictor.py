@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
-from coreinfer_jax.models.forward import activation_fn, ffn, forward, init_cache
+from coreinfer_jax.models.forward import activation_fn, ffn, finished, forward, init_cache
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime.generator import Generator
@@ -51,9 +51,10 @@ from coreinfer_jax.sparse.predictor import Predictor, PredictorError, projection
 DEFAULT_EPS = 1e-3
 
 
-def _ffn_input(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _ffn_input(p: Params, x: jnp.ndarray, cfg: ModelConfig,
+               row_scale: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The layer's FFN output, and its input in place of the activation (what the hook sees)."""
-    return ffn(p, x, cfg)[0], x
+    return ffn(p, x, cfg, row_scale)[0], finished(x, row_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layers"))

@@ -8,7 +8,9 @@ real tokens is written too, and overwritten by the decode step that reaches that
 before any real query can see it.
 
 A layer's FFN params are either the full `[F, D]` matrices or, in sparse decode, the
-per-sequence gathered core neurons `[B, K, D]`; `ffn` handles both.
+per-sequence gathered core neurons `[B, K, D]`; `ffn` handles both. In a decode step
+lowered for a GPU, the RMS norms before the attention and FFN products are applied after
+them (`norm_for_products`, `rescaled`): the same sums, two small kernels fewer per layer.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.attend import attend
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.models.products import by_platform
 from coreinfer_jax.models.rope import apply_rotary, rope_tables
 from coreinfer_jax.models.sharding import constrain_cache, mesh_tensor_size
 
 Cache = list[dict[str, jnp.ndarray]]
 # Called as select(layer_index, activation [B, T, F]) in pre-fill; its results are collected.
 Selector = Callable[[int, jnp.ndarray], jnp.ndarray]
-# ffn_fn(layer_ffn_params, x [B, T, D], cfg) -> (output [B, T, D], activation CoreInfer ranks by)
-FFN = Callable[[Params, jnp.ndarray, ModelConfig], tuple[jnp.ndarray, jnp.ndarray]]
+# ffn_fn(layer_ffn_params, x [B, T, D], cfg, row_scale=None) -> (output [B, T, D], activation
+# CoreInfer ranks by); `row_scale` [B, T, 1] comes with an unfinished norm (`norm_for_products`).
+FFN = Callable[..., tuple[jnp.ndarray, jnp.ndarray]]
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -74,23 +78,63 @@ def norm(p: dict[str, jnp.ndarray], x: jnp.ndarray, cfg: ModelConfig) -> jnp.nda
     return p["scale"] * h.astype(x.dtype)
 
 
+def norm_for_products(p: dict[str, jnp.ndarray], x: jnp.ndarray,
+                      cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """An RMS norm whose result only feeds products, as `(y, r)` with `r` `[B, T, 1]` float32
+    for `rescaled` to apply after them: `norm(p, x, cfg)` (and `r` unused) in a program
+    lowered for a CPU, `y = scale * x` and `r = rsqrt(mean(x^2) + eps)` for a GPU.
+
+    `(s x) W r = (s r x) W`. Scaling after the product lets XLA's GPU compiler make the norm
+    one kernel (`s x` and the sum of squares side by side) instead of a reduction followed by
+    a multiply that waits for it: two small kernels fewer per layer-step (sm_90 deviceless
+    compile, `tools.gpu_compile`). The rounding differs from Transformers' by one bf16 step
+    (`s x` rounded before the product instead of `r x`), so the CPU keeps the norm as it is."""
+    def factored(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        h = x.astype(jnp.float32)
+        r = lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)  # [B, T, 1]
+        if cfg.family == "gemma":
+            return (h * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype), r
+        return p["scale"] * x, r
+
+    return by_platform(lambda x: (norm(p, x, cfg), jnp.ones(x.shape[:-1] + (1,), jnp.float32)), factored, x)
+
+
+def rescaled(eq: str, y: jnp.ndarray, w: jnp.ndarray, r: jnp.ndarray | None) -> jnp.ndarray:
+    """`einsum(eq, y, w)` of a `norm_for_products` result `y` with its `r` applied (in float32,
+    then rounded once, as the product of the finished norm is); `r=None`: `y` is finished."""
+    if r is None:
+        return jnp.einsum(eq, y, w)
+    return by_platform(lambda y, w, r: jnp.einsum(eq, y, w),
+                       lambda y, w, r: (jnp.einsum(eq, y, w, preferred_element_type=jnp.float32) * r).astype(y.dtype),
+                       y, w, r)
+
+
+def finished(y: jnp.ndarray, r: jnp.ndarray | None) -> jnp.ndarray:
+    """The norm `norm_for_products` left unfinished, for consumers that are not `rescaled`
+    products: on a GPU a multiply after the norm's reduction, its second kernel again."""
+    if r is None:
+        return y
+    return by_platform(lambda y, r: y, lambda y, r: (y.astype(jnp.float32) * r).astype(y.dtype), y, r)
+
+
 def attention(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
               kv: dict[str, jnp.ndarray], rope: tuple[jnp.ndarray, jnp.ndarray] | None,
-              cfg: ModelConfig, prefix: bool = True,
-              layer_type: str | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """`layer_type` ("full_attention" / "sliding_attention") may be omitted when every layer has the same."""
+              cfg: ModelConfig, prefix: bool = True, layer_type: str | None = None,
+              row_scale: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """`layer_type` ("full_attention" / "sliding_attention") may be omitted when every layer
+    has the same; `row_scale`: `x` is a `norm_for_products` result and this its `r`."""
     window = cfg.window(layer_type or cfg.only_layer_type())
     B, T, _ = x.shape
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if "w_qkv" in p:  # decode's one product for all three (`fuse_qkv`)
-        qkv = x @ p["w_qkv"]  # [B, T, (H + 2 Hkv) hd]
+        qkv = rescaled("btd,de->bte", x, p["w_qkv"], row_scale)  # [B, T, (H + 2 Hkv) hd]
         if cfg.qkv_bias:
             qkv = qkv + p["b_qkv"]
         q, k, v = jnp.split(qkv, [H * hd, (H + Hkv) * hd], axis=-1)
     else:
-        q = x @ p["w_q"]  # [B, T, H*hd]
-        k = x @ p["w_k"]  # [B, T, Hkv*hd]
-        v = x @ p["w_v"]
+        q = rescaled("btd,de->bte", x, p["w_q"], row_scale)  # [B, T, H*hd]
+        k = rescaled("btd,de->bte", x, p["w_k"], row_scale)  # [B, T, Hkv*hd]
+        v = rescaled("btd,de->bte", x, p["w_v"], row_scale)
         if cfg.qkv_bias:
             q, k, v = q + p["b_q"], k + p["b_k"], v + p["b_v"]
     q = q.reshape(B, T, H, hd)
@@ -134,20 +178,22 @@ def fuse_qkv(params: Params) -> Params:
     return dict(params, layers=layers)
 
 
-def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+def ffn(p: Params, x: jnp.ndarray, cfg: ModelConfig,
+        row_scale: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """FFN output and the activation CoreInfer ranks neurons by.
 
     The activation is the input of the down projection for gated models and the `fc1`
     output before ReLU for OPT. Weights are `[F, D]` (shared) or `[B, K, D]` (per-row core
     neurons); the contraction is the same either way. Gathered gated FFNs hold `w_gate_up`
-    `[.., 2K, D]` in place of `w_gate` and `w_up`.
+    `[.., 2K, D]` in place of `w_gate` and `w_up`. `row_scale`: `x` is a
+    `norm_for_products` result and this its `r`.
     """
     per_row = p["w_down"].ndim == 3
     up_eq, down_eq = ("btd,bfd->btf", "btf,bfd->btd") if per_row else ("btd,fd->btf", "btf,fd->btd")
     act = activation_fn(cfg)
 
     def project(name: str) -> jnp.ndarray:
-        out = jnp.einsum(up_eq, x, p[f"w_{name}"])  # [B, T, rows]
+        out = rescaled(up_eq, x, p[f"w_{name}"], row_scale)  # [B, T, rows]
         bias = p.get(f"b_{name}")
         return out if bias is None else out + (bias[:, None] if per_row else bias)
 
@@ -170,16 +216,23 @@ def block(p: Params, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
           cfg: ModelConfig, prefix: bool = True, ffn_fn: FFN = ffn, layer_type: str | None = None,
           ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], jnp.ndarray]:
     pre = cfg.family != "opt" or cfg.do_layer_norm_before
+    # A decode step's norms before products are finished after them (`norm_for_products`).
+    step = prefix and x.shape[1] == 1 and cfg.family != "opt"
+
+    def normed(q: dict[str, jnp.ndarray], x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        return norm_for_products(q, x, cfg) if step else (norm(q, x, cfg), None)
+
     with jax.named_scope("attention"):
-        h, kv = attention(p["attn"], norm(p["attn_norm"], x, cfg) if pre else x, positions, start, kv, rope, cfg,
-                          prefix, layer_type)
+        y, r = normed(p["attn_norm"], x) if pre else (x, None)
+        h, kv = attention(p["attn"], y, positions, start, kv, rope, cfg, prefix, layer_type, r)
         if cfg.family == "gemma":
             h = norm(p["post_attn_norm"], h, cfg)
         x = x + h
         if not pre:
             x = norm(p["attn_norm"], x, cfg)
     with jax.named_scope("ffn"):
-        h, score = ffn_fn(p["ffn"], norm(p["ffn_norm"], x, cfg) if pre else x, cfg)
+        y, r = normed(p["ffn_norm"], x) if pre else (x, None)
+        h, score = ffn_fn(p["ffn"], y, cfg, r)
         if cfg.family == "gemma":
             h = norm(p["post_ffn_norm"], h, cfg)
         x = x + h

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from coreinfer_jax.models.config import ModelConfig
-from coreinfer_jax.models.forward import activation_fn, ffn
+from coreinfer_jax.models.forward import activation_fn, ffn, finished
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.models.products import gathered_times, times_gathered
 from coreinfer_jax.sparse.gather import gather_rows
@@ -47,15 +47,20 @@ class TokenNeurons:
     shards: int = 1
     rest: str = "zero"
 
-    def __call__(self, p: Params, x: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, p: Params, y: jnp.ndarray, cfg: ModelConfig,
+                 row_scale: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """`y` `[B, T, D]` is the FFN's input, or with `row_scale` an unfinished norm of it
+        (`forward.norm_for_products`): the core's products finish it after them, the
+        predictor and the per-token rows read it finished (`forward.finished`)."""
         if "full" not in p:
-            return ffn(p, x, cfg)
+            return ffn(p, y, cfg, row_scale)
         full, core = p["full"], p["core_mask"]
-        B, T, _ = x.shape
+        B, T, _ = y.shape
         F = full["w_up"].shape[0]
         n_dynamic = sharded_count(F, self.dynamic, self.shards)
         if n_dynamic == 0 and self.rest == "zero":
-            return ffn(p["core"], x, cfg)
+            return ffn(p["core"], y, cfg, row_scale)
+        x = finished(y, row_scale)  # [B, T, D]
         with jax.named_scope("token_neurons"):
             estimate = None
             if self.select_by == "oracle":
@@ -75,18 +80,19 @@ class TokenNeurons:
                 dynamic, picked = jnp.zeros((B, T, 0), jnp.int32), jnp.zeros((B, T, F), bool)
             chosen = core[:, None, :] | picked  # [B, T, F]
         if T == 1:
-            out, hidden = self.decode_step(p, x, dynamic[:, 0], cfg)
+            out, hidden = self.decode_step(p, x, dynamic[:, 0], cfg, (y, row_scale))
         else:
             out, hidden = masked_ffn(full, x, chosen, cfg, p.get("means"))
         if self.rest == "sketch":
             out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate), x.shape[-1])  # [B, T, D]
         return out, hidden
 
-    def decode_step(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray,
-                    cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def decode_step(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray, cfg: ModelConfig,
+                    unfinished: tuple[jnp.ndarray, jnp.ndarray | None]) -> tuple[jnp.ndarray, jnp.ndarray]:
         """One token's FFN from the core's rows and the `dynamic` `[B, n]` rows, read from the
-        full weights where they lie (`models.products`; on a mesh, each device gathers its own)."""
-        out, hidden = ffn(p["core"], x, cfg)
+        full weights where they lie (`models.products`; on a mesh, each device gathers its own).
+        The core's products read `unfinished`, `(y, row_scale)` as `__call__` got them."""
+        out, hidden = ffn(p["core"], unfinished[0], cfg, unfinished[1])
         if dynamic.shape[-1] == 0:
             return out, hidden
         full = p["full"]
