@@ -55,9 +55,11 @@ def test_every_row_is_present_with_its_status(suite) -> None:
 def test_measured_rows_have_positive_finite_numbers_and_skipped_rows_none(suite) -> None:
     report, _, _ = suite
     for r in report["rows"]:
-        numbers = [r.get(k) for k in (*MEASURED, "non_matmul_share")]
+        traced = ("non_matmul_share", "kernel_ms_per_step", "gpu_idle_share")  # from GPU traces only
+        numbers = [r.get(k) for k in (*MEASURED, *traced)]
         if r["status"] == "measured":
-            assert all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in numbers[:-1]), r
+            assert all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+                       for x in numbers[:-len(traced)]), r
         else:
             assert all(x is None for x in numbers), r
     tests = next(r for r in report["rows"] if r["part"] == "tests")
@@ -76,7 +78,7 @@ def test_markdown_lists_every_row_with_the_probes_bandwidth(suite) -> None:
     assert table.startswith(f"device suite, {report['date']}, cpu (cpu)")
     assert "bandwidth probe of 16 MiB (GB/s per row)" in table.splitlines()[0]
     header = table.splitlines()[2]
-    assert "| probe GB/s |" in header and "| non-matmul share |" in header
+    assert "| probe GB/s |" in header and "| non-matmul share | kernel ms/step | GPU idle (profiled) |" in header
     lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(lines) == len(report["rows"])
     for line, r in zip(lines, report["rows"]):

@@ -59,7 +59,7 @@ from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.sparse.stability import Stability
 from coreinfer_jax.tools.bench import RANDOM_PROMPT_TOKENS, label, measure
-from coreinfer_jax.tools.profiling import gpu_kernel_us, non_matmul_share, read_trace
+from coreinfer_jax.tools.profiling import gpu_idle_share, gpu_kernel_us, non_matmul_share, read_trace
 from coreinfer_jax.tools.roofline import PROBE_BYTES, BandwidthProbe, ffn_bytes_per_token
 from coreinfer_jax.tools.shapes import model_config, random_params, random_prompt
 from coreinfer_jax.tools.torch_baseline import TorchRunner
@@ -272,7 +272,10 @@ def bench_job(plan: Plan, job: Job, skip: set[tuple[str, str]], emit: Callable[.
         share = non_matmul_share(trace)
         kernel_us, matmul_us = gpu_kernel_us(trace)
         emit(row={"part": "profile", "name": name, "status": "measured" if share is not None else NO_GPU_TRACE,
-                  "non_matmul_share": share, "kernel_ms": kernel_us / 1e3 if share is not None else None,
+                  "non_matmul_share": share, "gpu_idle_share": gpu_idle_share(trace) if share is not None else None,
+                  "kernel_ms": kernel_us / 1e3 if share is not None else None,
+                  # Decode steps: every token but the first, which pre-fill's logits give.
+                  "kernel_ms_per_step": kernel_us / 1e3 / (plan.new_tokens - 1) if share is not None else None,
                   "matmul_ms": matmul_us / 1e3 if share is not None else None, "trace": str(trace_dir)})
 
 
@@ -476,8 +479,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"bandwidth probe of {report['probe_bytes'] / 2**20:.0f} MiB (GB/s per row), "
              f"{report['seconds']:.0f} s in all",
              "", "| part | row | status | decode tok/s | vs baseline | vs jax dense | MB/token | probe GB/s | of bound "
-             "| non-matmul share | compile s | peak GiB | tests | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| non-matmul share | kernel ms/step | GPU idle (profiled) | compile s | peak GiB | tests | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         peak = _num(r.get("peak_memory_bytes") and r["peak_memory_bytes"] / 2**30, ".2f")
         kind = r.get("peak_memory_kind") or ""
@@ -486,7 +489,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_num(r.get('vs_baseline'), '.2f')} | {_num(r.get('vs_dense'), '.2f')} "
             f"| {_num(r.get('bytes_per_token') and r['bytes_per_token'] / 1e6, '.1f')} "
             f"| {_num(r.get('bandwidth_gb_s'), '.1f')} | {_num(r.get('fraction_of_bound'), '.0%')} "
-            f"| {_num(r.get('non_matmul_share'), '.0%')} | {_num(r.get('compile_s'), '.1f')} "
+            f"| {_num(r.get('non_matmul_share'), '.0%')} | {_num(r.get('kernel_ms_per_step'), '.2f')} "
+            f"| {_num(r.get('gpu_idle_share'), '.0%')} "
+            f"| {_num(r.get('compile_s'), '.1f')} "
             f"| {peak}{' (' + kind + ')' if peak else ''} | {r.get('tests') or ''} | {_num(r.get('seconds'), '.0f')} |")
     return "\n".join(lines)
 
