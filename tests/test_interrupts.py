@@ -23,8 +23,13 @@ from conftest import run_main
 from convert.__main__ import main as convert_main
 
 HOLD = '''
-import os, time
+import os, signal, time
 from pathlib import Path
+
+# Ctrl-C in a terminal reaches a process that handles SIGINT. This child inherits the
+# disposition of the pytest worker that starts it, which in a full xdist run was "ignore"
+# (seen 2026-12-05: SIG_IGN in the worker, so the child slept through the signal).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from coreinfer_jax.models import checkpoint
 from coreinfer_jax.sparse import artifact, budget
