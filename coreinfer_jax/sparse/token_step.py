@@ -80,30 +80,29 @@ class TokenNeurons:
                 dynamic, picked = jnp.zeros((B, T, 0), jnp.int32), jnp.zeros((B, T, F), bool)
             chosen = core[:, None, :] | picked  # [B, T, F]
         if T == 1:
-            out, hidden = self.decode_step(p, x, dynamic[:, 0], cfg, (y, row_scale))
+            out, hidden = ffn(p["core"], y, cfg, row_scale)  # the core's products finish the norm
+            out = out + self.dynamic_rows(p, x, dynamic[:, 0], cfg)
         else:
             out, hidden = masked_ffn(full, x, chosen, cfg, p.get("means"))
         if self.rest == "sketch":
             out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate), x.shape[-1])  # [B, T, D]
         return out, hidden
 
-    def decode_step(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray, cfg: ModelConfig,
-                    unfinished: tuple[jnp.ndarray, jnp.ndarray | None]) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """One token's FFN from the core's rows and the `dynamic` `[B, n]` rows, read from the
-        full weights where they lie (`models.products`; on a mesh, each device gathers its own).
-        The core's products read `unfinished`, `(y, row_scale)` as `__call__` got them."""
-        out, hidden = ffn(p["core"], unfinished[0], cfg, unfinished[1])
+    def dynamic_rows(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+        """One token's output `[B, 1, D]` from its `dynamic` `[B, n]` rows of the FFN input `x`
+        `[B, 1, D]`, read from the full weights where they lie (`models.products`; on a mesh,
+        each device gathers its own)."""
         if dynamic.shape[-1] == 0:
-            return out, hidden
+            return jnp.zeros_like(x)
         full = p["full"]
         if self.shards > 1:
             neuron_major = {k: v for k, v in full.items() if k != "b_down"}
             rows = gather_rows(neuron_major, dynamic, self.shards)  # [B, n, D]
-            out = out + ffn(rows, x, cfg)[0]
+            out = ffn(rows, x, cfg)[0]
             if "means" in p:  # computed now: their prompt means leave the compensation bias
                 means = jnp.take_along_axis(p["means"], dynamic, axis=1)  # [B, n]
                 out = out - jnp.einsum("bn,bnd->bd", means.astype(x.dtype), rows["w_down"])[:, None]
-            return out, hidden
+            return out
 
         def project(name: str) -> jnp.ndarray:  # [B, n]
             y = times_gathered(x[:, 0], full[f"w_{name}"], dynamic)
@@ -113,7 +112,7 @@ class TokenNeurons:
         h = act(project("up")) if cfg.family == "opt" else act(project("gate")) * project("up")  # [B, n]
         if "means" in p:
             h = h - jnp.take_along_axis(p["means"], dynamic, axis=1).astype(h.dtype)
-        return out + gathered_times(h, full["w_down"], dynamic)[:, None], hidden
+        return gathered_times(h, full["w_down"], dynamic)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("counts", "width"))
