@@ -29,6 +29,22 @@ def test_each_form_equals_numpy(form, forced) -> None:
                                np.einsum("bn,bnd->bd", h, w[idx]), rtol=1e-5, atol=1e-5)
 
 
+def test_the_gpu_forms_finish_a_norm_after_the_reduction(forced) -> None:
+    """With `row_scale` (a decode step's unfinished norm, `forward.norm_for_products`), the GPU
+    forms equal the products of the finished input `x * r`."""
+    forced("gpu")
+    rng = np.random.default_rng(2)
+    F, D, n = 300, 40, 37
+    w = rng.normal(size=(F, D)).astype(np.float32)
+    x = rng.normal(size=(2, D)).astype(np.float32)
+    r = np.array([0.25, 3.0], np.float32)[:, None]  # [B, 1]
+    idx = np.stack([rng.permutation(F)[:n] for _ in range(2)]).astype(np.int32)
+    np.testing.assert_allclose(times_rows(jnp.asarray(x[:, None]), jnp.asarray(w), jnp.asarray(r[:, None]))[:, 0],
+                               (x * r) @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(times_gathered(jnp.asarray(x), jnp.asarray(w), jnp.asarray(idx), jnp.asarray(r)),
+                               np.einsum("bd,bnd->bn", x * r, w[idx]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3", "opt"])
 def test_hybrid_decode_with_the_gpu_forms_gives_the_cpu_tokens(name, tiny_checkpoint, forced) -> None:
     gen = Generator.load(tiny_checkpoint(name))

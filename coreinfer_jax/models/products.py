@@ -31,22 +31,27 @@ def by_platform(cpu: Callable, gpu: Callable, *args):
     return lax.platform_dependent(*args, cpu=cpu, default=gpu)
 
 
-def times_rows(x: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
+def times_rows(x: jnp.ndarray, rows: jnp.ndarray, row_scale: jnp.ndarray | None = None) -> jnp.ndarray:
     """`x` `[B, T, D]` times `rows` `[R, D]` (each row's dot product with x): `[B, T, R]`, in
-    x's dtype. Chunks of several tokens (`T > 1`) reuse each row: a product on every backend."""
+    x's dtype. Chunks of several tokens (`T > 1`) reuse each row: a product on every backend.
+    `row_scale` `[B, 1, 1]`: one token's `x` is an unfinished norm (`forward.norm_for_products`),
+    finished after the reduction on a GPU (on a CPU that `x` is finished already)."""
     if x.shape[-2] > 1:
+        assert row_scale is None, "a norm is left unfinished in one-token decode steps only"
         return x @ rows.T
-    return by_platform(lambda x, w: x @ w.T,
-                       lambda x, w: jnp.sum(x[..., None, :] * w, axis=-1, dtype=jnp.float32).astype(x.dtype),
-                       x, rows)
+    return by_platform(lambda x, w, r: x @ w.T,
+                       lambda x, w, r: _finish(jnp.sum(x[..., None, :] * w, axis=-1, dtype=jnp.float32), r, x.dtype),
+                       x, rows, row_scale)
 
 
-def times_gathered(x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
-    """One token per row: `x` `[B, D]` times rows `idx` `[B, n]` of `w` `[F, D]`: `[B, n]`."""
-    return by_platform(lambda x, w, i: jnp.einsum("bd,bnd->bn", x, jnp.take(w, i, axis=0)),
-                       lambda x, w, i: jnp.sum(x[:, None, :] * jnp.take(w, i, axis=0, mode="clip"), axis=-1,
-                                               dtype=jnp.float32).astype(x.dtype),
-                       x, w, idx)
+def times_gathered(x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray, row_scale: jnp.ndarray | None = None
+                   ) -> jnp.ndarray:
+    """One token per row: `x` `[B, D]` times rows `idx` `[B, n]` of `w` `[F, D]`: `[B, n]`
+    (`row_scale` `[B, 1]`: as in `times_rows`)."""
+    return by_platform(lambda x, w, i, r: jnp.einsum("bd,bnd->bn", x, jnp.take(w, i, axis=0)),
+                       lambda x, w, i, r: _finish(jnp.sum(x[:, None, :] * jnp.take(w, i, axis=0, mode="clip"), axis=-1,
+                                                          dtype=jnp.float32), r, x.dtype),
+                       x, w, idx, row_scale)
 
 
 def gathered_times(h: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
@@ -55,3 +60,8 @@ def gathered_times(h: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndar
                        lambda h, w, i: jnp.sum(h[:, :, None].astype(jnp.float32) * jnp.take(w, i, axis=0, mode="clip"),
                                                axis=1).astype(h.dtype),
                        h, w, idx)
+
+
+def _finish(total: jnp.ndarray, row_scale: jnp.ndarray | None, dtype: jnp.dtype) -> jnp.ndarray:
+    """A float32 reduction times its rows' norm factor (when there is one), rounded once."""
+    return (total if row_scale is None else total * row_scale).astype(dtype)

@@ -129,10 +129,12 @@ def unpack(packed: jnp.ndarray, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndar
     return (packed & 0xF).astype(dtype) - OFFSET, (packed >> 4).astype(dtype) - OFFSET
 
 
-def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: bool,
+                    row_scale: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Each neuron's predicted importance `[..., F]` for FFN inputs `x` `[..., D]` (larger: keep)
     and its estimated down-projection input `[..., F]`, from the layer's sketch `factors` and
-    the full `ffn`'s biases (`relu`: one input projection, OPT's)."""
+    the full `ffn`'s biases (`relu`: one input projection, OPT's; `row_scale`: `x` is an
+    unfinished norm, `models.products.times_rows`)."""
     with jax.named_scope("sketch_neurons"):
         # The barrier ties the nibbles to this step's input. Without it, XLA's while-loop
         # invariant code motion hoists the unpacking out of the decode loop and every step
@@ -141,8 +143,8 @@ def sketch_estimate(factors: Params, ffn: Params, x: jnp.ndarray, act, relu: boo
         packed, x = jax.lax.optimization_barrier((factors["packed"], x))
         low, high = unpack(packed, x.dtype)
         scales = factors["scales"].astype(x.dtype)
-        first = times_rows(x, low) * scales[0]  # [..., R]
-        second = times_rows(x, high) * scales[1]  # [..., R]
+        first = times_rows(x, low, row_scale) * scales[0]  # [..., R]
+        second = times_rows(x, high, row_scale) * scales[1]  # [..., R]
         if relu:
             F = ffn["w_up"].shape[0]
             up = jnp.concatenate([first, second], axis=-1)[..., :F]  # [..., F]

@@ -50,8 +50,9 @@ class TokenNeurons:
     def __call__(self, p: Params, y: jnp.ndarray, cfg: ModelConfig,
                  row_scale: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """`y` `[B, T, D]` is the FFN's input, or with `row_scale` an unfinished norm of it
-        (`forward.norm_for_products`): the core's products finish it after them, the
-        predictor and the per-token rows read it finished (`forward.finished`)."""
+        (`forward.norm_for_products`): the core's products, the sketch and the per-token rows
+        finish it after their reductions; the other predictors, and the rows on a mesh, read it
+        finished (`forward.finished`; unused, XLA drops it, and the norm stays one kernel)."""
         if "full" not in p:
             return ffn(p, y, cfg, row_scale)
         full, core = p["full"], p["core_mask"]
@@ -67,8 +68,8 @@ class TokenNeurons:
                 _, true = ffn(full, x, cfg)  # [B, T, F]
                 scores = true if cfg.family == "opt" else jnp.abs(true)
             elif self.select_by == "sketch":
-                scores, estimate = sketch_estimate(p["predictor"], full, x, activation_fn(cfg),
-                                                   cfg.family == "opt")  # [B, T, F] each
+                scores, estimate = sketch_estimate(p["predictor"], full, y, activation_fn(cfg),
+                                                   cfg.family == "opt", row_scale)  # [B, T, F] each
             else:
                 scores = predicted_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
             if "down_norm" in p:
@@ -81,21 +82,23 @@ class TokenNeurons:
             chosen = core[:, None, :] | picked  # [B, T, F]
         if T == 1:
             out, hidden = ffn(p["core"], y, cfg, row_scale)  # the core's products finish the norm
-            out = out + self.dynamic_rows(p, x, dynamic[:, 0], cfg)
+            out = out + self.dynamic_rows(p, y, dynamic[:, 0], cfg, row_scale)
         else:
             out, hidden = masked_ffn(full, x, chosen, cfg, p.get("means"))
         if self.rest == "sketch":
-            out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate), x.shape[-1])  # [B, T, D]
+            out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate), y.shape[-1])  # [B, T, D]
         return out, hidden
 
-    def dynamic_rows(self, p: Params, x: jnp.ndarray, dynamic: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
-        """One token's output `[B, 1, D]` from its `dynamic` `[B, n]` rows of the FFN input `x`
-        `[B, 1, D]`, read from the full weights where they lie (`models.products`; on a mesh,
-        each device gathers its own)."""
+    def dynamic_rows(self, p: Params, y: jnp.ndarray, dynamic: jnp.ndarray, cfg: ModelConfig,
+                     row_scale: jnp.ndarray | None = None) -> jnp.ndarray:
+        """One token's output `[B, 1, D]` from its `dynamic` `[B, n]` rows of the FFN input `y`
+        `[B, 1, D]` (with `row_scale`, as in `__call__`), read from the full weights where they
+        lie (`models.products`; on a mesh, each device gathers its own)."""
         if dynamic.shape[-1] == 0:
-            return jnp.zeros_like(x)
+            return jnp.zeros_like(y)
         full = p["full"]
         if self.shards > 1:
+            x = finished(y, row_scale)  # [B, 1, D]
             neuron_major = {k: v for k, v in full.items() if k != "b_down"}
             rows = gather_rows(neuron_major, dynamic, self.shards)  # [B, n, D]
             out = ffn(rows, x, cfg)[0]
@@ -105,8 +108,8 @@ class TokenNeurons:
             return out
 
         def project(name: str) -> jnp.ndarray:  # [B, n]
-            y = times_gathered(x[:, 0], full[f"w_{name}"], dynamic)
-            return y + jnp.take(full[f"b_{name}"], dynamic) if f"b_{name}" in full else y
+            out = times_gathered(y[:, 0], full[f"w_{name}"], dynamic, None if row_scale is None else row_scale[:, 0])
+            return out + jnp.take(full[f"b_{name}"], dynamic) if f"b_{name}" in full else out
 
         act = activation_fn(cfg)
         h = act(project("up")) if cfg.family == "opt" else act(project("gate")) * project("up")  # [B, n]
