@@ -8,7 +8,7 @@ Parts, in order, each with its own time bound inside a whole-suite budget (`Plan
 on one GPU):
   tests    pytest files that exercise the compiled programs (products, gather, decode, sparse;
            `-m "not slow"`) in one process (no xdist), float32 matmuls at full precision (a
-           GPU's default TF32 would break the parity tolerances);
+           GPU's default TF32 would break the parity tolerances), XLA's autotuning off;
   bench    Llama-3-8B- and SmolLM2-shaped bfloat16 random-weight decoding: JAX dense,
            stability keep 0.4 per row and batch-shared, the hybrid default (its sketch is built
            from any weights), against Transformers on CUDA: sdpa as it comes, and with its static
@@ -168,7 +168,11 @@ def run_tests(plan: Plan, bound_s: float) -> list[dict[str, Any]]:
            "-m", "not slow", *(["-q", "--collect-only"] if plan.collect_only else ["-v"]), *files]
     # The test suite pins JAX to the CPU unless told otherwise (tests/conftest.py): name this
     # process's platform, so the tests run on the device being measured.
-    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_PLATFORMS=jax.devices()[0].platform)
+    # Autotuning off: it compiles and times several kernels per product to pick the fastest,
+    # compile time these correctness tests spend in every program and whose result they
+    # never measure.
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_PLATFORMS=jax.devices()[0].platform,
+               XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_gpu_autotune_level=0"])))
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=bound_s)
