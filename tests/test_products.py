@@ -45,10 +45,17 @@ def test_the_gpu_forms_finish_a_norm_after_the_reduction(forced) -> None:
                                np.einsum("bd,bnd->bn", x * r, w[idx]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3", "opt"])
-def test_hybrid_decode_with_the_gpu_forms_gives_the_cpu_tokens(name, tiny_checkpoint, forced) -> None:
+HYBRIDS = {"sketch": Hybrid(keep=0.25, dynamic=0.25, layers=(0, 2), select_by="sketch"),
+           # The per-token rows less their prompt means, and a selection that reads the finished norm.
+           "compensated": Hybrid(keep=0.25, dynamic=0.25, layers=(0, 2), select_by="sketch", compensate=True),
+           "oracle": Hybrid(keep=0.25, dynamic=0.25, layers=(0, 2), select_by="oracle")}
+
+
+@pytest.mark.parametrize("name, kind", [("llama", "sketch"), ("gemma3", "sketch"), ("opt", "sketch"),
+                                        ("llama", "compensated"), ("llama", "oracle")])
+def test_hybrid_decode_with_the_gpu_forms_gives_the_cpu_tokens(name, kind, tiny_checkpoint, forced) -> None:
     gen = Generator.load(tiny_checkpoint(name))
-    method = Hybrid(keep=0.25, dynamic=0.25, layers=(0, 2), select_by="sketch")
+    method = HYBRIDS[kind]
     tokens = {}
     for form in ("cpu", "gpu"):
         forced(form)
