@@ -51,3 +51,9 @@ def test_a_relu_family_has_no_gate_up_forms(capsys) -> None:
     assert product_bench.main(["--shapes", "opt-6.7b", "--tiny"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 1 + 3  # the header, down and two qkv forms
+
+
+def test_an_unknown_shape_is_a_clear_error(capsys) -> None:
+    assert product_bench.main(["--shapes", "llama-9-tera"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error:") and "llama-9-tera" in out

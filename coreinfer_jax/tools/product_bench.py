@@ -34,6 +34,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.tools.roofline import PROBE_BYTES, PROBE_SAMPLE_S
 from coreinfer_jax.tools.shapes import model_config
@@ -149,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                                 description="one token's weight products in each layout, timed on the default device")
     p.add_argument("--shapes", default="llama-3-8b")
     p.add_argument("--tiny", action="store_true", help="tiny widths of --shapes and a 16 MiB budget (CPU, seconds)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    rows = run(args.shapes, args.tiny, args.dtype, 16 << 20 if args.tiny else PROBE_BYTES)
+    try:
+        rows = run(args.shapes, args.tiny, args.dtype, 16 << 20 if args.tiny else PROBE_BYTES)
+    except CoreInferError as e:
+        print(f"error: {e}")
+        return 2
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
