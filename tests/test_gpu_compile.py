@@ -62,9 +62,10 @@ def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> 
 # gate|up with one), the softmax, the query's RoPE, two cache writes (the new key's RoPE
 # fused in), two residual adds (which also sum split-K partials), two norms of one kernel
 # each (scaled after their products: `forward.norm_for_products`), and the activation. The
-# hybrid adds its sketch, its per-token products, and a radix selection of ten small kernels
-# in place of one sort (six launches, 56 us on an H200); its FFN norm is two kernels, as the
-# predictor reads the finished norm.
+# hybrid adds its sketch, its per-token products and the rest's estimate, and a radix
+# selection of eleven small kernels in place of one sort (six launches, 56 us on an H200);
+# its FFN norm is one kernel too (the sketch and the per-token rows apply `r` after their
+# reductions, `models.products`).
 KERNELS_PER_LAYER = {"dense": 17, "stability keep 0.4": 16, "hybrid default": 33}
 
 
