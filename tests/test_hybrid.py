@@ -323,12 +323,13 @@ def test_sweep_runs_hybrid_rows_with_their_bytes(fitted, tiny_checkpoint, tmp_pa
                                           "hybrid 0.25+0.25 int4+rest normalized_magnitude"]
     dense, paper, hybrid, per_token, oracle, sketch = rows
     # Same neurons per token as keep 0.5, plus the rank-8 factors of gate and up in both layers
-    # (float32), or the sketch: a byte per weight pair of 128 x 64 and two float32 scales per row,
-    # and (the rest's estimate) a byte per two neurons' down weights and a scale per neuron.
+    # (float32), or the sketch of the 96 neurons outside a core of 32 (a batch of one's bytes): a
+    # byte per weight pair of 96 x 64 and two float32 scales per row, and (the rest's estimate) a
+    # byte per two of a neuron's 64 down weights and a scale per neuron.
     assert hybrid["ffn_bytes_per_token"] == per_token["ffn_bytes_per_token"] \
         == paper["ffn_bytes_per_token"] + 2 * 2 * 8 * (64 + 128) * 4
-    assert sketch["ffn_bytes_per_token"] == paper["ffn_bytes_per_token"] + 2 * (128 * 64 + 2 * 128 * 4) + \
-        2 * (64 * 64 + 128 * 4)
+    assert sketch["ffn_bytes_per_token"] == paper["ffn_bytes_per_token"] + 2 * (96 * 64 + 2 * 96 * 4) + \
+        2 * (32 * 96 + 96 * 4)
     assert oracle["ffn_bytes_per_token"] == dense["ffn_bytes_per_token"]
 
 

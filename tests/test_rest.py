@@ -90,8 +90,10 @@ def test_rest_estimate_matches_a_pytorch_restatement(name, tiny_checkpoint, tiny
                             return_logits=True)
     assert not np.allclose(ours.logits, zero.logits, atol=1e-3), "the rest's estimate should change the logits"
     for b, ids in enumerate(PROMPTS):
-        assert ours.tokens[b] == torch_rest_generate(tiny_torch_model(name), gen.cfg.family, ids, 0.2, 0.2,
-                                                     method.sparse_layers(), 16)
+        want = torch_rest_generate(tiny_torch_model(name), gen.cfg.family, ids, 0.2, 0.2, method.sparse_layers(), 16)
+        assert ours.tokens[b] == want
+        # Alone, a gated model's steps read the sketch's rows outside the core (`sketch.outside_rows`).
+        assert gen.generate_ids([ids], 16, method=method, stop_at_eos=False).tokens[0] == want
 
 
 @pytest.mark.parametrize("D", [6, 5])
@@ -138,8 +140,10 @@ def test_defaults_and_bytes_by_hand(tiny_checkpoint) -> None:
     method = Hybrid(keep=0.25, dynamic=0.125, layers=(1, 2), rest="sketch").validate(cfg)
     assert method.label == "hybrid 0.25+0.125 int4+rest normalized_magnitude"
     rows = 32 + 16  # int(128 * 0.25) + int(128 * 0.125)
-    sketch = F * D + 2 * F * 4  # a byte per (gate, up) weight pair, two float32 scales per neuron
-    down = D // 2 * F + F * 4  # a byte per two of a neuron's down weights, a float32 scale per neuron
+    # A batch of one reads the sketch of the 96 neurons outside its core: a byte per (gate, up) weight
+    # pair and two float32 scales per neuron; a byte per two of its down weights and a float32 scale.
+    sketch = 96 * D + 2 * 96 * 4
+    down = D // 2 * 96 + 96 * 4
     assert ffn_bytes_per_token(cfg, gen.params, method) == (L - 1) * 3 * F * D * 4 + 3 * rows * D * 4 + sketch + down
     static_only = Hybrid(keep=0.25, dynamic=0.0, layers=(1, 2), rest="sketch").validate(cfg)
     assert ffn_bytes_per_token(cfg, gen.params, static_only) == (L - 1) * 3 * F * D * 4 + 3 * 32 * D * 4 + sketch + down
@@ -169,7 +173,9 @@ def test_rest_on_the_command_line(tiny_checkpoint, tmp_path) -> None:
         rows[rest] = json.loads(run.stdout)
     assert rows["zero"]["rest"] == "zero" and rows["sketch"]["rest"] == "sketch"
     F, D = 128, 64
-    assert rows["sketch"]["ffn_bytes_per_token"] - rows["zero"]["ffn_bytes_per_token"] == F // 2 * D + F * 4
+    # The down projection's sketch of the 98 neurons outside the core of int(128 * 0.24) = 30: a byte per
+    # two of a neuron's down weights, a float32 scale per neuron.
+    assert rows["sketch"]["ffn_bytes_per_token"] - rows["zero"]["ffn_bytes_per_token"] == (F - 30) * (D // 2 + 4)
     run = run_main(main, "generate", "--checkpoint", ckpt, "--prompt", "x", "--method", "stability", "--rest", "zero")
     assert run.returncode != 0 and "--rest apply to --method hybrid" in run.stderr
     assert "Traceback" not in run.stderr

@@ -6,6 +6,7 @@ come from the oracle mode, which `test_hybrid` checks against a PyTorch restatem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.predictor import PredictorError
-from coreinfer_jax.sparse.sketch import Sketch, sketch_estimate
+from coreinfer_jax.sparse.sketch import Sketch, outside_rows, sketch_estimate
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from test_sparse import PROMPTS
@@ -124,8 +125,63 @@ def test_sketch_bytes_by_hand(tiny_checkpoint) -> None:
     assert dense == L * 3 * F * D * 4
     method = Hybrid(keep=0.25, dynamic=0.125, layers=(1, 2), select_by="sketch", rest="zero").validate(cfg)
     rows = 32 + 16  # int(128 * 0.25) + int(128 * 0.125)
-    sketch = F * D + 2 * F * 4  # a byte per (gate, up) weight pair, two float32 scales per neuron
+    # A batch of one reads the sketch of the 96 neurons outside its core of 32: a byte per (gate, up)
+    # weight pair, two float32 scales per neuron.
+    sketch = (F - 32) * D + 2 * (F - 32) * 4
     assert ffn_bytes_per_token(cfg, gen.params, method) == (L - 1) * 3 * F * D * 4 + 3 * rows * D * 4 + sketch
+    weighted = dataclasses.replace(method, down_weighted=True)  # and the 96 neurons' float32 down-row norms
+    assert ffn_bytes_per_token(cfg, gen.params, weighted) == (L - 1) * 3 * F * D * 4 + 3 * rows * D * 4 + sketch + \
+        (F - 32) * 4
+    per_token_only = Hybrid(keep=0.0, dynamic=0.125, layers=(1, 2), select_by="sketch", rest="zero").validate(cfg)
+    assert ffn_bytes_per_token(cfg, gen.params, per_token_only) == \
+        (L - 1) * 3 * F * D * 4 + 3 * 16 * D * 4 + F * D + 2 * F * 4  # no core: the whole sketch
+
+
+def test_outside_rows_are_the_sketch_of_the_neurons_outside_the_core(tiny_checkpoint) -> None:
+    gen = Generator.load(tiny_checkpoint("llama"))
+    ffn = dict(gen.params["layers"][1]["ffn"], b_gate=jnp.arange(128.0), b_up=-jnp.arange(128.0))
+    factors = Sketch.build({"layers": [{"ffn": ffn}]}, (0, 1), down=True).factors[0]
+    core = np.random.default_rng(0).choice(128, 40, replace=False)
+    mask = np.zeros((1, 128), bool)
+    mask[0, core] = True
+    norms = jnp.linspace(1.0, 2.0, 128)
+    got = {k: np.asarray(v) for k, v in outside_rows(factors, ffn, jnp.asarray(mask), norms, size=88).items()}
+    ids = np.setdiff1d(np.arange(128), core)  # increasing
+    np.testing.assert_array_equal(got.pop("ids"), ids)
+    full = {k: np.asarray(v) for k, v in factors.items()}
+    np.testing.assert_array_equal(got.pop("packed"), full["packed"][ids])
+    np.testing.assert_array_equal(got.pop("scales"), full["scales"][:, ids])
+    np.testing.assert_array_equal(got.pop("down"), full["down"][:, ids])  # output-major: a column per neuron
+    np.testing.assert_array_equal(got.pop("down_scales"), full["down_scales"][ids])
+    np.testing.assert_array_equal(got.pop("b_gate"), ids.astype(np.float32))
+    np.testing.assert_array_equal(got.pop("b_up"), -ids.astype(np.float32))
+    np.testing.assert_array_equal(got.pop("down_norm"), np.asarray(norms)[ids])
+    assert not got
+
+
+ALONE = {"default": Hybrid(),
+         "down-weighted, no rest": Hybrid(keep=0.25, dynamic=0.25, rest="zero", down_weighted=True),
+         "compensated": Hybrid(keep=0.25, dynamic=0.25, compensate=True),
+         "no per-token rows, the rest estimated": Hybrid(keep=0.25, dynamic=0.0, rest="sketch")}
+
+
+@pytest.mark.parametrize("kind", list(ALONE))
+def test_a_prompt_alone_decodes_as_in_a_batch(kind, tiny_checkpoint) -> None:
+    """Alone, a prompt's steps rank the sketch's rows outside its core, gathered once
+    (`outside_rows`); in a batch they rank every row with the core masked out, as the PyTorch
+    restatement of `test_rest` does: the same neurons, so the same tokens."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    method = dataclasses.replace(ALONE[kind], layers=(0, 2)).validate(gen.cfg)
+    prompts = [np.random.default_rng(b).integers(3, 300, size=n).tolist() for b, n in enumerate((14, 9, 5))]
+    batch = gen.generate_ids(prompts, 16, method=method, stop_at_eos=False, return_logits=True)
+    for b, prompt in enumerate(prompts):
+        alone = gen.generate_ids([prompt], 16, method=method, stop_at_eos=False, return_logits=True)
+        assert alone.tokens[0] == batch.tokens[b]
+        np.testing.assert_allclose(alone.logits[0], batch.logits[b], atol=1e-4)
+    core = np.asarray(alone.core_neurons)  # [1, 2, K]
+    weights = method.decode_weights(gen.params, jnp.asarray(core))["layers"]
+    assert all(weights[i]["ffn"]["outside"]["packed"].shape == (128 - core.shape[-1], 64) for i in (0, 1))
+    assert "outside" not in method.decode_weights(gen.params, jnp.asarray(batch.core_neurons))["layers"][0]["ffn"]
 
 
 def test_sketch_errors(tiny_checkpoint) -> None:

@@ -25,7 +25,8 @@ per-token 0.24, 62% of dense FFN bytes) is at 1.02x dense perplexity and 98.5% o
 TruthfulQA, where 0.25 + 0.25 without it was at 1.08x and 93% (docs/hybrid.md).
 
 Bytes per decoded token and sparse layer: static rows + dynamic rows + the predictor (and
-the down projection's sketch) (`ffn_bytes`).
+the down projection's sketch) (`ffn_bytes`). A batch of one reads only the sketch's rows
+outside its core, gathered with the core's (`reads_outside`, `sketch.outside_rows`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError
 from coreinfer_jax.sparse.rules import check_rule
 from coreinfer_jax.sparse.selection import sharded_count
-from coreinfer_jax.sparse.sketch import Sketch, sketch_bytes
+from coreinfer_jax.sparse.sketch import Sketch, outside_rows, sketch_bytes
 from coreinfer_jax.sparse.stability import Stability, down_norms
 from coreinfer_jax.sparse.token_step import RESTS, TokenNeurons, core_masks
 
@@ -199,11 +200,25 @@ class Hybrid(Stability):
                 layers[i]["ffn"]["down_norm"] = down_norms(ffns[j])  # [F], once per generation
             if isinstance(core, dict):
                 layers[i]["ffn"].update(core=with_bias(gathered[j], core["bias"][:, j]), means=core["means"][:, j])
+            if self.reads_outside(ffns[j], ids.shape[0]):
+                layers[i]["ffn"]["outside"] = outside_rows(factors[j], ffns[j], masks[j], layers[i]["ffn"].get("down_norm"),
+                                                           size=width - counts[j])
         return dict(params, layers=layers)
+
+    def reads_outside(self, ffn: Params, batch: int) -> bool:
+        """Whether a decode step ranks and estimates only the neurons outside the core, from the
+        sketch's rows gathered once per generation (`sketch.outside_rows`): for a batch of one
+        (a batch would need a copy per row, more bytes than the shared sketch), on one device,
+        of a gated layer (a ReLU sketch pairs neurons in its bytes), with a core and a use for
+        the sketch."""
+        F = ffn["w_up"].shape[0]
+        return (self.select_by == "sketch" and batch == 1 and self.shards == 1 and "w_gate" in ffn
+                and sharded_count(F, self.keep, 1) > 0 and (sharded_count(F, self.dynamic, 1) > 0 or self.rest == "sketch"))
 
     def ffn_bytes(self, params: Params) -> list[int]:
         """Static rows (padded: `Method.read_rows`) + dynamic rows + the predictor (sketch or
-        factors) in sparse layers; the oracle reads all."""
+        factors; the sketch's rows outside the core only where a batch of one `reads_outside`)
+        in sparse layers; the oracle reads all."""
         F = params["layers"][0]["ffn"]["w_up"].shape[0]
         rows = gathered_rows(sharded_count(F, self.keep, self.shards), F, self.shards) + \
             sharded_count(F, self.dynamic, self.shards)
@@ -214,13 +229,15 @@ class Hybrid(Stability):
             if i not in sparse or self.select_by == "oracle":
                 out.append(sum(w.nbytes for w in ffn_params.values()))
                 continue
+            ranked = F - sharded_count(F, self.keep, self.shards) if self.reads_outside(ffn_params, 1) else F
             if sharded_count(F, self.dynamic, self.shards) == 0 and self.rest == "zero":
                 extra = 0  # no per-token choice: the predictor is never read
+            elif self.select_by == "sketch":
+                extra = sketch_bytes(ffn_params, down=self.rest == "sketch", neurons=None if ranked == F else ranked)
             else:
-                extra = (sketch_bytes(ffn_params, down=self.rest == "sketch") if self.select_by == "sketch"
-                         else self.predictor.bytes_per_layer())
+                extra = self.predictor.bytes_per_layer()
             if self.down_weighted:
-                extra += F * ffn_params["w_down"].dtype.itemsize
+                extra += ranked * 4  # float32 norms
             if self.compensate:  # the bias, and the means of the dynamic neurons (float32)
                 w_down = ffn_params["w_down"]
                 extra += (0 if "b_down" in ffn_params else w_down.shape[1] * w_down.dtype.itemsize) + \

@@ -5,7 +5,8 @@ per neuron row: `q = round(w / s)` in -7..7, `s = max |w_row| / 7`), the two pro
 packed into one byte per weight pair (low nibble gate, high nibble up, each stored as
 `q + 8`). A decode step ranks all F neurons by `|act(x Qg^T sg) * (x Qu^T su)|`, reading
 `F * D` bytes plus `8 F` of scales per layer: a twelfth of the layer's float32 FFN bytes (a
-sixth of bfloat16's). A ReLU FFN (OPT) has one input projection, `fc1`: its first and second
+sixth of bfloat16's); a batch of one ranks only the neurons outside its core, from their
+rows gathered once per generation (`outside_rows`). A ReLU FFN (OPT) has one input projection, `fc1`: its first and second
 halves of rows share the bytes instead, and the sketch scores the pre-activation. Built with
 `down`, it holds the down projection too (two outputs per byte, one scale per
 neuron): the hybrid adds the neurons it leaves out as their estimated activation times these
@@ -23,6 +24,7 @@ written as reductions for that (`models.products`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +42,12 @@ def sketch_rows(ffn: Params) -> int:
     return F if "w_gate" in ffn else -(-F // 2)
 
 
-def sketch_bytes(ffn: Params, down: bool = False) -> int:
+def sketch_bytes(ffn: Params, down: bool = False, neurons: int | None = None) -> int:
     """Bytes one decode step reads of a layer's sketch: the packed nibbles and two scales per row
-    (`down`: and the down projection's nibbles and one scale per neuron)."""
-    rows = sketch_rows(ffn)
+    (`down`: and the down projection's nibbles and one scale per neuron); of `neurons` of a
+    gated layer's rows only (`outside_rows`) when given."""
     F, D = ffn["w_up"].shape
+    rows, F = (sketch_rows(ffn), F) if neurons is None else (neurons, neurons)
     return rows * D + 2 * rows * 4 + (-(-D // 2) * F + F * 4 if down else 0)
 
 
@@ -122,6 +125,25 @@ class Sketch:
         """Per layer `first .. end - 1`: `{"packed": [R, D], "scales": [2, R]}` and, with `down`,
         `{"down": [ceil(D / 2), F], "down_scales": [F]}`."""
         return list(self.factors[first - self.layers[0]: end - self.layers[0]])
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def outside_rows(factors: Params, ffn: Params, core_mask: jnp.ndarray, down_norm: jnp.ndarray | None, *,
+                 size: int) -> Params:
+    """A gated layer's sketch `factors` and input biases restricted to the `size` neurons
+    outside one row's core (`core_mask` `bool [1, F]`), and those neurons' ids `int32 [size]`
+    in increasing order (so `top_k`'s ties still go to the lower neuron id); with `down_norm`
+    `[F]`, theirs. Gathered once per generation, so that a batch of one's decode step reads
+    and ranks only the neurons it can choose (`token_step.TokenNeurons`)."""
+    ids = jnp.nonzero(~core_mask[0], size=size)[0].astype(jnp.int32)  # [size]
+    out = {"ids": ids, "packed": jnp.take(factors["packed"], ids, axis=0),  # [size, D]
+           "scales": jnp.take(factors["scales"], ids, axis=1)}  # [2, size]
+    if "down" in factors:
+        out.update(down=jnp.take(factors["down"], ids, axis=1), down_scales=jnp.take(factors["down_scales"], ids))
+    out.update({name: jnp.take(ffn[name], ids) for name in ("b_gate", "b_up") if name in ffn})
+    if down_norm is not None:
+        out["down_norm"] = jnp.take(down_norm, ids)  # [size]
+    return out
 
 
 def unpack(packed: jnp.ndarray, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray]:

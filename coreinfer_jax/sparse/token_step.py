@@ -39,7 +39,8 @@ class TokenNeurons:
 
     A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_mask": bool [B, F]
     (True at the core), "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
-    down-weighted, `"means"` `[B, F]` when compensating); every other layer's are its FFN.
+    down-weighted, `"means"` `[B, F]` when compensating, `"outside"`: the sketch's rows outside
+    the core, `sketch.outside_rows`, for a batch of one); every other layer's are its FFN.
     """
 
     dynamic: float
@@ -62,32 +63,48 @@ class TokenNeurons:
         if n_dynamic == 0 and self.rest == "zero":
             return ffn(p["core"], y, cfg, row_scale)
         x = finished(y, row_scale)  # [B, T, D]
+        outside = p.get("outside") if T == 1 else None
         with jax.named_scope("token_neurons"):
-            estimate = None
-            if self.select_by == "oracle":
-                _, true = ffn(full, x, cfg)  # [B, T, F]
-                scores = true if cfg.family == "opt" else jnp.abs(true)
-            elif self.select_by == "sketch":
-                scores, estimate = sketch_estimate(p["predictor"], full, y, activation_fn(cfg),
-                                                   cfg.family == "opt", row_scale)  # [B, T, F] each
-            else:
-                scores = predicted_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
-            if "down_norm" in p:
-                scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
-            scores = jnp.where(core[:, None, :], -jnp.inf, scores)  # [B, T, F]
+            scores, estimate = self.scores(p, x, y, cfg, row_scale, outside)  # [B, T, F] ([1, 1, F - K] outside)
             if n_dynamic:
-                dynamic, picked = top_neurons_and_mask(scores, n_dynamic, self.shards)  # [B, T, n], [B, T, F]
+                dynamic, picked = top_neurons_and_mask(scores, n_dynamic, self.shards)  # [B, T, n], like scores
             else:
-                dynamic, picked = jnp.zeros((B, T, 0), jnp.int32), jnp.zeros((B, T, F), bool)
-            chosen = core[:, None, :] | picked  # [B, T, F]
+                dynamic, picked = jnp.zeros((B, T, 0), jnp.int32), jnp.zeros(scores.shape, bool)
+            if outside is not None:
+                dynamic = jnp.take(outside["ids"], dynamic)  # [1, 1, n]: neuron ids
+            chosen = picked if outside is not None else core[:, None, :] | picked  # like scores
         if T == 1:
             out, hidden = ffn(p["core"], y, cfg, row_scale)  # the core's products finish the norm
             out = out + self.dynamic_rows(p, y, dynamic[:, 0], cfg, row_scale)
         else:
             out, hidden = masked_ffn(full, x, chosen, cfg, p.get("means"))
         if self.rest == "sketch":
-            out = out + rest_output(p["predictor"], jnp.where(chosen, 0, estimate), y.shape[-1])  # [B, T, D]
+            factors = p["predictor"] if outside is None else outside
+            out = out + rest_output(factors, jnp.where(chosen, 0, estimate), y.shape[-1])  # [B, T, D]
         return out, hidden
+
+    def scores(self, p: Params, x: jnp.ndarray, y: jnp.ndarray, cfg: ModelConfig, row_scale: jnp.ndarray | None,
+               outside: Params | None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """How much each neuron outside the core matters for this step's FFN input (`x`
+        finished, `y` and `row_scale` as in `__call__`), `[B, T, F]` with the core at -inf, and
+        the sketch's estimate of every neuron's activation (None from another predictor).
+        With `outside` (`sketch.outside_rows`, one token of a batch of one), both over its
+        neurons only, `[1, 1, F - K]`: a step reads none of the core's sketch rows."""
+        if outside is not None:
+            scores, estimate = sketch_estimate(outside, outside, y, activation_fn(cfg), False, row_scale)
+            return (scores * outside["down_norm"] if "down_norm" in outside else scores), estimate
+        full, estimate = p["full"], None
+        if self.select_by == "oracle":
+            _, true = ffn(full, x, cfg)  # [B, T, F]
+            scores = true if cfg.family == "opt" else jnp.abs(true)
+        elif self.select_by == "sketch":
+            scores, estimate = sketch_estimate(p["predictor"], full, y, activation_fn(cfg),
+                                               cfg.family == "opt", row_scale)  # [B, T, F] each
+        else:
+            scores = predicted_scores(p["predictor"], full, x, activation_fn(cfg))  # [B, T, F]
+        if "down_norm" in p:
+            scores = scores * p["down_norm"]  # the neuron's output size (down_weighted)
+        return jnp.where(p["core_mask"][:, None, :], -jnp.inf, scores), estimate
 
     def dynamic_rows(self, p: Params, y: jnp.ndarray, dynamic: jnp.ndarray, cfg: ModelConfig,
                      row_scale: jnp.ndarray | None = None) -> jnp.ndarray:
