@@ -26,7 +26,7 @@ TruthfulQA, where 0.25 + 0.25 without it was at 1.08x and 93% (docs/hybrid.md).
 
 Bytes per decoded token and sparse layer: static rows + dynamic rows + the predictor (and
 the down projection's sketch) (`ffn_bytes`). A batch of one reads only the sketch's rows
-outside its core, gathered with the core's (`reads_outside`, `sketch.outside_rows`).
+outside its core, gathered with the core's (`reads_outside`, `sketch.outside_layers`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from coreinfer_jax.sparse.method import check_fraction, resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError
 from coreinfer_jax.sparse.rules import check_rule
 from coreinfer_jax.sparse.selection import sharded_count
-from coreinfer_jax.sparse.sketch import Sketch, outside_rows, sketch_bytes
+from coreinfer_jax.sparse.sketch import Sketch, outside_layers, sketch_bytes
 from coreinfer_jax.sparse.stability import Stability, down_norms
 from coreinfer_jax.sparse.token_step import RESTS, TokenNeurons, core_masks
 
@@ -192,17 +192,19 @@ class Hybrid(Stability):
         masks = core_masks(ids, counts=counts, width=width)
         source = None if self.select_by == "oracle" else self.prepare(params, {}).predictor
         factors = source.layer_factors(*self.layers) if source is not None else [{}] * len(sparse)
+        norms = [down_norms(f) for f in ffns] if self.down_weighted else None  # [F] each, once per generation
+        outside = outside_layers(factors, ffns, masks, norms, sizes=tuple(width - n for n in counts)) \
+            if self.reads_outside(ffns[0], ids.shape[0]) else None
         layers = list(params["layers"])
         for j, i in enumerate(sparse):
             layers[i] = dict(layers[i], ffn={"core": gathered[j], "core_mask": masks[j], "full": ffns[j],
                                              "predictor": factors[j]})
-            if self.down_weighted:
-                layers[i]["ffn"]["down_norm"] = down_norms(ffns[j])  # [F], once per generation
+            if norms is not None:
+                layers[i]["ffn"]["down_norm"] = norms[j]
             if isinstance(core, dict):
                 layers[i]["ffn"].update(core=with_bias(gathered[j], core["bias"][:, j]), means=core["means"][:, j])
-            if self.reads_outside(ffns[j], ids.shape[0]):
-                layers[i]["ffn"]["outside"] = outside_rows(factors[j], ffns[j], masks[j], layers[i]["ffn"].get("down_norm"),
-                                                           size=width - counts[j])
+            if outside is not None:
+                layers[i]["ffn"]["outside"] = outside[j]
         return dict(params, layers=layers)
 
     def reads_outside(self, ffn: Params, batch: int) -> bool:

@@ -127,7 +127,6 @@ class Sketch:
         return list(self.factors[first - self.layers[0]: end - self.layers[0]])
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
 def outside_rows(factors: Params, ffn: Params, core_mask: jnp.ndarray, down_norm: jnp.ndarray | None, *,
                  size: int) -> Params:
     """A gated layer's sketch `factors` and input biases restricted to the `size` neurons
@@ -144,6 +143,15 @@ def outside_rows(factors: Params, ffn: Params, core_mask: jnp.ndarray, down_norm
     if down_norm is not None:
         out["down_norm"] = jnp.take(down_norm, ids)  # [size]
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("sizes",))
+def outside_layers(factors: list[Params], ffns: list[Params], core_masks: list[jnp.ndarray],
+                   down_norms: list[jnp.ndarray] | None, *, sizes: tuple[int, ...]) -> list[Params]:
+    """`outside_rows` of every sparse layer, in one program per generation as the core's
+    gather (`gather.gather_core_layers`), not one dispatch per layer."""
+    norms = down_norms or [None] * len(ffns)
+    return [outside_rows(*args, size=size) for *args, size in zip(factors, ffns, core_masks, norms, sizes)]
 
 
 def unpack(packed: jnp.ndarray, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray]:

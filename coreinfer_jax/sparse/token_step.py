@@ -40,7 +40,7 @@ class TokenNeurons:
     A sparse layer's params are `{"core": gathered core rows [B, K, D], "core_mask": bool [B, F]
     (True at the core), "full": the layer's whole FFN, "predictor": its factors}` (and `"down_norm"` `[F]` when
     down-weighted, `"means"` `[B, F]` when compensating, `"outside"`: the sketch's rows outside
-    the core, `sketch.outside_rows`, for a batch of one); every other layer's are its FFN.
+    the core, `sketch.outside_layers`, for a batch of one); every other layer's are its FFN.
     """
 
     dynamic: float
