@@ -6,8 +6,9 @@ packed into one byte per weight pair (low nibble gate, high nibble up, each stor
 `q + 8`). A decode step ranks all F neurons by `|act(x Qg^T sg) * (x Qu^T su)|`, reading
 `F * D` bytes plus `8 F` of scales per layer: a twelfth of the layer's float32 FFN bytes (a
 sixth of bfloat16's); a batch of one ranks only the neurons outside its core, from their
-rows gathered once per generation (`outside_rows`). A ReLU FFN (OPT) has one input projection, `fc1`: its first and second
-halves of rows share the bytes instead, and the sketch scores the pre-activation. Built with
+rows gathered once per generation (`outside_rows`). A ReLU FFN (OPT) has one input
+projection, `fc1`: its first and second halves of rows share the bytes instead, and the
+sketch scores the pre-activation. Built with
 `down`, it holds the down projection too (two outputs per byte, one scale per
 neuron): the hybrid adds the neurons it leaves out as their estimated activation times these
 weights (`rest="sketch"`, `sparse.token_step`).
