@@ -32,7 +32,7 @@ def suite(tmp_path_factory) -> tuple[dict, str, str]:
 
 def expected_rows() -> dict[tuple[str, str], str]:
     """(part, row name) -> how it must end on a machine without a GPU."""
-    tests = "pytest test_products test_gather test_decode test_sparse test_attention_forms test_rules --collect-only"
+    tests = "pytest test_products test_gather test_attention_forms test_rules test_decode test_sparse --collect-only"
     rows = {("tests", tests): "collected"}
     for shape in SHAPES:
         rows |= {("bench", f"{shape}: transformers-pytorch-sdpa-cuda"): "skipped: no GPU",

@@ -66,27 +66,31 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "gemma3", "opt"])
-def test_fused_padded_gather_equals_the_plain_gather_token_for_token(name, tiny_checkpoint, monkeypatch) -> None:
+FAMILIES = ("llama", "qwen2", "phi3", "gemma3", "opt")
+
+
+# One node per family and method (OPT has no compensation), so the device suite can name the few it runs.
+@pytest.mark.parametrize("name, method", [(n, k) for n in FAMILIES for k in METHODS
+                                          if not (n == "opt" and k == "compensated")])
+def test_fused_padded_gather_equals_the_plain_gather_token_for_token(name, method, tiny_checkpoint,
+                                                                     monkeypatch) -> None:
     gen = Generator.load(tiny_checkpoint(name))
     F = gen.cfg.intermediate_size
-    methods = {k: m for k, m in METHODS.items() if not (name == "opt" and k == "compensated")}
 
-    def run(m):
+    def run():
         jax.clear_caches()  # the gather's layout is read when it is traced
-        return gen.generate_ids(PROMPTS, 12, method=m).tokens
+        return gen.generate_ids(PROMPTS, 12, method=METHODS[method]).tokens
 
     # Pad every width to a tile of 32 rows, so the test-sized FFN (F=128) gets padding rows.
     monkeypatch.setattr(gather, "TILED_WIDTH", 0)
     monkeypatch.setattr(gather, "ROW_TILE", 32)
-    padded = {k: run(m) for k, m in methods.items()}
+    padded = run()
     weights = Stability(keep=0.4, layers=(0, 2)).validate(gen.cfg).decode_weights(
         gen.params, np.zeros((2, 2, int(F * 0.4)), np.int32))
     layer = weights["layers"][0]["ffn"]
     assert layer["w_down"].shape[1] == 64 > int(F * 0.4)  # padded: 51 -> 64 rows
     assert ("w_gate_up" in layer) == (name != "opt")
     monkeypatch.setattr(gather, "fused_layout", gather_core_weights)
-    plain = {k: run(m) for k, m in methods.items()}
+    plain = run()
     jax.clear_caches()
-    for k in methods:
-        assert padded[k] == plain[k], k
+    assert padded == plain
