@@ -40,6 +40,9 @@ from coreinfer_jax.tools.roofline import PROBE_BYTES, PROBE_SAMPLE_S
 from coreinfer_jax.tools.shapes import model_config
 
 F32 = jnp.float32
+# `--tiny`'s bytes of copies: its 16 KB matrices are 64 copies, one program of 64 products
+# (16 MiB made 1024, and compiling them took most of a minute).
+TINY_BUDGET = 1 << 20
 
 
 def _halves(y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -149,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m coreinfer_jax.tools.product_bench",
                                 description="one token's weight products in each layout, timed on the default device")
     p.add_argument("--shapes", default="llama-3-8b")
-    p.add_argument("--tiny", action="store_true", help="tiny widths of --shapes and a 16 MiB budget (CPU, seconds)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths of --shapes and a 1 MiB budget (CPU, seconds)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        rows = run(args.shapes, args.tiny, args.dtype, 16 << 20 if args.tiny else PROBE_BYTES)
+        rows = run(args.shapes, args.tiny, args.dtype, TINY_BUDGET if args.tiny else PROBE_BYTES)
     except CoreInferError as e:
         print(f"error: {e}")
         return 2
