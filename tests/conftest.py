@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterator
 # JAX_PLATFORMS itself (the device suite's GPU tests) keeps its own.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles far more than it runs (tiny models, every family, method and form), and
-# most of an XLA CPU compile is LLVM optimising the generated kernels: without it the suite
-# takes about 40% less time. Products call libraries (Eigen, oneDNN) either way, and no test
-# times anything. Subprocesses inherit it; a GPU run of the tests keeps its flags.
+# most of an XLA CPU compile is LLVM optimising the generated kernels: without it the tests
+# take a third less time (3635 -> 2394 s summed on 2 cores). Products call libraries (Eigen,
+# oneDNN) either way, and no test times anything. Subprocesses inherit it; a GPU run of the
+# tests keeps its flags.
 if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
