@@ -8,7 +8,8 @@ our converter on demand; every factory caches per name for the whole session.
     tiny_hf_dir(name) -> Path       HF checkpoint directory
     tiny_checkpoint(name) -> Path   converted checkpoint directory (float32)
     tiny_torch_model(name)          the HF torch model, float32, eval mode, eager attention
-    smollm2_checkpoint, gemma3_checkpoint, coreinfer_home   the two real models converted (slow tests)
+    smollm2_checkpoint, gemma3_checkpoint, coreinfer_home   the two real models converted (slow tests),
+                                    once per run: xdist workers share them (`converted_once`)
     run_main(main, *args)           a command line's `main` run in this process, captured like subprocess.run
 """
 
@@ -29,15 +30,18 @@ from typing import Any, Callable, Iterator
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles far more than it runs (tiny models, every family, method and form), and
 # most of an XLA CPU compile is LLVM optimising the generated kernels: without it the tests
-# take a third less time (3635 -> 2394 s summed on 2 cores). Products call libraries (Eigen,
-# oneDNN) either way, and no test times anything. Subprocesses inherit it; a GPU run of the
-# tests keeps its flags.
+# take a third less time (3635 -> 2394 s summed on 2 cores). XLA's older elementwise emitter
+# compiles faster still than its MLIR fusion emitters (a fifth less on the sparse, gather and
+# hybrid tests). Products call libraries (Eigen, oneDNN) either way, and no test times
+# anything. Subprocesses inherit the flags; a GPU run of the tests keeps its own.
 if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
+                                                     "--xla_cpu_use_fusion_emitters=false"]))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
@@ -248,13 +252,45 @@ def tiny_torch_model(tiny_hf_dir: Callable[[str], Path]) -> Callable[[str], PreT
     return make
 
 
+class KeptGGUF(GGUFSource):
+    """A bundled GGUF whose Transformers model outlives its conversion (`release` keeps it), so
+    that a parity test compares against the very weights converted without parsing the file
+    again (Gemma's 262k-token vocabulary alone takes the GGUF reader ~20 s a parse)."""
+
+    def release(self) -> None:
+        pass
+
+
+def kept_source(name: str) -> KeptGGUF:
+    source = open_source(name)
+    assert isinstance(source, GGUFSource)
+    return KeptGGUF(source.path, label=name)
+
+
 @pytest.fixture(scope="session")
-def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled SmolLM2-135M-Instruct GGUF converted to float32 by `python -m convert` (slow tests only)."""
-    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    done = run_main(convert_main, "smollm2-135m", "--out", out)
-    assert done.returncode == 0 and done.stdout == f"wrote {out}\n", done.stderr
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory every xdist worker of this run shares (the session's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def converted_once(out: Path, convert: Callable[[Path], object]) -> Path:
+    """`convert(out)` by the first worker of the run to ask; the others wait for it and reuse its
+    checkpoint (the converter writes it atomically, so one that exists is whole)."""
+    with FileLock(f"{out}.lock"):
+        if not out.exists():
+            convert(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(run_dir: Path) -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF converted to float32 by `python -m convert` (slow tests only)."""
+    def convert(out: Path) -> None:
+        done = run_main(convert_main, "smollm2-135m", "--out", out)
+        assert done.returncode == 0 and done.stdout == f"wrote {out}\n", done.stderr
+
+    return converted_once(run_dir / "smollm2", convert)
 
 
 @pytest.fixture(scope="session")
@@ -267,15 +303,15 @@ def smollm2_torch_model() -> PreTrainedModel:
 
 
 @pytest.fixture(scope="session")
-def gemma3_source() -> GGUFSource:
+def gemma3_source() -> KeptGGUF:
     """The bundled Gemma-3-270M GGUF; Transformers dequantises it once for both sides (slow tests only)."""
-    return open_source("gemma3-270m")
+    return kept_source("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
-def gemma3_checkpoint(tmp_path_factory: pytest.TempPathFactory, gemma3_source: GGUFSource) -> Path:
+def gemma3_checkpoint(run_dir: Path, gemma3_source: KeptGGUF) -> Path:
     """Gemma-3-270M converted to float32 from Transformers' dequantisation of the GGUF."""
-    return convert_source(gemma3_source, tmp_path_factory.mktemp("gemma3") / "ckpt")
+    return converted_once(run_dir / "gemma3", lambda out: convert_source(gemma3_source, out))
 
 
 @pytest.fixture(scope="session")
@@ -288,7 +324,7 @@ def coreinfer_home(tmp_path_factory: pytest.TempPathFactory, smollm2_checkpoint:
 
 
 @pytest.fixture(scope="session")
-def gemma3_torch_model(gemma3_source: GGUFSource) -> PreTrainedModel:
+def gemma3_torch_model(gemma3_source: KeptGGUF) -> PreTrainedModel:
     """Transformers' Gemma-3-270M on the same dequantised weights, float32, eval mode."""
     return gemma3_source.model().eval()
 

@@ -16,7 +16,7 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax import Dense, Generator, Stability
+from coreinfer_jax import Dense, Generator
 from coreinfer_jax.errors import InputError
 from coreinfer_jax.models.forward import cache_shape
 from coreinfer_jax.runtime import batching, engine

