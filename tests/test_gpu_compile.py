@@ -30,6 +30,7 @@ def test_decode_loop_copies_no_weights_and_reads_the_counted_bytes(label, llama8
     cfg, params = llama8b
     compiled = gpu_compile.compile_method(cfg, params, gpu_compile.methods(cfg)[label], label=label)
     assert "__triton" in compiled.decode  # compiled by the GPU backend: its products are Triton fusions
+    assert compiled.prefill is not None and "__triton" in compiled.prefill
     assert loop_writes(compiled.decode) == []
     # One row's sort is six launches, 56 us, on an H200: the hybrid's per-token choice selects
     # by radix instead (`sparse.radix_select`).
@@ -47,7 +48,7 @@ def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> 
     jax.clear_caches()
     monkeypatch.setattr(gather, "fused_layout", gather.gather_core_weights)
     monkeypatch.setattr(forward, "norm_for_products", lambda p, x, cfg: (forward.norm(p, x, cfg), None))
-    compiled = gpu_compile.compile_method(cfg, params, Stability(keep=0.4))
+    compiled = gpu_compile.compile_method(cfg, params, Stability(keep=0.4), prefill=False)
     jax.clear_caches()
     found = {(w.op.split()[-1], w.shape) for w in loop_writes(compiled.decode)}
     n_sparse = len(Stability(keep=0.4).validate(cfg).sparse_layers())
@@ -79,7 +80,7 @@ def test_the_sorted_choice_on_a_gpu_is_a_sort_in_the_loop(llama8b, monkeypatch) 
     cfg, params = llama8b
     jax.clear_caches()
     monkeypatch.setattr(products, "FORCE", "cpu")
-    compiled = gpu_compile.compile_method(cfg, params, gpu_compile.methods(cfg)["hybrid default"])
+    compiled = gpu_compile.compile_method(cfg, params, gpu_compile.methods(cfg)["hybrid default"], prefill=False)
     jax.clear_caches()
     assert [op for op in loop_kernels(compiled.decode) if op.endswith("sort")]
 
