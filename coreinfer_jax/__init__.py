@@ -11,6 +11,7 @@ from coreinfer_jax.errors import CoreInferError, InputError, MethodError
 from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.nnx import CausalLM, train_step
+from coreinfer_jax.runtime.compile_cache import use_compile_cache
 from coreinfer_jax.runtime.generator import GenerationResult, Generator
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.calibration import Calibration
@@ -26,5 +27,5 @@ __all__ = [
     "Calibration", "CausalLM", "CoreInferError", "DEFAULT_CHECKPOINT", "Dense", "GenerationResult", "Generator",
     "Hybrid", "InputError", "Method", "MethodError", "ModelConfig", "Predictor", "Sampling", "Similarity",
     "Stability", "calibrate", "default_layer_range", "load_checkpoint", "make_method", "select_core_neurons",
-    "train_step",
+    "train_step", "use_compile_cache",
 ]

@@ -28,6 +28,9 @@ from typing import Any, Callable, Iterator
 # print a plugin traceback in every process; subprocesses inherit this. A run that sets
 # JAX_PLATFORMS itself (the device suite's GPU tests) keeps its own.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The commands keep compiled programs in a persistent cache (`runtime.compile_cache`). Tests must
+# not write into the user's, and several count or time compiles: off, unless a test turns it on.
+os.environ["COREINFER_COMPILE_CACHE"] = "off"
 # The suite compiles far more than it runs (tiny models, every family, method and form), and
 # most of an XLA CPU compile is LLVM optimising the generated kernels: without it the tests
 # take a third less time (3635 -> 2394 s summed on 2 cores). XLA's older elementwise emitter
