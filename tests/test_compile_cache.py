@@ -70,6 +70,15 @@ def test_off_leaves_jax_without_a_cache(monkeypatch: pytest.MonkeyPatch) -> None
     assert jax.config.values["jax_compilation_cache_dir"] is None
 
 
+def test_a_directory_that_cannot_be_written_is_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("COREINFER_COMPILE_CACHE", str(tmp_path / "a_file" / "xla_cache"))
+    with pytest.warns(UserWarning, match=r"no compile cache: cannot write to .*a_file/xla_cache; set "
+                                         r"COREINFER_COMPILE_CACHE to a writable directory, or to off"):
+        assert use_compile_cache() is None
+    assert jax.config.values["jax_compilation_cache_dir"] is None
+
+
 def test_the_default_lives_beside_the_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COREINFER_COMPILE_CACHE")
     monkeypatch.setattr("coreinfer_jax.runtime.compile_cache.DEFAULT_CHECKPOINT", tmp_path / "home" / "smollm2-135m")

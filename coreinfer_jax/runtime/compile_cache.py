@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,22 @@ jax.monitoring.register_event_listener(_on_event)
 def use_compile_cache(directory: str | Path | None = None) -> Path | None:
     """Keep compiled programs in `directory` (default: `COREINFER_COMPILE_CACHE`, else
     `$COREINFER_HOME/xla_cache`) and return the directory in use: JAX's own when it has one
-    already, None when the setting is `off`."""
+    already, None when the setting is `off` or the directory cannot be written (one warning;
+    JAX would otherwise warn at every program)."""
     given = jax.config.values["jax_compilation_cache_dir"]
     if given:
         return Path(given)
     setting = str(directory or os.environ.get(ENV) or DEFAULT_CHECKPOINT.parent / "xla_cache")
     if setting.lower() == "off":
+        return None
+    try:
+        Path(setting).mkdir(parents=True, exist_ok=True)
+        writable = os.access(setting, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        warnings.warn(f"no compile cache: cannot write to {setting}; set {ENV} to a writable directory, or to off",
+                      stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", setting)
     if jax.config.values["jax_compilation_cache_max_size"] == -1:  # JAX's default: unbounded
