@@ -167,7 +167,11 @@ def result_json(out: GenerationResult, compile_s: float, from_cache: int, offloa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m coreinfer_jax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m coreinfer_jax", description=__doc__,
+        epilog="environment: COREINFER_HOME holds the converted checkpoints and the compile cache "
+               "(default ~/.cache/coreinfer_jax); COREINFER_COMPILE_CACHE moves the cache (a directory) or turns it "
+               "off (off). Every command but bench and data reads and writes compiled programs there.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
