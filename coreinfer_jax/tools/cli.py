@@ -106,8 +106,8 @@ def generate_main(args: argparse.Namespace) -> int:
     else:
         print(out.texts[0])
         print(f"[{method.name}, {'chat template' if chat else 'raw prompt'}] prompt {out.prompt_tokens[0]} tokens, "
-              f"{len(out.tokens[0])} new; compile {warm.compile_s:.2f}s{cached_note(from_cache)}, pre-fill {out.prefill_s * 1e3:.1f} ms, "
-              f"decode {out.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+              f"{len(out.tokens[0])} new; compile {warm.compile_s:.2f}s{cached_note(from_cache)}, "
+              f"pre-fill {out.prefill_s * 1e3:.1f} ms, decode {out.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
     note = empty_note(out, gen, chat)
     if note is not None:
         print(f"note: {note}", file=sys.stderr)
