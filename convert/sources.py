@@ -16,6 +16,7 @@ their assembly) must give the converter the same stream of tensors, with the sam
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -229,14 +230,41 @@ class GGUFSource(Source):
         self.path = path
         self.label = label or str(path)
         self._model: Any = None
+        self._reader: Any = None
+
+    @contextlib.contextmanager
+    def _one_reader(self) -> Iterator[None]:
+        """Within the block, every `gguf.GGUFReader` Transformers opens on this file is one reader.
+
+        Transformers parses the file afresh for the config, again for the weights and again for
+        the tokenizer, and the parse (every metadata field, the vocabulary's strings one by one)
+        was most of a conversion: 20 s each for Qwen2.5-Coder's 152k tokens. The reader only
+        memory-maps the file and reads it, so sharing it is safe; `release` drops it."""
+        import gguf
+
+        opened = gguf.GGUFReader
+
+        def shared(path: Any, mode: str = "r") -> Any:
+            if mode != "r" or Path(path).resolve() != self.path.resolve():
+                return opened(path, mode)
+            if self._reader is None:
+                self._reader = opened(path, mode)
+            return self._reader
+
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = opened
 
     def model(self) -> Any:
         """Transformers' model of the file (float32, loaded once, and again after `release`), whose weights
         `tensors` yields."""
         if self._model is None:
             try:
-                self._model = AutoModelForCausalLM.from_pretrained(
-                    self.path.parent, gguf_file=self.path.name, dtype=torch.float32)
+                with self._one_reader():
+                    self._model = AutoModelForCausalLM.from_pretrained(
+                        self.path.parent, gguf_file=self.path.name, dtype=torch.float32)
             except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
                 raise ConversionError(f"cannot load GGUF file {self.path}: {e}") from e
         return self._model
@@ -248,10 +276,12 @@ class GGUFSource(Source):
         # The dequantised model is as large as the converted params: writing them while it is
         # alive took Qwen2.5-Coder-1.5B past 23 GB. `model()` loads it again if asked.
         self._model = None
+        self._reader = None
 
     def tokenizer(self) -> Any:
         try:
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            with self._one_reader():
+                return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except (ValueError, OSError, KeyError, TypeError) as e:
             raise ConversionError(f"cannot load the tokenizer from GGUF file {self.path}: {e}") from e
 

@@ -348,3 +348,29 @@ def test_smollm2_converts(smollm2_checkpoint: Path) -> None:
     assert meta["source"] == "smollm2-135m" and meta["source_format"] == "gguf"
     assert abs(meta["parameter_count"] - 134.5e6) < 0.1e6
     assert len(tokenizer) == cfg.vocab_size == 49152
+
+
+@pytest.mark.slow
+def test_a_gguf_is_parsed_once_for_config_weights_and_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transformers opens a GGUF afresh for the config, the weights and the tokenizer; a source
+    shares one parse among them (the parse was most of a conversion), and `release` drops it."""
+    import gguf
+
+    from convert.sources import open_source
+
+    opened: list[str] = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path: str, mode: str = "r") -> None:
+            opened.append(Path(path).name)
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    source = open_source("smollm2-135m")
+    assert source.hf_config()["model_type"] == "llama"
+    assert len(source.tokenizer()) == 49152
+    assert opened == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert gguf.GGUFReader is Counting  # put back after each read
+    source.release()
+    source.tokenizer()
+    assert len(opened) == 2
