@@ -1,5 +1,6 @@
 """Two processes on the loopback address drive one 1x4 mesh (2 CPU devices each) through
-`jax.distributed` (`--coordinator`), and generate what one process generates alone."""
+`jax.distributed` (`--coordinator`), and generate what one process generates alone; only
+process 0 reports."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from coreinfer_jax import Dense, Generator, Stability
+from eval_files import write_truthfulqa
 
 PROMPT = "The quick brown fox"
 SPARSE = ["--method", "stability", "--keep", "0.5", "--layers", "0:2"]
@@ -68,3 +71,30 @@ def test_bad_process_settings_say_what_is_wrong(tiny_checkpoint, capsys) -> None
     assert main(["generate", "--checkpoint", str(tiny_checkpoint("llama")), "--prompt", PROMPT,
                  "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"]) == 2
     assert "--process-id must be in 0..1" in capsys.readouterr().err
+
+
+def test_only_process_0_reports_eval_sweep_and_bench(tiny_checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    """Every process of a `--coordinator` job computes the same results. The others print
+    nothing and write no file, so no two processes write one output at once."""
+    from coreinfer_jax.tools.cli import main
+
+    ckpt = str(tiny_checkpoint("llama"))
+    data = write_truthfulqa(tmp_path / "tqa.csv")
+    sparse = ["--keep", "0.5", "--layers", "0:2"]
+
+    def eval_to(records):
+        return ["eval", "--task", "truthfulqa", "--data", str(data), "--checkpoint", ckpt, *sparse, "--zero-shot",
+                "--max-new-tokens", "4", "--records", str(records)]
+
+    assert main(eval_to(tmp_path / "mine.jsonl")) == 0  # process 0 (the only one without jax.distributed) reports
+    assert "stability" in capsys.readouterr().out and (tmp_path / "mine.jsonl").stat().st_size > 0
+    monkeypatch.setattr(jax, "process_index", lambda *args, **kwargs: 1)
+    assert main(eval_to(tmp_path / "records.jsonl")) == 0
+    assert main(["sweep", "--checkpoint", ckpt, "--tasks", "truthfulqa", "--rules", "paper", "--keep", "0.5",
+                 "--layers", "0:2", "--data", f"truthfulqa={data}", "--limit", "2", "--zero-shot",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "sweep")]) == 0
+    bench = ["bench", "--keep", "0.5", "--new-tokens", "4", "--reps", "1", "--no-torch"]
+    assert main([*bench, "--shapes", "smollm2-135m", "--random-weights", "--tiny"]) == 0
+    assert main([*bench, "--checkpoint", ckpt, "--layers", "0:2", "--batch", "2"]) == 0
+    assert capsys.readouterr().out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.jsonl", "tqa.csv"]

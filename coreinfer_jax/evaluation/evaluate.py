@@ -40,6 +40,7 @@ from coreinfer_jax.evaluation import humaneval as he
 from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
 from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
 from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
+from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
@@ -350,6 +351,8 @@ def main(args: argparse.Namespace) -> int:
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     records: list[dict[str, Any]] = []
     results = evaluate(gen, args.task, methods, args.data, args.limit, settings, records)
+    if not is_main_process():  # every process of a --coordinator job has the same results; one reports them
+        return 0
     if args.records:
         args.records.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     if args.json:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.humaneval import PROMPT_FORMATS, check_code_execution
 from coreinfer_jax.evaluation.evaluate import HEADLINE, PER_EXAMPLE, TASKS, Settings, evaluate, fmt_metric, paired
+from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.calibrate.predictor import default_predictor_dir
 from coreinfer_jax.sparse.budget import Budget
@@ -98,20 +99,24 @@ def task_rows(task: str, methods: Sequence[Method], results: Sequence[Any], reco
 def run_sweep(gen: Generator, tasks: Sequence[str], methods: Sequence[Method], data: dict[str, Path],
               limits: dict[str, int | None], settings: Settings, out: Path) -> dict[str, Any]:
     """Evaluate `methods` on every task and return the report. The outputs in `out` are
-    rewritten after each task, so a long sweep that stops keeps the tasks it finished."""
+    rewritten after each task, so a long sweep that stops keeps the tasks it finished; in a
+    `--coordinator` job only process 0 writes them (every process has the same report)."""
     methods = [gen.resolve(m) for m in methods]
     ffn_bytes = [ffn_bytes_per_token(gen.cfg, gen.params, m) for m in methods]
     report: dict[str, Any] = {"tasks": [], "settings": dataclasses.asdict(settings), "limits": limits,
                               "data": {k: str(v) for k, v in data.items()}, "rows": []}
     all_records: list[dict[str, Any]] = []
-    out.mkdir(parents=True, exist_ok=True)
+    writes = is_main_process()
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
     for task in tqdm(tasks, desc="sweep", unit="task"):
         records: list[dict[str, Any]] = []
         results = evaluate(gen, task, methods, data.get(task), limits.get(task), settings, records)
         report["tasks"].append(task)
         report["rows"] += task_rows(task, methods, results, records, ffn_bytes)
         all_records += records
-        write_outputs(report, all_records, out)
+        if writes:
+            write_outputs(report, all_records, out)
     return report
 
 
@@ -265,6 +270,8 @@ def main(args: argparse.Namespace) -> int:
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     limits = {"truthfulqa": args.limit, "squad": args.limit, "wikitext": args.windows, "humaneval": args.limit}
     report = run_sweep(gen, args.tasks, methods, dict(args.data), limits, settings, args.out)
+    if not is_main_process():
+        return 0
     print(markdown(report))
     print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.md'}, {args.out / 'pareto.png'}")
     return 0

@@ -3,7 +3,8 @@
 Every process runs the same command with its own `--process-id`; JAX then sees the devices
 of all of them (`jax.devices()`), a `--mesh` spans them, each process restores and holds only
 its devices' shards, and every compiled program runs on all processes at once (SPMD). Only
-process 0 prints results. On CPU the processes exchange tensors through Gloo.
+process 0 prints results and writes output files (`is_main_process`). On CPU the processes
+exchange tensors through Gloo.
 
     python -m coreinfer_jax generate --mesh 1x8 --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0 ...
 """

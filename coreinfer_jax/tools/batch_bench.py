@@ -21,6 +21,7 @@ from tqdm import tqdm
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
@@ -118,5 +119,6 @@ def batch_main(args: argparse.Namespace) -> int:
         gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     methods = [] if args.method == "dense" else shared_variants(methods_from_args(args, args.keep or [0.4]))
     report = run_batch_bench(gen, methods, args.batch, args.new_tokens, args.reps)
-    print(json.dumps(report, indent=2) if args.json else batch_markdown(report))
+    if is_main_process():  # a --coordinator job's processes measure together; one reports
+        print(json.dumps(report, indent=2) if args.json else batch_markdown(report))
     return 0

@@ -21,6 +21,7 @@ import jax
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
@@ -236,5 +237,6 @@ def bench_main(args: argparse.Namespace) -> int:
         else:
             report = run_bench(args.checkpoint, methods, args.new_tokens, args.reps, not args.no_torch, args.dtype,
                                torch_attention=args.torch_attention, mesh=args.mesh)
-    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    if is_main_process():  # a --coordinator job's processes measure together; one reports
+        print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
