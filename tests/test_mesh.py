@@ -27,6 +27,7 @@ from coreinfer_jax import Generator
 from coreinfer_jax.calibrate.similarity import calibrate
 from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.sharding import MeshError, make_mesh, parse_mesh
+from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.rules import top_neurons
 from mesh_worker import build_method
 from test_lowering import tiny_predictor
@@ -82,6 +83,9 @@ def mesh_run(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
               "kv heads": dict(checkpoint=str(tiny_checkpoint("llama")), error_mesh="1x4")}
     for job in jobs.values():
         job.update(prompts=PROMPTS, new_tokens=NEW)
+    # Three prompts on a data axis of 2: a copy of the third fills it.
+    jobs["llama 2x2 three prompts"] = dict(checkpoint=str(tiny_checkpoint("llama")), mesh="2x2", prompts=PROMPTS[:3],
+                                           new_tokens=NEW, methods=[SHARED, dict(similarity, share="batch")])
     out = run_worker(list(jobs.values()) + list(errors.values()), tmp)["jobs"]
     return {"jobs": dict(zip(jobs, out)), "errors": dict(zip(errors, out[len(jobs):])), "calibration": cal_dir,
             "hybrid": hybrid, "checkpoints": {name: job["checkpoint"] for name, job in jobs.items()}}
@@ -116,6 +120,20 @@ def test_mesh_generation_equals_one_device(mesh_run, job: str) -> None:
         assert got["tokens"] == want.tokens, (job, s)
         if want.core_neurons is not None:
             np.testing.assert_array_equal(np.array(got["core"]), want.core_neurons)
+
+
+@pytest.mark.slow
+def test_a_batch_the_data_axis_does_not_divide_shares_the_prompts_own_set(mesh_run) -> None:
+    """Three prompts on a 2x2 mesh, batch-shared stability and similarity: the tokens and the one
+    core set one device gives the three prompts (the row that fills the data axis takes no part)."""
+    ran = mesh_run["jobs"]["llama 2x2 three prompts"]
+    gen = Generator.load(mesh_run["checkpoints"]["llama 2x2 three prompts"])
+    similarity = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": mesh_run["calibration"]}
+    for settings, got in zip([SHARED, dict(similarity, share="batch")], ran["methods"], strict=True):
+        method = dataclasses.replace(build_method(settings), shards=2)
+        want = gen.generate_ids(PROMPTS[:3], NEW, method=method, stop_at_eos=False)
+        assert got["tokens"] == want.tokens, settings["method"]
+        np.testing.assert_array_equal(np.array(got["core"]), want.core_neurons)
 
 
 @pytest.mark.slow
@@ -247,6 +265,34 @@ def test_batch_shared_with_one_row_equals_per_row(tiny_checkpoint) -> None:
     shared = gen.generate_ids(PROMPTS[:1], NEW, method=build_method(SHARED), stop_at_eos=False)
     assert shared.tokens == row.tokens
     np.testing.assert_array_equal(shared.core_neurons, row.core_neurons)
+
+
+@pytest.mark.parametrize("settings", [SHARED, dict(MAGNITUDE, share="batch"), dict(COMPENSATED, share="batch"),
+                                      "similarity"], ids=["stability", "normalized_magnitude", "compensated",
+                                                          "similarity"])
+def test_rows_filling_the_data_axis_take_no_part_in_a_shared_set(tiny_checkpoint, tmp_path, settings) -> None:
+    """A mesh's data axis that does not divide the batch gets copies of the last prompt
+    (`Generator._fill_data_shards`). Pre-fill leaves them out of a batch-shared core set: with
+    a copy of prompt 3, the set is the one the three prompts choose alone, and without
+    `counted` the copy would tilt it (so the check cannot pass by chance)."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    if settings == "similarity":
+        cal = calibrate(gen, SENTENCES, clusters=4, progress=False).save(tmp_path / "calibration")
+        settings = {"method": "similarity", "keep": 0.5, "layers": [0, 2], "calibration": str(cal), "share": "batch"}
+    method = gen.resolve(build_method(settings))
+    prompts = PROMPTS[:3]
+
+    def core(rows: list[list[int]], counted: jax.Array | None = None) -> np.ndarray:
+        tokens, lengths, _ = gen._pack(rows, NEW)
+        _, _, kept = engine.prefill(gen.params, tokens, lengths, method.tables(), counted, cfg=gen.cfg, method=method,
+                                    cache_len=tokens.shape[1])
+        return np.asarray(method.neuron_ids(kept))
+
+    alone = core(prompts)
+    assert (alone == alone[:1]).all()
+    filled = prompts + prompts[-1:]
+    assert not np.array_equal(core(filled)[:3], alone)
+    np.testing.assert_array_equal(core(filled, jax.numpy.arange(4) < 3), np.concatenate([alone, alone[:1]]))
 
 
 def test_mesh_options_apply_where_they_are_used(tiny_checkpoint, capsys) -> None:

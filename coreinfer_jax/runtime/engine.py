@@ -29,22 +29,28 @@ from coreinfer_jax.sparse.method import Method
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "cache_len"))
-def prefill(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, tables: Params | None = None, *,
-            cfg: ModelConfig, method: Method, cache_len: int) -> tuple[jnp.ndarray, Cache, jnp.ndarray | None]:
+def prefill(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, tables: Params | None = None,
+            counted: jnp.ndarray | None = None, *, cfg: ModelConfig, method: Method,
+            cache_len: int) -> tuple[jnp.ndarray, Cache, jnp.ndarray | None]:
     """Dense pre-fill of right-padded `tokens` `[B, T]` with real `lengths` `[B]`.
 
-    `tables` are the method's arrays (`method.tables()`). Returns last-token logits `[B, V]`,
+    `tables` are the method's arrays (`method.tables()`). `counted` `bool [B]` (default: every
+    row) marks the prompts; the other rows only fill a mesh's data axis, and a batch-shared
+    selection, which pools its rows, does not count them. Returns last-token logits `[B, V]`,
     the cache (`cache_len` slots) and the method's core neurons (None for dense).
     """
     B, T = tokens.shape
     cache = init_cache(cfg, B, cache_len, params["embed"].dtype)
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    # A per-row selection keeps the filling rows as they are: copies of a prompt, they decode
+    # like it and end with it.
+    voting = valid if counted is None or method.per_row_weights else valid & counted[:, None]  # [B, T]
     reading = method.selecting_layers()
 
     def select(layer: int, activation: jnp.ndarray) -> jnp.ndarray | None:
         if layer not in reading:
             return None
-        return method.select(activation, valid, tables, layer, params["layers"][layer]["ffn"])
+        return method.select(activation, voting, tables, layer, params["layers"][layer]["ffn"])
 
     with jax.named_scope("prefill"):
         h, cache, selected = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32), cache,

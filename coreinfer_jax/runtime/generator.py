@@ -199,7 +199,7 @@ class Generator:
         with self.on_mesh():
             compiled_before = getattr(_compiled, "seconds", 0.0)
             t0 = time.perf_counter()
-            first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method)
+            first_logits, cache, core, weights = self._prefill(tokens, lengths, windows[0], method, rows)
             jax.block_until_ready((first_logits, cache, core, weights))
             t1 = time.perf_counter()
             out = engine.decode(weights, first_logits, cache, lengths, limit, eos, jax.random.key(seed), stops, cfg=cfg,
@@ -259,7 +259,7 @@ class Generator:
             row[: len(c)] = c
         with self.on_mesh():
             first_logits, cache, _, weights = self._prefill(tokens, lengths, cache_length(tokens.shape[1], chunk),
-                                                            method)
+                                                            method, rows)
             logprobs, greedy = engine.score_continuation(weights, first_logits, cache, lengths,
                                                          jnp.asarray(targets), cfg=self.cfg, ffn_fn=method.decode_ffn)
         logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
@@ -267,7 +267,8 @@ class Generator:
 
     def _fill_data_shards(self, rows: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         """`rows` with copies of the last appended until they split evenly over the mesh's data
-        axis (the copies' results are dropped; a batch-shared core set counts them too)."""
+        axis (the copies' results are dropped, and `_prefill` keeps them out of a batch-shared
+        core set)."""
         rows = list(rows)
         data = 1 if self.mesh is None else self.mesh.shape[DATA]
         return rows + rows[-1:] * (-len(rows) % data)
@@ -281,12 +282,16 @@ class Generator:
         if refusal is not None:
             raise MethodError(f"offload mode cannot serve the {method.name} method: {refusal}")
 
-    def _prefill(self, tokens: jnp.ndarray, lengths: jnp.ndarray, cache_len: int, method: Method):
-        """Pre-fill (streamed in offload mode): first logits, cache, core neurons (None for
-        dense) and the decode-time weights (core neurons gathered in the sparse layers)."""
+    def _prefill(self, tokens: jnp.ndarray, lengths: jnp.ndarray, cache_len: int, method: Method,
+                 rows: int | None = None):
+        """Pre-fill (streamed in offload mode) of `tokens` whose first `rows` rows (default: all)
+        are prompts, the rest filling the mesh's data axis: first logits, cache, core neurons
+        (None for dense) and the decode-time weights (core neurons gathered in the sparse layers)."""
         tables = method.tables()
+        B = tokens.shape[0]
+        counted = None if rows in (None, B) else jnp.arange(B) < rows  # [B]
         if self.offloaded is None:
-            first_logits, cache, core = engine.prefill(self.params, tokens, lengths, tables, cfg=self.cfg,
+            first_logits, cache, core = engine.prefill(self.params, tokens, lengths, tables, counted, cfg=self.cfg,
                                                        method=method, cache_len=cache_len)
             weights = method.decode_weights(self.params, core)
         else:

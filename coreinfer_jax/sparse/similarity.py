@@ -78,9 +78,10 @@ class Similarity(CoreNeurons):
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
                layer: int | None, ffn: Params) -> jnp.ndarray:
-        """Each prompt's cluster `int32 [B]`: the centroid nearest its signature."""
+        """Each prompt's cluster `int32 [B]`: the centroid nearest its signature; -1 for a row
+        without a valid token (one that only fills a mesh's data axis: it has no signature)."""
         signature = sentence_signature(activation, valid, self.signature_size)  # [B, F]
-        return assign_clusters(signature, tables["centroids"])
+        return jnp.where(valid.any(1), assign_clusters(signature, tables["centroids"]), -1)
 
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray:
         return cluster_core_neurons(tables["neurons"], selected[0], method=self)
@@ -94,14 +95,16 @@ class Similarity(CoreNeurons):
 def cluster_core_neurons(neurons: jnp.ndarray, cluster: jnp.ndarray, *, method: Similarity) -> jnp.ndarray:
     """The first `n_keep` neurons of each sparse layer's list `[B, n_sparse, n_keep]` of each
     row's `cluster` `[B]`, from the calibration's `neurons` `[k, num_layers, list_length]`
-    (with `shards` or `share`: the best-listed ones, see `Similarity`)."""
+    (with `shards` or `share`: the best-listed ones, see `Similarity`; a shared set ignores rows
+    without a cluster, -1)."""
     first, end = method.layers
     with jax.named_scope("cluster_core_neurons"):
         if method.shards == 1 and method.share == "row":
             return jnp.take(neurons[:, first:end, : method.n_keep], cluster, axis=0)
-        lists = jnp.take(neurons[:, first:end], cluster, axis=0)  # [B, n_sparse, L]
+        lists = jnp.take(neurons[:, first:end], jnp.maximum(cluster, 0), axis=0)  # [B, n_sparse, L]
         B, n_sparse, L = lists.shape
-        rank_score = jnp.broadcast_to(jnp.arange(L, 0, -1, dtype=jnp.int32), lists.shape)  # first listed scores L
+        ranked = jnp.arange(L, 0, -1, dtype=jnp.int32) * (cluster >= 0)[:, None]  # [B, L]: first listed scores L
+        rank_score = jnp.broadcast_to(ranked[:, None], lists.shape)
         scores = jnp.zeros((B, n_sparse, method.width), jnp.int32).at[
             jnp.arange(B)[:, None, None], jnp.arange(n_sparse)[None, :, None], lists].set(rank_score)
         return jnp.stack([top_neurons(scores[:, j], method.n_keep, method.shards, method.share)
