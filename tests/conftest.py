@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.metadata
 import io
 import os
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    # Read without importing jax: XLA reads XLA_FLAGS once, when the first backend starts.
+    return tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
+
 
 # The suite runs on the CPU. With the `cuda12` extra installed (its GPU compiler serves the
 # deviceless sm_90 check) JAX would otherwise try a CUDA backend first and, finding no GPU,
@@ -35,11 +42,13 @@ os.environ["COREINFER_COMPILE_CACHE"] = "off"
 # most of an XLA CPU compile is LLVM optimising the generated kernels: without it the tests
 # take a third less time (3635 -> 2394 s summed on 2 cores). XLA's older elementwise emitter
 # compiles faster still than its MLIR fusion emitters (a fifth less on the sparse, gather and
-# hybrid tests). Products call libraries (Eigen, oneDNN) either way, and no test times
-# anything. Subprocesses inherit the flags; a GPU run of the tests keeps its own.
+# hybrid tests); jaxlib 0.11 dropped that emitter and aborts the process on its flag. Products
+# call libraries (Eigen, oneDNN) either way, and no test times anything. Subprocesses inherit
+# the flags; a GPU run of the tests keeps its own.
 if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    _older_emitter = ["--xla_cpu_use_fusion_emitters=false"] if _jaxlib_version() < (0, 11) else []
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
-                                                     "--xla_cpu_use_fusion_emitters=false"]))
+                                                     *_older_emitter]))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

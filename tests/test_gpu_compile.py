@@ -1,6 +1,7 @@
 """The deviceless sm_90 compile check: at Llama-3-8B widths (4 layers, so it compiles in
 seconds), no method's decode loop writes a weight-sized buffer at every step, and what the
-loop reads is the method's counted bytes. Needs the `cuda12` extra (XLA's GPU compiler), no GPU."""
+loop reads is the method's counted bytes. Needs a CUDA plugin (the `cuda12` or `cuda13` extra:
+XLA's GPU compiler), no GPU."""
 
 from __future__ import annotations
 
@@ -14,8 +15,30 @@ from coreinfer_jax.tools import gpu_compile
 from coreinfer_jax.tools.hlo_reading import loop_kernels, loop_writes
 from coreinfer_jax.tools.shapes import model_config, random_params
 
-pytestmark = [pytest.mark.skipif(gpu_compile.unavailable() is not None, reason=str(gpu_compile.unavailable())),
-              pytest.mark.slow]
+
+def compiles(test):
+    """A test that runs XLA's GPU compiler: seconds a program, and only with a CUDA plugin."""
+    reason = gpu_compile.unavailable()
+    return pytest.mark.slow(pytest.mark.skipif(reason is not None, reason=str(reason))(test))
+
+
+@pytest.mark.parametrize("plugins", [("jax_plugins.xla_cuda12",), ("jax_plugins.xla_cuda13",), ()])
+def test_either_cuda_plugin_brings_the_compiler(plugins, monkeypatch) -> None:
+    """The GPU image runs CUDA 13's plugin, CI installs CUDA 12's: either compiles for sm_90."""
+    real = gpu_compile.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name in gpu_compile.CUDA_PLUGINS:
+            return object() if name in plugins else None
+        return real(name, *args)
+
+    monkeypatch.setattr(gpu_compile.importlib.util, "find_spec", find_spec)
+    if plugins:
+        assert gpu_compile.unavailable() is None
+    else:
+        assert "no CUDA plugin is installed (pip install -e '.[cuda12]')" in gpu_compile.unavailable()
+        with pytest.raises(gpu_compile.GpuCompileError, match="no CUDA plugin"):
+            gpu_compile.replicated.__wrapped__()
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +47,7 @@ def llama8b():
     return cfg, jax.eval_shape(lambda: random_params(cfg, "bfloat16"))
 
 
+@compiles
 @pytest.mark.parametrize("label", ["dense", "stability keep 0.4", "stability keep 0.4 shared", "similarity keep 0.4",
                                    "hybrid default", "stability keep 0.4 compensated"])
 def test_decode_loop_copies_no_weights_and_reads_the_counted_bytes(label, llama8b) -> None:
@@ -40,6 +64,7 @@ def test_decode_loop_copies_no_weights_and_reads_the_counted_bytes(label, llama8
         assert compiled.gather is not None
 
 
+@compiles
 def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> None:
     """The gather and the norm as they were on the H200 (before the fused layout; norms
     finished before their products): XLA concatenates gate|up and pads the down rows
@@ -58,7 +83,8 @@ def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> 
     assert len(loop_writes(compiled.decode)) == 2 * n_sparse
 
 
-# Kernels a layer adds to a decode step at 8B widths, bf16, batch 1 (2026-12-05, JAX 0.10.2):
+# Kernels a layer adds to a decode step at 8B widths, bf16, batch 1 (2026-12-05, JAX 0.10.2; the same
+# under 0.11.2 with either CUDA plugin, 2026-12-06):
 # 7 products for dense (QKV, scores, values, output, gate, up, down; the sparse methods read
 # gate|up with one), the softmax, the query's RoPE, two cache writes (the new key's RoPE
 # fused in), two residual adds (which also sum split-K partials), two norms of one kernel
@@ -70,11 +96,13 @@ def test_the_check_finds_the_copies_the_h200_run_found(llama8b, monkeypatch) -> 
 KERNELS_PER_LAYER = {"dense": 17, "stability keep 0.4": 16, "hybrid default": 33}
 
 
+@compiles
 @pytest.mark.parametrize("label", sorted(KERNELS_PER_LAYER))
 def test_a_decode_layer_compiles_to_few_kernels(label) -> None:
     assert gpu_compile.kernels_per_layer(label) <= KERNELS_PER_LAYER[label]
 
 
+@compiles
 def test_the_sorted_choice_on_a_gpu_is_a_sort_in_the_loop(llama8b, monkeypatch) -> None:
     """The check sees a sort where there is one: the hybrid with the CPU's forms (`lax.top_k`)."""
     cfg, params = llama8b
@@ -85,6 +113,7 @@ def test_the_sorted_choice_on_a_gpu_is_a_sort_in_the_loop(llama8b, monkeypatch) 
     assert [op for op in loop_kernels(compiled.decode) if op.endswith("sort")]
 
 
+@compiles
 def test_the_cpu_forms_on_a_gpu_cost_kernels(monkeypatch) -> None:
     """The CPU's forms compiled for a GPU: each norm finished before its products is a
     reduction and then a multiply (two kernels more per layer), and attending to the new

@@ -172,14 +172,16 @@ def test_host_gather_runs_on_the_host_and_returns_device_rows(gen) -> None:
 
 def test_host_compute_transform_is_chosen_by_signature(gen, monkeypatch) -> None:
     """JAX 0.11's `compute_on(f, *, compute_type, out_memory_spaces, compiler_options=None)`
-    (0.10's `compute_on2` under that name; no `compute_on2`), stood in for by 0.10's transform."""
+    (0.10's `compute_on2` under that name; no `compute_on2`), stood in for by the installed
+    JAX's transform of that signature, so that the choice is tested under either version."""
     real = offload._compute_on_module
+    transform = getattr(real, "compute_on2", real.compute_on)  # 0.10's, else 0.11's
     calls = []
 
     def compute_on(f=None, *, compute_type, out_memory_spaces, compiler_options=None):
         calls.append(compute_type)
-        return real.compute_on2(f, compute_type=compute_type, out_memory_spaces=out_memory_spaces,
-                                compiler_options=compiler_options)
+        return transform(f, compute_type=compute_type, out_memory_spaces=out_memory_spaces,
+                         compiler_options=compiler_options)
 
     monkeypatch.setattr(offload, "_compute_on_module", types.SimpleNamespace(compute_on=compute_on))
     ffn, idx = _pinned_ffn(gen)

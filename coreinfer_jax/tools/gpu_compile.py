@@ -4,7 +4,7 @@ and read what the optimized program does inside the decode loop.
 
 Nothing is allocated: the params are `jax.ShapeDtypeStruct`s sharded on a one-device mesh
 of the target's topology, so Llama-3-8B shapes compile on a 2-core CPU machine in seconds.
-It needs the CUDA plugin (the `cuda12` extra) but no GPU, driver or CUDA runtime.
+It needs a CUDA plugin (the `cuda12` or `cuda13` extra) but no GPU, driver or CUDA runtime.
 
 What it checks (`check`, `python -m coreinfer_jax.tools.gpu_compile`):
 - the decode loop's body writes no weight-sized buffer (`loop_writes`): on 2026-12-04 the
@@ -57,10 +57,14 @@ class GpuCompileError(CoreInferError):
     """The GPU compiler is not installed, or an unknown target."""
 
 
+# JAX's CUDA plugins: either brings XLA's GPU compiler (the GPU image runs CUDA 13's).
+CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+
 def unavailable() -> str | None:
     """Why a deviceless GPU compile cannot run here (None: it can)."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
-        return "the CUDA plugin is not installed (pip install -e '.[cuda12]'): no GPU compiler to run"
+    if not any(importlib.util.find_spec(name) for name in CUDA_PLUGINS):
+        return "no CUDA plugin is installed (pip install -e '.[cuda12]'): no GPU compiler to run"
     return None
 
 
