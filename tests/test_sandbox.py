@@ -110,7 +110,10 @@ def test_hostile_programs_fail_and_harm_nothing(name: str, outside: Path) -> Non
     outcome = run_program(source, FAST)
     _assert_contained(outcome, outside)
     assert "precious" not in outcome.output and "connected" not in outcome.output
-    assert outcome.seconds < FAST.timeout_s + 2
+    # Killed at its deadline with SIGKILL, not after a grace for it to end. The margin is for
+    # load: a busy 2-core CI machine took 2.0 s past the deadline to start the program, kill
+    # it and clean up (2026-12-06).
+    assert outcome.seconds < FAST.timeout_s + 5
 
 
 # With the audit hook off: what the unprivileged user, the namespaces and the limits hold alone.
