@@ -281,3 +281,12 @@ def test_convert_reports_a_missing_source_before_asking_for_out(tmp_path: Path) 
     (tmp_path / "model").mkdir()
     r = run_main(convert_main, tmp_path / "model")
     assert r.returncode == 2 and "--out is required" in r.stderr
+
+
+def test_top_level_help_says_what_to_do_first() -> None:
+    r = cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # argparse wraps at the terminal's width
+    assert "Convert a model first (`python -m convert`" in text
+    assert "generate --prompt TEXT" in text and "`COMMAND --help`" in text
+    assert "{generate,bench,eval,calibrate,budget,predictor,sweep,data}" in text

@@ -13,6 +13,8 @@ import math
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from coreinfer_jax import Dense, Generator, Stability
@@ -56,6 +58,19 @@ def test_bytes_per_token_term_by_term(name, kv_slots, tiny_checkpoint) -> None:
     assert bytes_per_token(gen.cfg, gen.params, sparse, kv_slots) == round((DENSE[name] - SAVED[name]) * 4 + kv)
     assert ffn_bytes_per_token(gen.cfg, gen.params, Dense()) == FFN[name] * 4
     assert ffn_bytes_per_token(gen.cfg, gen.params, sparse) == (FFN[name] - SAVED[name]) * 4
+
+
+def test_padding_bytes_are_the_zero_rows_the_gather_adds() -> None:
+    # A 1536-neuron FFN (SmolLM2's width, 8-wide rows here): keep 0.4 keeps int(1536 * 0.4) = 614
+    # neurons, which the gather rounds up to 640 rows (5 tiles of 128); bfloat16 gate, up and down
+    # rows of 8 and a float32 gate bias: 3 * 8 * 2 + 4 = 52 bytes per neuron.
+    ffn = {"w_gate": np.zeros((1536, 8), jnp.bfloat16), "w_up": np.zeros((1536, 8), jnp.bfloat16),
+           "w_down": np.zeros((1536, 8), jnp.bfloat16), "b_gate": np.zeros(1536, np.float32)}
+    params = {"layers": [{"ffn": ffn}] * 4}
+    assert roofline.padding_bytes(params, Stability(keep=0.4, layers=(1, 3))) == 2 * (640 - 614) * 52
+    assert roofline.padding_bytes(params, Dense()) == 0
+    narrow = {"layers": [{"ffn": {name: w[:512] for name, w in ffn.items()}}] * 4}  # under 1024: no tiles
+    assert roofline.padding_bytes(narrow, Stability(keep=0.4, layers=(1, 3))) == 0
 
 
 def test_kv_slots_are_the_cache_lengths_decode_runs_on() -> None:

@@ -1,5 +1,6 @@
 """`python -m coreinfer_jax bench`: decode speed of Transformers PyTorch, this project dense,
-and this project sparse, measured side by side in one run, next to the bytes-per-token bound.
+this project sparse and, for the paper's own methods, the paper's PyTorch decoding of the same
+core neurons, measured side by side in one run, next to the bytes-per-token bound.
 
 Every row decodes the same prompt greedily for the same number of new tokens. Warm-up runs
 (compilation) are excluded; repetitions are interleaved across rows so drift in machine
@@ -26,9 +27,9 @@ from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.tools.args import methods_from_args
 from coreinfer_jax.tools.profiling import maybe_profile
-from coreinfer_jax.tools.roofline import bandwidth_probe, bytes_per_token, decode_kv_slots, median
+from coreinfer_jax.tools.roofline import bandwidth_probe, bytes_per_token, decode_kv_slots, median, padding_bytes
 from coreinfer_jax.tools.shapes import HF_CONFIGS, ShapesError, model_config, random_params, random_prompt
-from coreinfer_jax.tools.torch_baseline import TorchRunner, max_rss
+from coreinfer_jax.tools.torch_baseline import TorchRunner, baseline_name, device_beside_jax, max_rss, paper_decodes
 
 BENCH_PROMPT = (
     "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
@@ -50,6 +51,7 @@ class Row:
     vs_dense: float | None = None
     speedup_bound: float | None = None
     fraction_of_speedup_bound: float | None = None
+    vs_paper: float | None = None  # a JAX row over the paper's PyTorch decoding of the same method
     compile_s: float | None = None  # the first (warm-up) call's seconds minus the median timed call's
     peak_memory_bytes: int | None = None  # after the row's warm-up: see `peak_memory`
     peak_memory_kind: str | None = None
@@ -80,17 +82,19 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
     """The bench of a converted checkpoint: its tokenizer's `prompt`, Transformers on the same weights."""
     check_run_settings(new_tokens, reps)
     gen = Generator.load(checkpoint, dtype, mesh=mesh)
-    baselines = ({f"transformers-pytorch-{torch_attention}": TorchRunner.from_checkpoint(checkpoint, dtype,
-                                                                                          torch_attention)}
-                 if torch_baseline else {})
-    report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, baselines)
+    baselines = {}
+    if torch_baseline:
+        device = device_beside_jax()
+        torch_name = baseline_name(torch_attention, device)
+        baselines[torch_name] = TorchRunner.from_checkpoint(checkpoint, dtype, torch_attention, device)
+    report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, baselines,
+                     paper=next(iter(baselines), None))
     return {"checkpoint": str(checkpoint), "model": str(checkpoint), **report}
 
 
 def run_random_bench(shape: str, methods: list[Method], new_tokens: int = 128, reps: int = 5,
                      torch_baseline: bool = False, dtype: str | None = None, tiny: bool = False,
-                     torch_attention: str = "eager", torch_device: str = "cpu",
-                     mesh: str | None = None) -> dict[str, Any]:
+                     torch_attention: str = "eager", mesh: str | None = None) -> dict[str, Any]:
     """The bench of a real model's shapes (`shapes.HF_CONFIGS`) with random weights made on the
     device, on a stand-in prompt of random ids; Transformers, where asked, on its own random
     initialisation of the same config (only speed is compared)."""
@@ -98,26 +102,34 @@ def run_random_bench(shape: str, methods: list[Method], new_tokens: int = 128, r
     dtype = dtype or "float32"
     cfg, hf = model_config(shape, tiny)
     gen = Generator(cfg, random_params(cfg, dtype), tokenizer=None, mesh=mesh)
-    baselines = ({f"transformers-pytorch-{torch_attention}": TorchRunner.from_hf_config(hf, dtype, torch_attention,
-                                                                                         torch_device)}
-                 if torch_baseline else {})
-    report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, baselines)
+    baselines = {}
+    if torch_baseline:
+        device = device_beside_jax()
+        baselines[baseline_name(torch_attention, device)] = TorchRunner.from_hf_config(hf, dtype, torch_attention,
+                                                                                        device)
+    report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, baselines,
+                     paper=next(iter(baselines), None))
     return {"model": f"{shape}{' (tiny)' if tiny else ''}, random weights", **report}
 
 
 def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_tokens: int, reps: int,
             baselines: dict[str, TorchRunner], phase: Callable[[str], bool] = lambda name: True,
-            probe: Callable[[], float] | None = None) -> dict[str, Any]:
+            probe: Callable[[], float] | None = None, paper: str | None = None) -> dict[str, Any]:
     """Every row decodes `prompt_ids` greedily for `new_tokens`: warm-up runs first, then
     `reps` repetitions interleaved across rows; medians. `baselines` are Transformers rows by
-    name, the first the one `vs_torch` divides by. `phase` hears "warm:<row>" before each
-    warm-up and "reps" before the timed repetitions (the device suite bounds each); a row whose
-    warm-up it refuses (returns False) is left out. `probe` samples the read bandwidth
-    (default: a new `bandwidth_probe()`)."""
+    name, the first the one `vs_torch` divides by. Where `paper` names one of them, each method
+    the paper's code decodes (`paper_decodes`) adds a row of that model decoding as the paper's
+    code does with the core neurons this project's pre-fill picks for the prompt
+    (`TorchRunner.decoding_core_neurons`, after the JAX rows), and the JAX row its `vs_paper`.
+    `phase` hears "warm:<row>" before each warm-up and "reps" before the timed repetitions (the
+    device suite bounds each); a row whose warm-up it refuses (returns False) is left out.
+    `probe` samples the read bandwidth (default: a new `bandwidth_probe()`)."""
     cfg, params = gen.cfg, gen.params
     methods = [gen.resolve(m) for m in methods]
     names: list[tuple[str, Method | None]] = [(n, None) for n in baselines]
     names += [(label(m), m) for m in methods]
+    papers = {paper_label(paper, m): m for m in methods if paper in baselines and paper_decodes(m)}
+    names += [(n, None) for n in papers]
     labels = [n for n, _ in names]
     repeated = [n for n in labels if labels.count(n) > 1]
     if repeated:  # its samples would merge into one row
@@ -127,21 +139,31 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
         r = gen.generate_ids([prompt_ids], new_tokens, method=m, stop_at_eos=False)
         return r.prefill_s, r.decode_tokens_per_s
 
+    def paper_runner(m: Method) -> TorchRunner:
+        """`paper`'s model decoding with the core neurons `m`'s pre-fill picks for the prompt."""
+        core = gen.generate_ids([prompt_ids], new_tokens, method=m, stop_at_eos=False).core_neurons[0]  # [n_sparse, n]
+        counts = m.layer_neurons(params["layers"][0]["ffn"]["w_up"].shape[0])
+        return baselines[paper].decoding_core_neurons(
+            {layer: ids[:count].tolist() for layer, ids, count in zip(m.sparse_layers(), core, counts)})
+
     def timed(n: str) -> tuple[float, float, float]:
         t = time.perf_counter()
         prefill_s, tps = runners[n]()
         return prefill_s, tps, time.perf_counter() - t
 
-    runners = {n: (lambda m=m: jax_run(m)) if m is not None else (lambda n=n: baselines[n].run(prompt_ids, new_tokens))
-               for n, m in names}
+    torch_runners = dict(baselines)
+    runners = {n: (lambda m=m: jax_run(m)) if m is not None
+               else (lambda n=n: torch_runners[n].run(prompt_ids, new_tokens)) for n, m in names}
     samples: dict[str, list[tuple[float, float, float]]] = {n: [] for n, _ in names}
     first, memory = {}, {}
     for n, m in list(names):
         if not phase(f"warm:{n}"):
             names.remove((n, m))
             continue
+        if n in papers:  # after its JAX row's warm-up, which compiled the programs this runs
+            torch_runners[n] = paper_runner(papers[n])
         first[n] = timed(n)[2]  # warm-up: compilation, first-touch allocation
-        memory[n] = peak_memory() if m is not None else baselines[n].peak_memory()
+        memory[n] = peak_memory() if m is not None else torch_runners[n].peak_memory()
     # The host's bandwidth drifts by tens of percent within minutes, so it is sampled
     # between the rows of every repetition, like the rows themselves.
     probe, bandwidths = probe or bandwidth_probe(), []
@@ -158,7 +180,10 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
     for n, m in names:
         tps = median([s[1] for s in samples[n]])
         prefill_ms = median([s[0] for s in samples[n]]) * 1e3
-        b = bytes_per_token(cfg, params, m or Dense(), kv_slots)
+        if n in papers:  # the same neurons, without this project's padding rows
+            b = bytes_per_token(cfg, params, papers[n], kv_slots) - padding_bytes(params, papers[n])
+        else:
+            b = bytes_per_token(cfg, params, m or Dense(), kv_slots)
         bound = bandwidth / b
         compile_s = max(0.0, first[n] - median([s[2] for s in samples[n]]))
         rows.append(Row(n, tps, prefill_ms, b, bound, tps / bound, compile_s=compile_s,
@@ -173,6 +198,10 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
             r.vs_dense = r.decode_tokens_per_s / dense_row.decode_tokens_per_s
             r.speedup_bound = dense_bytes / r.bytes_per_token
             r.fraction_of_speedup_bound = r.vs_dense / r.speedup_bound
+    by_name = {r.name: r for r in rows}
+    for n, m in papers.items():
+        if n in by_name and label(m) in by_name:
+            by_name[label(m)].vs_paper = by_name[label(m)].decode_tokens_per_s / by_name[n].decode_tokens_per_s
     return {
         "dtype": str(params["embed"].dtype), "device": str(jax.devices()[0].device_kind),
         "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9,
@@ -183,6 +212,12 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
 def label(m: Method) -> str:
     """"jax-dense", "jax-stability-keep0.4", "jax-stability-keep0.4-magnitude+budget"."""
     return "jax-" + m.label.replace(" keep ", "-keep").replace(" ", "-")
+
+
+def paper_label(baseline: str, m: Method) -> str:
+    """"transformers-pytorch-eager-paper-stability-keep0.4": `baseline`'s model decoding `m` as
+    the paper's code does."""
+    return f"{baseline}-paper-{label(m).removeprefix('jax-')}"
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -214,6 +249,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['bound_tokens_per_s']:.1f} | {r['fraction_of_bound']:.0%} | {r['prefill_ms']:.1f} "
             f"| {_fmt(r.get('compile_s'), '.1f')} | {_memory(r)} |"
         )
+    against = [r for r in report["rows"] if r.get("vs_paper") is not None]
+    if against:
+        lines.append("")
+    for r in against:
+        suffix = f"-paper-{r['name'].removeprefix('jax-')}"
+        paper_row = next(p["name"] for p in report["rows"] if p["name"].endswith(suffix))
+        lines.append(f"{r['name']} decodes {r['vs_paper']:.2f}x as fast as the paper's PyTorch code on the same core "
+                     f"neurons ({paper_row})")
     return "\n".join(lines)
 
 

@@ -168,7 +168,11 @@ def result_json(out: GenerationResult, compile_s: float, from_cache: int, offloa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m coreinfer_jax", description=__doc__,
+        prog="python -m coreinfer_jax",
+        description="CoreInfer in JAX: pre-filling a prompt picks each sparse layer's core FFN neurons, and "
+                    "decoding reads only their weights. Convert a model first (`python -m convert`: the bundled "
+                    "SmolLM2-135M), then e.g. `generate --prompt TEXT --method hybrid`; `COMMAND --help` lists a "
+                    "command's options.",
         epilog="environment: COREINFER_HOME holds the converted checkpoints and the compile cache "
                "(default ~/.cache/coreinfer_jax); COREINFER_COMPILE_CACHE moves the cache (a directory) or turns it "
                "off (off). Every command but bench and data reads and writes compiled programs there.")

@@ -14,6 +14,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime.batching import cache_windows, prompt_bucket
+from coreinfer_jax.sparse.gather import NEURON_ROWS
 from coreinfer_jax.sparse.method import Method
 
 
@@ -56,6 +57,16 @@ def decode_kv_slots(prompt_tokens: int, new_tokens: int, context: int) -> float:
 def ffn_bytes_per_token(cfg: ModelConfig, params: Params, method: Method) -> int:
     """Bytes of FFN weights one decode step reads (every layer; sparse ones only their kept neurons)."""
     return sum(method.ffn_bytes(params))
+
+
+def padding_bytes(params: Params, method: Method) -> int:
+    """Of `ffn_bytes_per_token`, the zero rows this project's gather adds to each sparse layer
+    (`Method.read_rows` over `layer_neurons`: the GPU's product tile), which a decoding of the
+    same neurons without that layout does not read."""
+    first = params["layers"][0]["ffn"]
+    F = first["w_up"].shape[0]
+    row = sum(w.nbytes // F for name, w in first.items() if name in NEURON_ROWS)  # one neuron's weights
+    return row * (sum(method.read_rows(F)) - sum(method.layer_neurons(F)))
 
 
 # 1 GiB: 17x an H200's 60 MB L2 and 32x this project's CPU machines' 32 MB L3, so every sample

@@ -1,12 +1,41 @@
-"""The benchmark's baseline: Transformers `generate` (greedy; eager-mode PyTorch, or its static
-cache with `torch.compile`), timed per token."""
+"""The benchmark's baselines: Transformers `generate` (greedy; eager-mode PyTorch, or its static
+cache with `torch.compile`), and the same model decoding as the paper's PyTorch code does
+(`paper_decoding`), timed per token."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+from coreinfer_jax.sparse.hybrid import Hybrid
+from coreinfer_jax.sparse.method import Method
+from coreinfer_jax.sparse.similarity import Similarity
+from coreinfer_jax.sparse.stability import Stability
+
+
+def baseline_name(attention: str, device: str) -> str:
+    """"transformers-pytorch-eager", "transformers-pytorch-sdpa-cuda"."""
+    return f"transformers-pytorch-{attention}" + ("" if device == "cpu" else f"-{device}")
+
+
+def paper_decodes(m: Method) -> bool:
+    """Whether the paper's code decodes as `m` does: each prompt's core neurons alone, copied
+    once per generation (stability by any rule or budget, similarity), not the hybrid's
+    per-token neurons, compensation's bias or a set shared by a batch."""
+    return (isinstance(m, (Stability, Similarity)) and not isinstance(m, Hybrid)
+            and not getattr(m, "compensate", False) and m.share == "row")
+
+
+def device_beside_jax() -> str:
+    """Where Transformers runs beside this project: "cuda" where JAX runs on a GPU and PyTorch
+    has CUDA, else "cpu" (a GPU row against a CPU baseline would compare the machines)."""
+    import jax
+    import torch
+
+    return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def max_rss() -> tuple[int, str]:
@@ -17,18 +46,28 @@ def max_rss() -> tuple[int, str]:
 class TorchRunner:
     """Transformers `generate` (greedy, eager-mode PyTorch) on a model: the checkpoint's exact
     weights (`from_checkpoint`), or a config's random initialisation (`from_hf_config`, where
-    only speed is compared)."""
+    only speed is compared); with `core`, decoding as the paper's code does
+    (`decoding_core_neurons`)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, core: Mapping[int, Sequence[int]] | None = None):
         import torch
 
-        self.torch, self.model = torch, model
+        self.torch, self.model, self.core = torch, model, core
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path, dtype: str | None, attention: str) -> TorchRunner:
+    def from_checkpoint(cls, checkpoint: Path, dtype: str | None, attention: str, device: str = "cpu") -> TorchRunner:
         from convert import torch_model_from_checkpoint
 
-        return cls(torch_model_from_checkpoint(checkpoint, dtype, attention))
+        model = torch_model_from_checkpoint(checkpoint, dtype, attention).to(device)
+        if device == "cuda":
+            cls._reset_peak()
+        return cls(model)
+
+    @staticmethod
+    def _reset_peak() -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()  # the peak this model reaches, not an earlier one's
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], dtype: str, attention: str, device: str = "cpu") -> TorchRunner:
@@ -39,7 +78,7 @@ class TorchRunner:
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf), dtype=getattr(torch, dtype),
                                                      attn_implementation=attention)
         if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()  # the peak this model reaches, not an earlier one's
+            cls._reset_peak()
         return cls(model.eval())
 
     @classmethod
@@ -69,6 +108,12 @@ class TorchRunner:
         torch.cuda.reset_peak_memory_stats()
         return cls(model)
 
+    def decoding_core_neurons(self, core: Mapping[int, Sequence[int]]) -> TorchRunner:
+        """This runner's model decoding as the paper's code does, with `core` (layer -> core
+        neuron ids) in its sparse layers (`paper_decoding`); the model itself is shared, and
+        left as it was after each run."""
+        return TorchRunner(self.model, core)
+
     def peak_memory(self) -> tuple[int, str]:
         """Like `peak_memory`, for PyTorch: its CUDA allocator's peak on a GPU."""
         if self.model.device.type == "cuda":
@@ -93,7 +138,13 @@ class TorchRunner:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         x = torch.tensor([prompt_ids], device=self.model.device)
-        with torch.inference_mode():
+        if self.core is None:
+            decoding = contextlib.nullcontext()
+        else:
+            from coreinfer_jax.tools.paper_decoding import core_neuron_linears
+
+            decoding = core_neuron_linears(self.model, self.core)
+        with decoding, torch.inference_mode():
             t0 = time.perf_counter()
             self.model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                 pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([Clock()]))
