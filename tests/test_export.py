@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_main
 from convert import torch_model_from_checkpoint
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.tools import bench
+from coreinfer_jax.tools import bench, cli
 from coreinfer_jax.tools.bench import markdown, run_bench
 
 
@@ -109,3 +111,13 @@ def test_bench_refuses_settings_it_cannot_report(kwargs, message, tiny_checkpoin
     args = dict(methods=[Dense()], new_tokens=8, reps=2, torch_baseline=False)
     with pytest.raises(CoreInferError, match=message):
         run_bench(tiny_checkpoint("llama"), **{**args, **kwargs})
+
+
+@pytest.mark.parametrize("flags,preallocate", [((), "false"), (("--no-torch",), None)])
+def test_a_bench_with_transformers_leaves_it_gpu_memory(flags, preallocate, monkeypatch, tiny_checkpoint) -> None:
+    # On a GPU, JAX would take most of the device when its backend starts, before Transformers loads.
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: {})
+    done = run_main(cli.main, "bench", "--checkpoint", tiny_checkpoint("llama"), "--json", *flags)
+    assert done.returncode == 0, done.stderr
+    assert os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == preallocate

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -261,6 +262,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    if not args.no_torch:  # Transformers may share a GPU with JAX (`device_beside_jax`): JAX takes
+        # memory as it needs it, not most of the device (read when its first backend starts).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.random_weights and args.shapes is None:
         raise ShapesError(f"--random-weights needs --shapes NAME ({', '.join(HF_CONFIGS)})")
     if args.shapes is not None and not args.random_weights:
