@@ -91,7 +91,8 @@ def test_bench_arithmetic_from_known_timings(tiny_checkpoint, monkeypatch) -> No
     assert [r["decode_tokens_per_s"] for r in report["rows"]] == [20.0, 50.0, 75.0, 25.0]
     assert [r["prefill_ms"] for r in report["rows"]] == pytest.approx([600.0, 200.0, 100.0, 300.0])
     assert report["bandwidth_gb_s"] == 5.0
-    assert sparse["vs_paper"] == pytest.approx(3.0) and paper["vs_torch"] == pytest.approx(1.25)
+    assert sparse["vs_paper"] == pytest.approx(3.0) and sparse["paper_row"] == paper["name"]
+    assert paper["vs_torch"] == pytest.approx(1.25)
     assert dense["vs_paper"] is None and paper["vs_dense"] is None
     assert "jax-stability-keep0.5 decodes 3.00x as fast as the paper's PyTorch code" in markdown(report)
     assert (dense["vs_torch"], sparse["vs_torch"], sparse["vs_dense"]) == pytest.approx((2.5, 3.75, 1.5))

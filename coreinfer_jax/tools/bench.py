@@ -52,7 +52,8 @@ class Row:
     vs_dense: float | None = None
     speedup_bound: float | None = None
     fraction_of_speedup_bound: float | None = None
-    vs_paper: float | None = None  # a JAX row over the paper's PyTorch decoding of the same method
+    vs_paper: float | None = None  # a JAX row over the paper's PyTorch decoding of the same method,
+    paper_row: str | None = None  # ... which is this row
     compile_s: float | None = None  # the first (warm-up) call's seconds minus the median timed call's
     peak_memory_bytes: int | None = None  # after the row's warm-up: see `peak_memory`
     peak_memory_kind: str | None = None
@@ -83,11 +84,8 @@ def run_bench(checkpoint: Path, methods: list[Method], new_tokens: int = 128, re
     """The bench of a converted checkpoint: its tokenizer's `prompt`, Transformers on the same weights."""
     check_run_settings(new_tokens, reps)
     gen = Generator.load(checkpoint, dtype, mesh=mesh)
-    baselines = {}
-    if torch_baseline:
-        device = device_beside_jax()
-        torch_name = baseline_name(torch_attention, device)
-        baselines[torch_name] = TorchRunner.from_checkpoint(checkpoint, dtype, torch_attention, device)
+    baselines = transformers_row(torch_baseline, torch_attention,
+                                 lambda device: TorchRunner.from_checkpoint(checkpoint, dtype, torch_attention, device))
     report = measure(gen, gen.encode(prompt)[0], methods, new_tokens, reps, baselines,
                      paper=next(iter(baselines), None))
     return {"checkpoint": str(checkpoint), "model": str(checkpoint), **report}
@@ -103,14 +101,19 @@ def run_random_bench(shape: str, methods: list[Method], new_tokens: int = 128, r
     dtype = dtype or "float32"
     cfg, hf = model_config(shape, tiny)
     gen = Generator(cfg, random_params(cfg, dtype), tokenizer=None, mesh=mesh)
-    baselines = {}
-    if torch_baseline:
-        device = device_beside_jax()
-        baselines[baseline_name(torch_attention, device)] = TorchRunner.from_hf_config(hf, dtype, torch_attention,
-                                                                                        device)
+    baselines = transformers_row(torch_baseline, torch_attention,
+                                 lambda device: TorchRunner.from_hf_config(hf, dtype, torch_attention, device))
     report = measure(gen, random_prompt(cfg, RANDOM_PROMPT_TOKENS), methods, new_tokens, reps, baselines,
                      paper=next(iter(baselines), None))
     return {"model": f"{shape}{' (tiny)' if tiny else ''}, random weights", **report}
+
+
+def transformers_row(wanted: bool, attention: str, make: Callable[[str], TorchRunner]) -> dict[str, TorchRunner]:
+    """The Transformers row by name, made by `make(device)` on the device JAX runs on; none unless `wanted`."""
+    if not wanted:
+        return {}
+    device = device_beside_jax()
+    return {baseline_name(attention, device): make(device)}
 
 
 def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_tokens: int, reps: int,
@@ -202,7 +205,8 @@ def measure(gen: Generator, prompt_ids: list[int], methods: list[Method], new_to
     by_name = {r.name: r for r in rows}
     for n, m in papers.items():
         if n in by_name and label(m) in by_name:
-            by_name[label(m)].vs_paper = by_name[label(m)].decode_tokens_per_s / by_name[n].decode_tokens_per_s
+            ours = by_name[label(m)]
+            ours.vs_paper, ours.paper_row = ours.decode_tokens_per_s / by_name[n].decode_tokens_per_s, n
     return {
         "dtype": str(params["embed"].dtype), "device": str(jax.devices()[0].device_kind),
         "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "reps": reps, "bandwidth_gb_s": bandwidth / 1e9,
@@ -254,10 +258,8 @@ def markdown(report: dict[str, Any]) -> str:
     if against:
         lines.append("")
     for r in against:
-        suffix = f"-paper-{r['name'].removeprefix('jax-')}"
-        paper_row = next(p["name"] for p in report["rows"] if p["name"].endswith(suffix))
         lines.append(f"{r['name']} decodes {r['vs_paper']:.2f}x as fast as the paper's PyTorch code on the same core "
-                     f"neurons ({paper_row})")
+                     f"neurons ({r['paper_row']})")
     return "\n".join(lines)
 
 
