@@ -26,6 +26,7 @@ from conftest import SENTENCES
 from coreinfer_jax import Generator
 from coreinfer_jax.calibrate.similarity import calibrate
 from coreinfer_jax.errors import MethodError
+from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.sharding import MeshError, make_mesh, parse_mesh
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.rules import top_neurons
@@ -293,6 +294,39 @@ def test_rows_filling_the_data_axis_take_no_part_in_a_shared_set(tiny_checkpoint
     filled = prompts + prompts[-1:]
     assert not np.array_equal(core(filled)[:3], alone)
     np.testing.assert_array_equal(core(filled, jax.numpy.arange(4) < 3), np.concatenate([alone, alone[:1]]))
+
+
+def test_a_filling_row_compensates_as_its_prompt_does(tiny_checkpoint) -> None:
+    """Left out of a shared set's choice, a copy of the last prompt still adds that prompt's
+    compensation bias (its means over its own tokens), so it decodes like the prompt and ends
+    with it instead of keeping the decode loop running. The bias is restated with NumPy from
+    the prompt alone, pre-filled on its own."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    method = gen.resolve(build_method(dict(COMPENSATED, share="batch")))
+    prompts = PROMPTS[:3]
+    tokens, lengths, _ = gen._pack(prompts + prompts[-1:], NEW)
+    _, _, kept = engine.prefill(gen.params, tokens, lengths, None, jax.numpy.arange(4) < 3, cfg=gen.cfg,
+                                method=method, cache_len=tokens.shape[1])
+    bias = np.asarray(kept["bias"])  # [4, n_sparse, D]
+    assert np.abs(bias[2]).max() > 1e-3  # a bias there is to copy
+    np.testing.assert_allclose(bias[3], bias[2], rtol=1e-6, atol=1e-7)
+
+    # The last prompt alone, its activations read by a dense pre-fill's hook: means over its
+    # tokens of every neuron outside the (shared) core, times the down projection.
+    ids = np.asarray(method.neuron_ids(kept))[3]  # [n_sparse, K]
+    alone_tokens, alone_lengths, _ = gen._pack(prompts[-1:], NEW)
+    activations = {}
+
+    def hook(layer, activation):
+        activations[layer] = np.asarray(activation[0, : len(prompts[-1])], np.float64)  # [T, F]
+
+    forward(gen.params, gen.cfg, alone_tokens, jax.numpy.zeros((1,), jax.numpy.int32),
+            init_cache(gen.cfg, 1, alone_tokens.shape[1], gen.params["embed"].dtype), select=hook, prefix=False)
+    for j, layer in enumerate(method.sparse_layers()):
+        means = activations[layer].mean(0)  # [F]
+        means[ids[j]] = 0.0
+        w_down = np.asarray(gen.params["layers"][layer]["ffn"]["w_down"], np.float64)  # [F, D]
+        np.testing.assert_allclose(bias[3, j], means @ w_down, rtol=1e-4, atol=1e-6)
 
 
 def test_mesh_options_apply_where_they_are_used(tiny_checkpoint, capsys) -> None:

@@ -42,15 +42,16 @@ def prefill(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, tables: P
     B, T = tokens.shape
     cache = init_cache(cfg, B, cache_len, params["embed"].dtype)
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
-    # A per-row selection keeps the filling rows as they are: copies of a prompt, they decode
-    # like it and end with it.
-    voting = valid if counted is None or method.per_row_weights else valid & counted[:, None]  # [B, T]
+    # Only a set the batch shares leaves the filling rows out of its choice. Their own statistics
+    # (a per-row set, compensation's means) stay their prompt's: copies of it, they decode like
+    # it and end with it, so they never keep the decode loop running.
+    voting = None if counted is None or method.per_row_weights else valid & counted[:, None]  # [B, T]
     reading = method.selecting_layers()
 
     def select(layer: int, activation: jnp.ndarray) -> jnp.ndarray | None:
         if layer not in reading:
             return None
-        return method.select(activation, voting, tables, layer, params["layers"][layer]["ffn"])
+        return method.select(activation, valid, tables, layer, params["layers"][layer]["ffn"], voting)
 
     with jax.named_scope("prefill"):
         h, cache, selected = forward(params, cfg, tokens, jnp.zeros((B,), jnp.int32), cache,

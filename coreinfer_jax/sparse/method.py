@@ -127,10 +127,11 @@ class Method:
         return None
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None, ffn: Params) -> jnp.ndarray:
+               layer: int | None, ffn: Params, voting: jnp.ndarray | None = None) -> jnp.ndarray:
         """What a selecting layer's activations `[B, T, F]` over `valid` `[B, T]` give, with that
-        layer's FFN weights `ffn` at hand. `layer` is None where one compiled program serves every
-        layer (offload's streamed pre-fill)."""
+        layer's FFN weights `ffn` at hand. `voting` `[B, T]` (default `valid`) are the tokens a
+        set the batch shares is chosen by: a row that only fills a mesh's data axis has none.
+        `layer` is None where one compiled program serves every layer (offload's streamed pre-fill)."""
         raise NotImplementedError(f"{type(self).__name__} selects in no layer")
 
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray | None:

@@ -77,11 +77,13 @@ class Similarity(CoreNeurons):
         return self.calibration.device_tables
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None, ffn: Params) -> jnp.ndarray:
-        """Each prompt's cluster `int32 [B]`: the centroid nearest its signature; -1 for a row
-        without a valid token (one that only fills a mesh's data axis: it has no signature)."""
-        signature = sentence_signature(activation, valid, self.signature_size)  # [B, F]
-        return jnp.where(valid.any(1), assign_clusters(signature, tables["centroids"]), -1)
+               layer: int | None, ffn: Params, voting: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Each prompt's cluster `int32 [B]`: the centroid nearest its signature over its
+        `voting` tokens (`Method.select`); -1 for a row without one (one that only fills a mesh's
+        data axis, which a shared set must not count)."""
+        voting = valid if voting is None else voting
+        signature = sentence_signature(activation, voting, self.signature_size)  # [B, F]
+        return jnp.where(voting.any(1), assign_clusters(signature, tables["centroids"]), -1)
 
     def core_neurons(self, selected: list[jnp.ndarray], tables: Params | None) -> jnp.ndarray:
         return cluster_core_neurons(tables["neurons"], selected[0], method=self)

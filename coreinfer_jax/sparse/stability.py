@@ -79,9 +79,12 @@ class Stability(CoreNeurons):
         return frozenset(self.sparse_layers())
 
     def select(self, activation: jnp.ndarray, valid: jnp.ndarray, tables: Params | None,
-               layer: int | None, ffn: Params) -> jnp.ndarray | dict[str, jnp.ndarray]:
-        """That layer's core neurons `[B, n]`, with `compensate` also what `compensation.compensate` keeps."""
-        core = self.choose(activation, valid, layer, ffn)
+               layer: int | None, ffn: Params, voting: jnp.ndarray | None = None,
+               ) -> jnp.ndarray | dict[str, jnp.ndarray]:
+        """That layer's core neurons `[B, n]` chosen by `voting` (`Method.select`), with
+        `compensate` also what `compensation.compensate` keeps: each row's means over its own
+        `valid` tokens."""
+        core = self.choose(activation, valid if voting is None else voting, layer, ffn)
         return compensation.compensate(activation, valid, core, ffn) if self.compensate else core
 
     def ffn_bytes(self, params: Params) -> list[int]:
