@@ -43,8 +43,8 @@ def prefill(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, tables: P
     cache = init_cache(cfg, B, cache_len, params["embed"].dtype)
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
     # Only a set the batch shares leaves the filling rows out of its choice. Their own statistics
-    # (a per-row set, compensation's means) stay their prompt's: copies of it, they decode like
-    # it and end with it, so they never keep the decode loop running.
+    # (a per-row set, compensation's means) stay their prompt's: copies of it, they decode greedily
+    # like it and end with it, so they do not keep the decode loop running.
     voting = None if counted is None or method.per_row_weights else valid & counted[:, None]  # [B, T]
     reading = method.selecting_layers()
 
