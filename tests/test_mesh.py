@@ -314,7 +314,7 @@ def test_a_filling_row_compensates_as_its_prompt_does(tiny_checkpoint) -> None:
     # The last prompt alone, its activations read by a dense pre-fill's hook: means over its
     # tokens of every neuron outside the (shared) core, times the down projection.
     ids = np.asarray(method.neuron_ids(kept))[3]  # [n_sparse, K]
-    alone_tokens, alone_lengths, _ = gen._pack(prompts[-1:], NEW)
+    alone_tokens, _, _ = gen._pack(prompts[-1:], NEW)
     activations = {}
 
     def hook(layer, activation):
