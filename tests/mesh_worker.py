@@ -60,7 +60,7 @@ def compiled_programs(gen: Generator, method: Any, prompts: list[list[int]], new
                                           core, counts=method.layer_neurons(width),
                                           shards=method.shards, shared=shared).compile().as_text()
         weights = method.decode_weights(gen.params, core)
-        decode = engine.decode.lower(weights, first, cache, lengths, jnp.int32(new_tokens),
+        decode = engine.decode.lower(weights, first, cache, lengths, jnp.full_like(lengths, new_tokens),
                                      stop_ids((), gen.cfg.vocab_size), jax.random.key(0), cfg=gen.cfg,
                                      sampling=Sampling(), max_steps=cache_len - tokens.shape[1],
                                      ffn_fn=method.decode_ffn).compile().as_text()

@@ -133,7 +133,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_checkpoint, bad) -> N
 def lowered(gen: Generator, sampling: Sampling) -> str:
     tokens, lengths, cache_len = gen._pack([PROMPTS[0]], 8)
     first_logits, cache, _, weights = gen._prefill(tokens, lengths, cache_len, Dense())
-    return engine.decode.lower(weights, first_logits, cache, lengths, jnp.int32(8), stop_ids([2], 320),
+    return engine.decode.lower(weights, first_logits, cache, lengths, jnp.full_like(lengths, 8), stop_ids([2], 320),
                                jax.random.key(0), cfg=gen.cfg, sampling=sampling,
                                max_steps=cache_len - tokens.shape[1]).as_text()
 
@@ -151,12 +151,12 @@ def test_resumed_loop_updates_the_kv_cache_in_place(tiny_checkpoint, sampling) -
     gen = Generator.load(tiny_checkpoint("llama"))
     tokens, lengths, _ = gen._pack([PROMPTS[0]], 40)
     first_logits, cache, _, weights = gen._prefill(tokens, lengths, 32, Dense())
-    out = engine.decode(weights, first_logits, cache, lengths, jnp.int32(40), stop_ids([], 320), jax.random.key(0),
-                        cfg=gen.cfg, sampling=sampling, max_steps=48)
+    out = engine.decode(weights, first_logits, cache, lengths, jnp.full_like(lengths, 40), stop_ids([], 320),
+                        jax.random.key(0), cfg=gen.cfg, sampling=sampling, max_steps=48)
     assert bool(out["more"]) and int(out["steps"]) == 32 - len(PROMPTS[0])  # stopped by the full cache
     cache = engine.grow_cache(out.pop("cache"), slots=64)
     state = {k: out[k] for k in engine.STATE if k in out}
-    compiled = engine.resume.lower(weights, state, cache, jnp.int32(40), stop_ids([], 320), cfg=gen.cfg,
+    compiled = engine.resume.lower(weights, state, cache, jnp.full_like(lengths, 40), stop_ids([], 320), cfg=gen.cfg,
                                    sampling=sampling).compile().as_text()
     shape = ",".join(map(str, cache_shape(gen.cfg, 1, 64)))
     assert re.search(rf"f32\[{shape}\]", compiled)  # the pattern below can match

@@ -29,6 +29,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.sharding import MeshError, make_mesh, parse_mesh
 from coreinfer_jax.runtime import engine
+from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.rules import top_neurons
 from mesh_worker import build_method
 from test_lowering import tiny_predictor
@@ -327,6 +328,21 @@ def test_a_filling_row_compensates_as_its_prompt_does(tiny_checkpoint) -> None:
         means[ids[j]] = 0.0
         w_down = np.asarray(gen.params["layers"][layer]["ffn"]["w_down"], np.float64)  # [F, D]
         np.testing.assert_allclose(bias[3, j], means @ w_down, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_filling_the_data_axis_do_not_keep_the_decode_loop_running(tiny_checkpoint, monkeypatch) -> None:
+    """A sampled copy of the last prompt draws its own tokens. It wants none, so it is done at
+    once and the loop stops with the prompt; before, it ran on until it drew a stop token too.
+    The generator fills as a data axis of 2 would (one copy), on one device."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    monkeypatch.setattr(gen, "_fill_data_shards", lambda rows: [*rows, rows[-1]])
+    kwargs = dict(max_new_tokens=40, sampling=Sampling(temperature=1.0), seed=0, stop_at_eos=False)
+    row = gen.generate_ids(PROMPTS[:1], **kwargs).tokens[0]
+    assert len(row) == 40
+    stop = row[5]
+    cut = gen.generate_ids(PROMPTS[:1], stop_tokens=[stop], **kwargs)  # the same draws, then the stop
+    assert cut.tokens[0] == row[: row.index(stop) + 1]
+    assert cut.decode_steps == row.index(stop)  # token k is chosen by forward pass k (token 0 by pre-fill)
 
 
 def test_mesh_options_apply_where_they_are_used(tiny_checkpoint, capsys) -> None:

@@ -43,8 +43,7 @@ def prefill(params: Params, tokens: jnp.ndarray, lengths: jnp.ndarray, tables: P
     cache = init_cache(cfg, B, cache_len, params["embed"].dtype)
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
     # Only a set the batch shares leaves the filling rows out of its choice. Their own statistics
-    # (a per-row set, compensation's means) stay their prompt's: copies of it, they decode greedily
-    # like it and end with it, so they do not keep the decode loop running.
+    # (a per-row set, compensation's means) stay their prompt's, as one device would compute them.
     voting = None if counted is None or method.per_row_weights else valid & counted[:, None]  # [B, T]
     reading = method.selecting_layers()
 
@@ -75,8 +74,9 @@ def decode(weights: Params, first_logits: jnp.ndarray, cache: Cache, lengths: jn
            max_new_tokens: jnp.ndarray, eos_ids: jnp.ndarray, key: jax.Array,
            stop_table: jnp.ndarray | None = None, *, cfg: ModelConfig, sampling: Sampling, max_steps: int,
            return_logits: bool = False, ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
-    """Generate up to `max_new_tokens` (<= `max_steps`) tokens per row after pre-fill, until
-    the rows' positions fill `cache` (its length is the attention window: see `resume`).
+    """Generate up to `max_new_tokens` (<= `max_steps`; int32, one for all rows or `[B]`)
+    tokens per row after pre-fill, until the rows' positions fill `cache` (its length is the
+    attention window: see `resume`). A row allowed 0 or 1 is done at once.
 
     `weights` are the method's decode weights (`method.decode_weights`) and `ffn_fn` its
     `decode_ffn`. `eos_ids` may be padded with -1 (no token is -1), so that a different
@@ -139,7 +139,7 @@ def _loop(weights: Params, state: dict[str, jnp.ndarray], cache: Cache, max_new_
     slots = cache[0]["k"].shape[-1]
 
     def wanted(s):
-        return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+        return jnp.any((s["i"] < max_new_tokens) & ~s["done"])
 
     def running(s):
         # A step at position `pos` writes slot `pos`: stop when that is past the cache.

@@ -194,7 +194,9 @@ class Generator:
         tokens, lengths, cache_len = self._pack(prompts, max_new_tokens)
         windows = cache_windows(tokens.shape[1], max(len(p) for p in prompts), max_new_tokens)
         eos = stop_ids((cfg.eos_token_ids if stop_at_eos else ()) + tuple(stop_tokens), cfg.vocab_size)
-        limit = jnp.int32(max_new_tokens)
+        # Rows that only fill the mesh's data axis want no tokens: done at once, they cannot keep
+        # the decode loop running after the prompts have stopped (a sampled copy draws its own).
+        limit = jnp.asarray(np.where(np.arange(len(prompts)) < rows, max_new_tokens, 0), jnp.int32)  # [B]
 
         with self.on_mesh():
             compiled_before = getattr(_compiled, "seconds", 0.0)

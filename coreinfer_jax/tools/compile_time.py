@@ -62,8 +62,8 @@ def compile_seconds(shape: str, num_layers: int, method: Method, dtype: str = "f
     row["gather_s"] = time.perf_counter() - t
     static = dict(cfg=cfg, sampling=Sampling(), max_steps=cache_length(bucket, NEW_TOKENS) - bucket,
                   return_logits=False, ffn_fn=method.decode_ffn)
-    args = (weights, first_logits, cache, lengths, jnp.int32(NEW_TOKENS), stop_ids(cfg.eos_token_ids, cfg.vocab_size),
-            jax.random.key(0))
+    args = (weights, first_logits, cache, lengths, jnp.full_like(lengths, NEW_TOKENS),
+            stop_ids(cfg.eos_token_ids, cfg.vocab_size), jax.random.key(0))
     decode, row["decode_lower_s"], row["decode_compile_s"] = _build(engine.decode, *args, **static)
     jax.block_until_ready(decode(*args))
     return row

@@ -176,7 +176,7 @@ def compile_method(cfg: ModelConfig, params: Params, method: Method, *, label: s
     weights = jax.eval_shape(build, params, core, factors)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, slots, params["embed"].dtype))
     decode = engine.decode.trace(spec(weights), spec(jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)),
-                                 spec(cache), ids(batch), ids(), ids(8), key, cfg=cfg, sampling=Sampling(),
+                                 spec(cache), ids(batch), ids(batch), ids(8), key, cfg=cfg, sampling=Sampling(),
                                  max_steps=slots - prompt, ffn_fn=method.decode_ffn)
 
     decode_hlo = decode.lower(lowering_platforms=("cuda",)).compile().as_text()
