@@ -76,7 +76,7 @@ def decode(weights: Params, first_logits: jnp.ndarray, cache: Cache, lengths: jn
            return_logits: bool = False, ffn_fn: FFN = ffn) -> dict[str, jnp.ndarray]:
     """Generate up to `max_new_tokens` (<= `max_steps`; int32, one for all rows or `[B]`)
     tokens per row after pre-fill, until the rows' positions fill `cache` (its length is the
-    attention window: see `resume`). A row allowed 0 or 1 is done at once.
+    attention window: see `resume`). A row allowed 0 or 1 keeps only pre-fill's token.
 
     `weights` are the method's decode weights (`method.decode_weights`) and `ffn_fn` its
     `decode_ffn`. `eos_ids` may be padded with -1 (no token is -1), so that a different
