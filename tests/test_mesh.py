@@ -299,9 +299,8 @@ def test_rows_filling_the_data_axis_take_no_part_in_a_shared_set(tiny_checkpoint
 
 def test_a_filling_row_compensates_as_its_prompt_does(tiny_checkpoint) -> None:
     """Left out of a shared set's choice, a copy of the last prompt still adds that prompt's
-    compensation bias (its means over its own tokens), so it decodes like the prompt and ends
-    with it instead of keeping the decode loop running. The bias is restated with NumPy from
-    the prompt alone, pre-filled on its own."""
+    compensation bias (its means over its own tokens), as one device computing the prompt
+    alone would. The bias is restated with NumPy from the prompt alone, pre-filled on its own."""
     gen = Generator.load(tiny_checkpoint("llama"))
     method = gen.resolve(build_method(dict(COMPENSATED, share="batch")))
     prompts = PROMPTS[:3]
