@@ -41,6 +41,13 @@ def test_either_cuda_plugin_brings_the_compiler(plugins, monkeypatch) -> None:
             gpu_compile.replicated.__wrapped__()
 
 
+def test_without_any_cuda_plugin_the_reason_is_given_not_an_import_error(monkeypatch) -> None:
+    """Installed without the `cuda12`/`cuda13` extras there is no `jax_plugins` package at all,
+    and Python's `find_spec` of a module inside a missing package raises instead of answering."""
+    monkeypatch.setattr(gpu_compile, "CUDA_PLUGINS", ("coreinfer_no_such_package.xla_cuda12",))
+    assert "no CUDA plugin is installed" in gpu_compile.unavailable()
+
+
 @pytest.fixture(scope="module")
 def llama8b():
     cfg, _ = model_config("llama-3-8b", num_layers=4)

@@ -61,9 +61,16 @@ class GpuCompileError(CoreInferError):
 CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (`jax_plugins`) is not installed either
+        return False
+
+
 def unavailable() -> str | None:
     """Why a deviceless GPU compile cannot run here (None: it can)."""
-    if not any(importlib.util.find_spec(name) for name in CUDA_PLUGINS):
+    if not any(_installed(name) for name in CUDA_PLUGINS):
         return "no CUDA plugin is installed (pip install -e '.[cuda12]'): no GPU compiler to run"
     return None
 
