@@ -89,7 +89,7 @@ def lowered_programs(gen: Generator, job: dict[str, Any]) -> dict[str, Any]:
             gen.score_ids(job["prompts"], job["score"], method=method)
     def unplaced(x: Any) -> Any:
         # Small inputs (token ids, lengths) were uncommitted arrays on device 0: jit places them.
-        if isinstance(x, jax.ShapeDtypeStruct) and isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+        if isinstance(x, jax.ShapeDtypeStruct) and not isinstance(x.sharding, jax.sharding.NamedSharding):
             return jax.ShapeDtypeStruct(x.shape, x.dtype)
         return x
 

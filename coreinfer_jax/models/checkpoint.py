@@ -102,7 +102,7 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_params(cfg, stored), param_shardings(cfg, mesh))
     else:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if on_device else None
+        sharding = jax.sharding.make_single_device_sharding(jax.devices()[0]) if on_device else None
         target = abstract_params(cfg, stored, sharding)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)

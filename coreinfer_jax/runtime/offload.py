@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import compute_on as _compute_on_module
-from jax.sharding import SingleDeviceSharding
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
@@ -57,9 +56,9 @@ def host_kind(device: jax.Device, host: str = "auto") -> str:
     return host
 
 
-def _device_memory(device: jax.Device) -> SingleDeviceSharding:
+def _device_memory(device: jax.Device) -> jax.sharding.Sharding:
     # Explicit memory kind: a plain `device_put(x, device)` of a pinned_host array is refused.
-    return SingleDeviceSharding(device, memory_kind="device")
+    return jax.sharding.make_single_device_sharding(device, memory_kind="device")
 
 
 def split_params(params: Params, cfg: ModelConfig, host: str = "auto") -> tuple[Params, list[Params]]:
@@ -73,7 +72,7 @@ def split_params(params: Params, cfg: ModelConfig, host: str = "auto") -> tuple[
     rest = dict(params, layers=[{k: v for k, v in layer.items() if k != "ffn"} for layer in layers])
     device_params = jax.device_put(rest, _device_memory(device))
     if kind == PINNED:
-        pinned = SingleDeviceSharding(device, memory_kind=PINNED)
+        pinned = jax.sharding.make_single_device_sharding(device, memory_kind=PINNED)
         host_ffn = jax.device_put([layer["ffn"] for layer in layers], pinned)
     else:
         host_ffn = [jax.tree.map(np.asarray, layer["ffn"]) for layer in layers]
@@ -212,7 +211,7 @@ def place_core_weights(device_params: Params, host_ffn: list[Params], core: jnp.
     bias = core["bias"] if isinstance(core, dict) else None  # compensation's, already on the device
     ids = method.neuron_ids(core)
     if pinned:
-        ids = jax.device_put(ids, SingleDeviceSharding(device, memory_kind=PINNED))
+        ids = jax.device_put(ids, jax.sharding.make_single_device_sharding(device, memory_kind=PINNED))
     else:
         ids = np.asarray(ids)
     layers = []

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import SingleDeviceSharding
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
@@ -119,7 +118,8 @@ def random_params(cfg: ModelConfig, dtype: str = "float32", seed: int = 0, std: 
 
     With `memory_kind` (e.g. "pinned_host") each array is moved there as soon as it is made,
     so the device never holds more than one of them (memory-limited mode's starting point)."""
-    place = None if memory_kind is None else SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
+    device = jax.devices()[0]
+    place = None if memory_kind is None else jax.sharding.make_single_device_sharding(device, memory_kind=memory_kind)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
         param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(i, int) for i in s))
     key = jax.random.key(seed)
