@@ -185,4 +185,8 @@ def test_unknown_rule_is_one_clear_error() -> None:
         Stability(rule="biggest")
     with pytest.raises(ValueError, match="applies to the stability and hybrid methods, not dense"):
         make_method("dense", rule="magnitude")
+    with pytest.raises(ValueError, match="keep and layers apply to the sparse methods, not dense"):
+        make_method("dense", keep=0.4)
+    with pytest.raises(ValueError, match="keep and layers apply to the sparse methods, not dense"):
+        make_method("dense", layers=(2, 5))
     assert Stability().rule == "paper" and Stability().name == "stability"

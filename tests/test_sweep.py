@@ -263,6 +263,14 @@ def test_sweep_writes_json_markdown_and_plot(gen, tiny_checkpoint, tmp_path: Pat
      "'magic' is neither a rule (paper, magnitude, normalized_magnitude, griffin), one of sketch, predictor"),
     (["generate", "--prompt", "hi", "--method", "stability", "--select-by", "sketch"],
      "--dynamic, --predictor, --select-by and --rest apply to --method hybrid"),
+    # Dense (generate's default) would ignore a sparse option: the run is not the one asked for.
+    (["generate", "--prompt", "hi", "--keep", "0.4"],
+     "--keep applies only to the sparse methods, not to --method dense: add --method stability"),
+    (["bench", "--method", "dense", "--keep", "0.3", "--token-keep", "0.5"],
+     "--keep, --token-keep apply only to the sparse methods"),
+    (["eval", "--task", "wikitext", "--data", __file__, "--method", "dense", "--layers", "0:2", "--compensate"],
+     "--layers, --compensate apply only to the sparse methods"),
+    (["bench", "--batch", "1", "--method", "dense", "--share", "batch"], "--share applies only to the sparse methods"),
 ])
 def test_bad_cli_input_is_one_clear_line(args, message, tiny_checkpoint, capsys) -> None:
     try:

@@ -345,9 +345,8 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens, args.prompt_format, args.allow_code_execution)
     if args.task == "humaneval":  # before loading the model
         he.check_code_execution(args.allow_code_execution)
-    methods: list[Method] = [] if args.no_dense and args.method != "dense" else [Dense()]
-    if args.method != "dense":
-        methods += methods_from_args(args, args.keep)
+    sparse = methods_from_args(args, args.keep)
+    methods: list[Method] = sparse if args.no_dense and sparse else [Dense(), *sparse]
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
     records: list[dict[str, Any]] = []
     results = evaluate(gen, args.task, methods, args.data, args.limit, settings, records)

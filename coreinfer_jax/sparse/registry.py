@@ -33,6 +33,8 @@ def make_method(name: str, keep: float | None = None, token_keep: float = 0.2, l
     if name != "similarity" and calibration is not None:
         raise MethodError(f"a calibration is only used by the similarity method, not {name}")
     if name == "dense":
+        if keep is not None or layers is not None:
+            raise MethodError("keep and layers apply to the sparse methods, not dense")
         return Dense()
     if name == "hybrid":
         return Hybrid(keep=keep, dynamic=dynamic, rule=rule, token_keep=token_keep, layers=layers, predictor=predictor)

@@ -14,7 +14,7 @@ from coreinfer_jax.sparse.budget import Budget, BudgetError
 from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.sparse.predictor import Predictor, PredictorError
-from coreinfer_jax.sparse.method import Method
+from coreinfer_jax.sparse.method import Dense, Method
 from coreinfer_jax.sparse.registry import METHODS, make_method, parse_layers
 from coreinfer_jax.sparse.rules import RULES, SHARES
 from coreinfer_jax.sparse.token_step import RESTS
@@ -53,49 +53,56 @@ def add_model_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
 
 def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_keeps: bool = False) -> None:
     p.add_argument("--method", choices=list(METHODS), default=default)
+    group = p.add_argument_group("sparse methods", "options of the sparse methods (an error with --method dense)")
+    sparse: list[argparse.Action] = []
+
+    def option(*names: str, **kwargs: Any) -> None:
+        sparse.append(group.add_argument(*names, **kwargs))
+
     if several_keeps:
-        p.add_argument("--keep", type=float, nargs="+", default=None,
-                       help="keep values of the sparse rows (default 0.2 0.4 0.6; hybrid: its recommended "
-                            "static keep); the dense rows are always measured")
+        option("--keep", type=float, nargs="+", default=None,
+               help="keep values of the sparse rows (default 0.2 0.4 0.6; hybrid: its recommended static keep); "
+                    "the dense rows are always measured")
     else:
-        p.add_argument("--keep", type=float, default=None,
-                       help="fraction of FFN neurons kept per sparse layer (default 0.4; hybrid: the static "
-                            "core's, default its recommended one)")
-    p.set_defaults(default_keeps=[0.2, 0.4, 0.6] if several_keeps else [0.4])
-    p.add_argument("--token-keep", type=float, default=0.2,
-                   help="token-wise core fraction, relative to the mean positive count")
-    p.add_argument("--layers", type=layers_arg, default=None,
-                   help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="calibration directory of --method similarity (made by the calibrate command)")
-    p.add_argument("--rule", choices=list(RULES), default=None,
-                   help="the core's selection rule: paper (CoreInfer's, the stability default), magnitude, "
-                        "normalized_magnitude, griffin (hybrid default: its recommended one)")
-    p.add_argument("--down-weighted", action="store_true",
-                   help="rank each neuron's activation times its down-projection row's norm (WINA-style)")
-    p.add_argument("--compensate", action="store_true",
-                   help="add the left-out neurons' prompt means to each decode step's FFN output (FLAP-style)")
-    p.add_argument("--dynamic", type=float, default=None,
-                   help="hybrid: per-token neurons chosen at each step, a fraction of the FFN width")
-    p.add_argument("--predictor", type=Path, default=None,
-                   help="hybrid: low-rank predictor directory made by the predictor command (with --select-by "
-                        "predictor, default CHECKPOINT/predictor)")
-    p.add_argument("--select-by", choices=list(SELECT_BY), default=None,
-                   help="hybrid: choose per-token neurons by a 4-bit sketch of the weights (the gated default), "
-                        "a fitted low-rank predictor, or the true activations (oracle: a quality bound that "
-                        "reads every weight)")
-    p.add_argument("--rest", choices=list(RESTS), default=None,
-                   help="hybrid: what the neurons in neither set add: zero (skipped, CoreInfer's way) or sketch "
-                        "(their 4-bit sketch estimate through a 4-bit down projection; the gated default)")
-    p.add_argument("--share", choices=list(SHARES), default="row",
-                   help="core neurons per row, or one set for the whole batch (gathered once: batch throughput)")
-    p.add_argument("--shards", type=int, default=1,
-                   help="shard-local selection over N equal blocks of neurons, as a tensor-parallel mesh of N "
-                        "does (set by --mesh; give it alone to measure its quality on one device)")
-    p.add_argument("--layer-neurons", default=None,
-                   help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
-    p.add_argument("--budget", type=Path, default=None,
-                   help="per-layer budget JSON made by the budget command (allocated for each --keep)")
+        option("--keep", type=float, default=None,
+               help="fraction of FFN neurons kept per sparse layer (default 0.4; hybrid: the static core's, "
+                    "default its recommended one)")
+    option("--token-keep", type=float, default=0.2,
+           help="token-wise core fraction, relative to the mean positive count")
+    option("--layers", type=layers_arg, default=None,
+           help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
+    option("--calibration", type=Path, default=None,
+           help="calibration directory of --method similarity (made by the calibrate command)")
+    option("--rule", choices=list(RULES), default=None,
+           help="the core's selection rule: paper (CoreInfer's, the stability default), magnitude, "
+                "normalized_magnitude, griffin (hybrid default: its recommended one)")
+    option("--down-weighted", action="store_true",
+           help="rank each neuron's activation times its down-projection row's norm (WINA-style)")
+    option("--compensate", action="store_true",
+           help="add the left-out neurons' prompt means to each decode step's FFN output (FLAP-style)")
+    option("--dynamic", type=float, default=None,
+           help="hybrid: per-token neurons chosen at each step, a fraction of the FFN width")
+    option("--predictor", type=Path, default=None,
+           help="hybrid: low-rank predictor directory made by the predictor command (with --select-by "
+                "predictor, default CHECKPOINT/predictor)")
+    option("--select-by", choices=list(SELECT_BY), default=None,
+           help="hybrid: choose per-token neurons by a 4-bit sketch of the weights (the gated default), "
+                "a fitted low-rank predictor, or the true activations (oracle: a quality bound that "
+                "reads every weight)")
+    option("--rest", choices=list(RESTS), default=None,
+           help="hybrid: what the neurons in neither set add: zero (skipped, CoreInfer's way) or sketch "
+                "(their 4-bit sketch estimate through a 4-bit down projection; the gated default)")
+    option("--share", choices=list(SHARES), default="row",
+           help="core neurons per row, or one set for the whole batch (gathered once: batch throughput)")
+    option("--shards", type=int, default=1,
+           help="shard-local selection over N equal blocks of neurons, as a tensor-parallel mesh of N "
+                "does (set by --mesh; give it alone to measure its quality on one device)")
+    option("--layer-neurons", default=None,
+           help="per-layer budget: neurons of each sparse layer, comma-separated, totalling --keep's")
+    option("--budget", type=Path, default=None,
+           help="per-layer budget JSON made by the budget command (allocated for each --keep)")
+    p.set_defaults(default_keeps=[0.2, 0.4, 0.6] if several_keeps else [0.4],
+                   sparse_defaults={(a.dest, a.option_strings[0]): a.default for a in sparse})
 
 
 def parse_layer_neurons(text: str) -> tuple[int, ...]:
@@ -109,7 +116,13 @@ def parse_layer_neurons(text: str) -> tuple[int, ...]:
 def methods_from_args(args: argparse.Namespace, keeps: Sequence[float] | None) -> list[Method]:
     """The sparse methods of the common CLI options (`--method --rule --token-keep --layers
     --calibration --layer-neurons --budget --dynamic --predictor --select-by`), one per keep
-    (None: the method's defaults)."""
+    (None: the method's defaults); none for `--method dense`, which takes none of them."""
+    if args.method == "dense":
+        given = [flag for (dest, flag), default in args.sparse_defaults.items() if getattr(args, dest) != default]
+        if given:
+            raise MethodError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only to the sparse methods, "
+                              "not to --method dense: add --method stability, similarity or hybrid")
+        return []
     hybrid = args.method == "hybrid"
     if not hybrid and (args.dynamic is not None or args.predictor is not None or args.select_by is not None
                        or args.rest is not None):
@@ -189,7 +202,9 @@ def check_predictor_layers(fitted: Predictor, args: argparse.Namespace) -> None:
 
 
 def method_from_args(args: argparse.Namespace) -> Method:
-    return methods_from_args(args, None if args.keep is None else [args.keep])[0]
+    """The one method of `generate`'s options: dense, or the sparse one they make."""
+    sparse = methods_from_args(args, None if args.keep is None else [args.keep])
+    return sparse[0] if sparse else Dense()
 
 
 # `--hybrid` words that switch an option on.

@@ -112,12 +112,12 @@ def shared_variants(methods: list[Method]) -> list[Method]:
 def batch_main(args: argparse.Namespace) -> int:
     """`bench --batch`: the checkpoint (or `--shapes` with random weights), dense plus each sparse
     method per row and batch-shared."""
+    methods = shared_variants(methods_from_args(args, args.keep or [0.4]))
     if args.shapes is not None:
         cfg, _ = model_config(args.shapes, args.tiny)
         gen = Generator(cfg, random_params(cfg, args.dtype or "float32"), tokenizer=None, mesh=args.mesh)
     else:
         gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
-    methods = [] if args.method == "dense" else shared_variants(methods_from_args(args, args.keep or [0.4]))
     report = run_batch_bench(gen, methods, args.batch, args.new_tokens, args.reps)
     if is_main_process():  # a --coordinator job's processes measure together; one reports
         print(json.dumps(report, indent=2) if args.json else batch_markdown(report))

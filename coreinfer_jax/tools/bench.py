@@ -273,12 +273,10 @@ def bench_main(args: argparse.Namespace) -> int:
         raise ShapesError("--shapes needs --random-weights: no checkpoint of these models is read")
     if args.tiny and args.shapes is None:
         raise ShapesError("--tiny applies to --shapes, --suite and --compile-depths")
-    methods: list[Method] = [Dense()]
-    if args.method != "dense":
-        if args.shapes is not None and args.method == "hybrid" and args.select_by == "predictor":
-            raise ShapesError("--select-by predictor needs a predictor fitted to real weights; random weights have "
-                              "none (the default sketch is built from any weights)")
-        methods += methods_from_args(args, args.keep)
+    if args.shapes is not None and args.method == "hybrid" and args.select_by == "predictor":
+        raise ShapesError("--select-by predictor needs a predictor fitted to real weights; random weights have "
+                          "none (the default sketch is built from any weights)")
+    methods: list[Method] = [Dense(), *methods_from_args(args, args.keep)]
     with maybe_profile(args.profile):
         if args.shapes is not None:
             report = run_random_bench(args.shapes, methods, args.new_tokens, args.reps, not args.no_torch,

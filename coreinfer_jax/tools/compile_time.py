@@ -81,9 +81,7 @@ def markdown(shape: str, rows: list[dict[str, Any]]) -> str:
 
 def compile_main(args: argparse.Namespace) -> int:
     shape = args.shapes or "smollm2-135m"
-    methods: list[Method] = [Dense()]
-    if args.method != "dense":
-        methods += methods_from_args(args, args.keep or [0.4])
+    methods: list[Method] = [Dense(), *methods_from_args(args, args.keep or [0.4])]
     jobs = [(n, m) for n in args.compile_depths for m in methods]
     rows = [compile_seconds(shape, n, m, args.dtype or "float32")
             for n, m in tqdm(jobs, desc="compile vs depth", file=sys.stderr)]
