@@ -67,7 +67,7 @@ def test_profile_writes_a_trace(ckpt: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("args,words", [
     (["--prompt", "   "], "prompt is empty"),
     (["--prompt", "word " * 200], "exceeds the model's context"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     (["--prompt", "hi", "--method", "stability", "--keep", "1.5"], "keep must be in (0, 1]"),
     (["--prompt", "hi", "--method", "stability", "--token-keep", "0"], "token_keep must be in (0, 1]"),
     (["--prompt", "hi", "--method", "stability", "--layers", "0:99"], "outside the model"),

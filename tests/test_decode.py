@@ -16,8 +16,8 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from coreinfer_jax import Dense, Generator
-from coreinfer_jax.errors import InputError
+from coreinfer_jax import Dense, Generator, Stability
+from coreinfer_jax.errors import InputError, MethodError
 from coreinfer_jax.models.forward import cache_shape
 from coreinfer_jax.runtime import batching, engine
 from coreinfer_jax.runtime.batching import cache_windows, stop_ids
@@ -128,6 +128,19 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_checkpoint, bad) -> N
         gen.score_ids([[bad, 2]], [[3]])
     with pytest.raises(InputError, match=rf"continuation token id {bad} is outside the vocabulary"):
         gen.score_ids([[1, 2]], [[3, bad]])
+
+
+def test_arguments_of_the_wrong_type_are_named(tiny_checkpoint) -> None:
+    # Each failed inside JAX before: a cache of 64.0 slots, `jax.random.key(None)`, `Stability.validate` unbound.
+    gen = Generator.load(tiny_checkpoint("llama"))
+    with pytest.raises(InputError, match=r"max_new_tokens must be an integer >= 1, got 2\.5"):
+        gen.generate_ids([[1, 2, 3]], max_new_tokens=2.5)
+    with pytest.raises(InputError, match="seed must be an integer, got None"):
+        gen.generate_ids([[1, 2, 3]], max_new_tokens=2, seed=None)
+    with pytest.raises(MethodError, match="method must be a decoding method such as Dense"):
+        gen.generate_ids([[1, 2, 3]], max_new_tokens=2, method=Stability)
+    assert len(gen.generate_ids([[1, 2, 3]], max_new_tokens=np.int64(2), seed=np.int32(1),
+                                  stop_at_eos=False).tokens[0]) == 2
 
 
 def lowered(gen: Generator, sampling: Sampling) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 import threading
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ class GenerationResult:
         return len(self.tokens) * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def _is_integer(x: Any) -> bool:
+    """An int or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 class Generator:
     """Generation from one model.
 
@@ -119,6 +125,9 @@ class Generator:
 
     def resolve(self, method: Method) -> Method:
         """`method` validated for this model, with shard-local selection over the mesh's tensor axis."""
+        if not isinstance(method, Method):  # e.g. the class `Stability` for `Stability()`
+            raise MethodError(f"method must be a decoding method such as Dense() or Stability(keep=0.4), "
+                              f"got {method!r}")
         if self.mesh is not None and self.mesh.shape[TENSOR] > 1:
             method = method.sharded(self.mesh.shape[TENSOR])
         return method.validate(self.cfg).prepare(self.params, self.derived)
@@ -188,6 +197,8 @@ class Generator:
                       sampling: Sampling, seed: int, stop_at_eos: bool, return_logits: bool,
                       stop_tokens: Sequence[int], stops: jnp.ndarray | None) -> GenerationResult:
         cfg = self.cfg
+        if not _is_integer(seed):
+            raise InputError(f"seed must be an integer, got {seed!r}")
         method = self.resolve(method)
         rows = len(prompts)
         prompts = self._fill_data_shards(prompts)
@@ -306,8 +317,8 @@ class Generator:
 
     def _pack(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[jnp.ndarray, jnp.ndarray, int]:
         context = self.cfg.max_position_embeddings
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not _is_integer(max_new_tokens) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("prompt is empty")
         check_ids(prompts, self.cfg.vocab_size, "prompt")
