@@ -19,7 +19,9 @@ from coreinfer_jax import Dense, Generator
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.gather import gather_core_layers
 from coreinfer_jax.tools import cli
+from coreinfer_jax.calibrate import similarity as similarity_calibration
 from coreinfer_jax.calibrate.similarity import calibrate, fit
+from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, signature_size
 from coreinfer_jax.calibrate.kmeans import choose_clusters, elbow
 from coreinfer_jax import Similarity, make_method
@@ -280,6 +282,18 @@ def test_method_errors(calibrated, tmp_path: Path) -> None:
     short = dataclasses.replace(cal, keep=0.25, neurons=cal.neurons[..., : int(gen.cfg.intermediate_size * 0.25)])
     with pytest.raises(CalibrationError, match="calibrate again with --keep 0.5"):
         Similarity(short, keep=0.5).validate(gen.cfg)
+
+
+def test_impossible_cluster_counts_are_refused_before_any_signature(calibrated, monkeypatch) -> None:
+    gen, _ = calibrated
+    monkeypatch.setattr(similarity_calibration, "_signature_pass", None)  # called: a TypeError, not the message
+    with pytest.raises(CoreInferError, match=r"clusters must be 'auto' or an integer in 1..3 \(the number of sentences\), "
+                                             "got 4"):
+        calibrate(gen, SENTENCES[:3], clusters=4, progress=False)
+    with pytest.raises(CoreInferError, match="--clusters auto needs at least 4 sentences, got 3"):
+        calibrate(gen, SENTENCES[:3], progress=False)
+    with pytest.raises(CoreInferError, match="got True"):
+        calibrate(gen, SENTENCES, clusters=True, progress=False)
 
 
 def test_cli_calibrate_then_generate(tiny_checkpoint, tmp_path: Path, capsys) -> None:

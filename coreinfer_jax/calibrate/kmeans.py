@@ -100,19 +100,25 @@ def elbow(inertias: list[float]) -> int:
     return int(np.argmax(np.diff(np.asarray(inertias, np.float64), 2))) + 2
 
 
+def check_clusters(clusters: int | str, n: int) -> None:
+    """Raise unless `clusters` can be fitted to `n` sentences (checked before their signatures)."""
+    if clusters == "auto":
+        if n < AUTO_MIN_CLUSTERS:
+            raise CoreInferError(f"--clusters auto needs at least {AUTO_MIN_CLUSTERS} sentences, got {n}")
+    elif isinstance(clusters, bool) or not isinstance(clusters, int) or not 1 <= clusters <= n:
+        raise CoreInferError(f"clusters must be 'auto' or an integer in 1..{n} (the number of sentences), "
+                             f"got {clusters!r}")
+
+
 def choose_clusters(x: np.ndarray, clusters: int | str, seed: int = 0) -> tuple[KMeansFit, dict[int, float]]:
     """k-means of `x` `[N, F]` with `clusters` = k, or "auto": the elbow over k = 1..10, at
     least 4 (the reference's rule). Returns the fit and the inertia of every k fitted."""
     n = len(x)
+    check_clusters(clusters, n)
     if clusters == "auto":
-        if n < AUTO_MIN_CLUSTERS:
-            raise CoreInferError(f"--clusters auto needs at least {AUTO_MIN_CLUSTERS} sentences, got {n}")
         fits = {k: kmeans(x, k, seed) for k in range(1, min(AUTO_MAX_CLUSTERS, n) + 1)}
         k = max(elbow([fits[k].inertia for k in sorted(fits)]), AUTO_MIN_CLUSTERS)
     else:
-        if not isinstance(clusters, int) or not 1 <= clusters <= n:
-            raise CoreInferError(f"clusters must be 'auto' or an integer in 1..{n} (the number of sentences), "
-                             f"got {clusters!r}")
         k = clusters
         fits = {k: kmeans(x, k, seed)}
     return fits[k], {j: f.inertia for j, f in sorted(fits.items())}

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from coreinfer_jax.calibrate.kmeans import choose_clusters
+from coreinfer_jax.calibrate.kmeans import check_clusters, choose_clusters
 from coreinfer_jax.errors import CoreInferError, InputError
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.config import ModelConfig
@@ -154,7 +154,9 @@ def calibrate(gen: Generator, sentences: Sequence[str], *, layer: int | None = N
         raise CoreInferError(f"calibration layer {layer} is outside the model's {cfg.num_layers} layers")
     if batch_size < 1:
         raise CoreInferError(f"batch size must be >= 1, got {batch_size}")
-    ids = gen.encode(list(sentences))
+    sentences = list(sentences)
+    check_clusters(clusters, len(sentences))  # before minutes of signatures, not after
+    ids = gen.encode(sentences)
     context = cfg.max_position_embeddings
     if max(len(i) for i in ids) > context:
         raise InputError(f"a calibration sentence has {max(len(i) for i in ids)} tokens, more than the "
