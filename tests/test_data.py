@@ -37,6 +37,32 @@ def test_eval_without_data_fails_at_once_in_one_line(tmp_path: Path, monkeypatch
     assert words in r.stderr and "data fetch" in r.stderr
 
 
+def test_records_into_a_missing_directory_fail_before_the_evaluation(tmp_path: Path) -> None:
+    text = tmp_path / "wiki.txt"
+    text.write_text("some text\n")
+    # A checkpoint that does not exist: the records' directory is checked before any model is loaded.
+    r = run_main(main, "eval", "--task", "wikitext", "--data", text, "--checkpoint", tmp_path / "no-model",
+                 "--records", tmp_path / "no-dir" / "records.jsonl")
+    assert r.returncode == 2
+    assert r.stderr == f"error: --records {tmp_path / 'no-dir' / 'records.jsonl'}: directory {tmp_path / 'no-dir'} " \
+                       "does not exist\n"
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.json"
+    path.write_text("previous")
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_text("half of the ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data.write_atomically(path, interrupted)
+    assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+    data.write_text_atomically(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
 def test_sweep_names_the_task_without_data(tmp_path: Path) -> None:
     wiki = tmp_path / "w.txt"
     wiki.write_text("text")

@@ -180,14 +180,24 @@ def fetch(out: Path, tasks: Iterable[str]) -> list[Path]:
         except Exception as e:  # any failure of the download is reported, as one line
             raise DataError(f"loading {name} from the hub failed: {e}") from None
         path = out / FILE_NAMES[task]
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            tmp.write_text(WRITERS[task](rows), encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomically(path, WRITERS[task](rows))
         written.append(path)
     return written
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a hidden file next to `path`, then renamed over it: an interrupted or
+    failed write leaves `path` as it was (absent, or the previous version), never half written."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation import humaneval as he
-from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
+from coreinfer_jax.evaluation.data import (SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext,
+                                          write_text_atomically)
 from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
 from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
 from coreinfer_jax.runtime.distributed import is_main_process
@@ -345,6 +346,8 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens, args.prompt_format, args.allow_code_execution)
     if args.task == "humaneval":  # before loading the model
         he.check_code_execution(args.allow_code_execution)
+    if args.records is not None and not args.records.parent.is_dir():  # not after the whole evaluation
+        raise CoreInferError(f"--records {args.records}: directory {args.records.parent} does not exist")
     sparse = methods_from_args(args, args.keep)
     methods: list[Method] = sparse if args.no_dense and sparse else [Dense(), *sparse]
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)
@@ -353,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
     if not is_main_process():  # every process of a --coordinator job has the same results; one reports them
         return 0
     if args.records:
-        args.records.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        write_text_atomically(args.records, "".join(json.dumps(r) + "\n" for r in records))
     if args.json:
         rows = [dataclasses.asdict(r) for r in results]
         print(json.dumps(rows[0] if len(rows) == 1 else rows))

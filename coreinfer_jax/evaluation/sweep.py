@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation.data import write_atomically, write_text_atomically
 from coreinfer_jax.evaluation.humaneval import PROMPT_FORMATS, check_code_execution
 from coreinfer_jax.evaluation.evaluate import HEADLINE, PER_EXAMPLE, TASKS, Settings, evaluate, fmt_metric, paired
 from coreinfer_jax.runtime.distributed import is_main_process
@@ -122,10 +123,11 @@ def run_sweep(gen: Generator, tasks: Sequence[str], methods: Sequence[Method], d
 
 def write_outputs(report: dict[str, Any], records: Sequence[dict[str, Any]], out: Path) -> None:
     """`sweep.json`, `sweep.md`, `pareto.png` and `records.jsonl` in `out`."""
-    (out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out / "sweep.md").write_text(markdown(report), encoding="utf-8")
-    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    plot(report, out / "pareto.png")
+    texts = {"sweep.json": json.dumps(report, indent=1) + "\n", "sweep.md": markdown(report),
+             "records.jsonl": "".join(json.dumps(r) + "\n" for r in records)}
+    for name, text in texts.items():
+        write_text_atomically(out / name, text)
+    write_atomically(out / "pareto.png", lambda tmp: plot(report, tmp))
 
 
 def _noise(p: dict[str, float] | None, higher_is_better: bool) -> str:
@@ -210,7 +212,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # `path` may be a temporary name
     plt.close(fig)
 
 
