@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.evaluation.data import load_wikitext
+from coreinfer_jax.evaluation.data import load_wikitext, write_atomically
 from coreinfer_jax.evaluation.evaluate import wikitext_windows
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.runtime import engine
@@ -119,6 +118,8 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
 def main(args: argparse.Namespace) -> int:
     if args.windows < 1 or args.first_window < 0:
         raise CoreInferError("--windows must be >= 1 and --first-window >= 0")
+    if not args.out.parent.is_dir():  # not after the measurement
+        raise CoreInferError(f"--out {args.out}: {args.out.parent} is not an existing directory")
     gen = Generator.load(args.checkpoint, args.dtype)
     windows = wikitext_windows(gen, load_wikitext(args.data), args.context_tokens, args.scored_tokens,
                                args.first_window + args.windows)[args.first_window:]
@@ -127,13 +128,7 @@ def main(args: argparse.Namespace) -> int:
     n_sparse = len(Stability(layers=args.layers).validate(gen.cfg).sparse_layers())
     with tqdm(total=len(windows) * len(args.keep) * n_sparse, desc="budget", unit="layer") as bar:
         budget = measure(gen, windows, args.rule, args.keep, args.layers, args.token_keep, bar.update)
-    # Written next to --out and renamed into place: an interrupt never leaves half a file.
-    tmp = args.out.with_name(f".{args.out.name}.partial")
-    try:
-        budget.save(tmp)
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(args.out, budget.save)  # an interrupt never leaves half a file
     for k in args.keep:
         print(f"keep {k:g}: layers {budget.layers[0]}..{budget.layers[1] - 1} neurons "
               f"{','.join(map(str, budget.layer_neurons(k)))}")

@@ -347,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
     if args.task == "humaneval":  # before loading the model
         he.check_code_execution(args.allow_code_execution)
     if args.records is not None and not args.records.parent.is_dir():  # not after the whole evaluation
-        raise CoreInferError(f"--records {args.records}: directory {args.records.parent} does not exist")
+        raise CoreInferError(f"--records {args.records}: {args.records.parent} is not an existing directory")
     sparse = methods_from_args(args, args.keep)
     methods: list[Method] = sparse if args.no_dense and sparse else [Dense(), *sparse]
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)

@@ -263,6 +263,8 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens, args.prompt_format, args.allow_code_execution)
     if "humaneval" in args.tasks:  # before loading the model
         check_code_execution(args.allow_code_execution)
+    if args.out.exists() and not args.out.is_dir():
+        raise CoreInferError(f"--out {args.out} is a file; the sweep writes a directory of files there")
     budget = Budget.load(args.budget) if args.budget else None
     predictor = None
     if args.predictor is not None or any(h.get("select_by") == "predictor" for h in args.hybrid):
