@@ -23,7 +23,7 @@ from coreinfer_jax.tools.batch_bench import batch_main
 from coreinfer_jax.tools.bench import bench_main
 from coreinfer_jax.tools.compile_time import compile_main
 from coreinfer_jax.tools.device_suite import suite_main
-from coreinfer_jax.tools.profiling import maybe_profile
+from coreinfer_jax.tools.profiling import maybe_profile, profile_dir
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from coreinfer_jax.tools.shapes import HF_CONFIGS
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace here")
+    g.add_argument("--profile", type=profile_dir, default=None, help="write a jax.profiler trace here")
     g.add_argument("--offload", action="store_true",
                    help="memory-limited mode: FFN weights stay in host memory, only core neurons go to the device")
     g.set_defaults(func=generate_main)
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch-attention", choices=["eager", "sdpa"], default="eager",
                    help="Transformers' attention implementation for the baseline row")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--profile", type=Path, default=None, help="write a jax.profiler trace of the whole run")
+    b.add_argument("--profile", type=profile_dir, default=None, help="write a jax.profiler trace of the whole run")
     b.add_argument("--shapes", default=None, metavar="NAME",
                    help=f"a real model's shapes instead of a checkpoint ({', '.join(HF_CONFIGS)}); "
                         "needs --random-weights")
