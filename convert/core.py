@@ -15,11 +15,11 @@ from convert import keymap
 from convert.errors import ConversionError
 from convert.hub import is_hub_id
 from convert.sources import BUNDLED_MODELS, Source, open_source
-from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, check_checkpoint_dir, load_metadata, write_checkpoint
+from coreinfer_jax.models.checkpoint import (DEFAULT_CHECKPOINT, DTYPES, check_checkpoint_dir, load_metadata,
+                                             write_checkpoint)
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Special tokens that end a generation besides the config's end token. Transformers stops at
 # every id of a checkpoint's generation_config.json, llama.cpp at special tokens with these
 # texts; a GGUF names one end token (Qwen2.5's <|im_end|>, not the <|endoftext|> that ends

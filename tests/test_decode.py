@@ -131,7 +131,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_checkpoint, bad) -> N
 
 
 def test_arguments_of_the_wrong_type_are_named(tiny_checkpoint) -> None:
-    # Each failed inside JAX before: a cache of 64.0 slots, `jax.random.key(None)`, `Stability.validate` unbound.
+    # Each failed inside JAX before (a cache of 64.0 slots, `jax.random.key(None)`, `Stability.validate`
+    # unbound, `top_k` of 321 or 2.5 logits), or, the int8 dtype, loaded.
     gen = Generator.load(tiny_checkpoint("llama"))
     with pytest.raises(InputError, match=r"max_new_tokens must be an integer >= 1, got 2\.5"):
         gen.generate_ids([[1, 2, 3]], max_new_tokens=2.5)
@@ -139,6 +140,12 @@ def test_arguments_of_the_wrong_type_are_named(tiny_checkpoint) -> None:
         gen.generate_ids([[1, 2, 3]], max_new_tokens=2, seed=None)
     with pytest.raises(MethodError, match="method must be a decoding method such as Dense"):
         gen.generate_ids([[1, 2, 3]], max_new_tokens=2, method=Stability)
+    with pytest.raises(InputError, match="top_k=321 exceeds the model's vocabulary of 320 tokens"):
+        gen.generate_ids([[1, 2, 3]], max_new_tokens=2, sampling=Sampling(temperature=1.0, top_k=321))
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0, got 2.5"):
+        Sampling(temperature=1.0, top_k=2.5)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
+        Generator.load(tiny_checkpoint("llama"), dtype="int8")  # a cast that would wreck the weights
     assert len(gen.generate_ids([[1, 2, 3]], max_new_tokens=np.int64(2), seed=np.int32(1),
                                   stop_at_eos=False).tokens[0]) == 2
 

@@ -70,7 +70,7 @@ from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, DTYPES
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.runtime.stop_strings import cut
@@ -82,7 +82,6 @@ log = logging.getLogger(__name__)
 # this module first would hide "hf", "vllm", ... from the same process.
 importlib.import_module("lm_eval.models")
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Generation kwargs `generate_until` understands (lm-eval's normalize_gen_kwargs maps the max aliases).
 GEN_KWARGS = {"until", "do_sample", "temperature", "top_p", "top_k",
               "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}

@@ -31,6 +31,8 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params, abstract_params, count_params
 from coreinfer_jax.models.sharding import param_shardings
 
+# The dtypes a checkpoint is stored in and computed in.
+DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CHECKPOINT = Path(os.environ.get("COREINFER_HOME", Path.home() / ".cache" / "coreinfer_jax")) / "smollm2-135m"
 
 
@@ -96,6 +98,8 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on
     On-device restores need the sharding: without one Orbax returns host NumPy arrays, which
     every jitted call would copy to the device again.
     """
+    if dtype is not None and dtype not in DTYPES:  # a cast to int8, say, would silently wreck the weights
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path).absolute()
     stored = load_metadata(path)["dtype"]
     if mesh is not None:

@@ -199,6 +199,8 @@ class Generator:
         cfg = self.cfg
         if not _is_integer(seed):
             raise InputError(f"seed must be an integer, got {seed!r}")
+        if sampling.top_k > cfg.vocab_size:
+            raise InputError(f"top_k={sampling.top_k} exceeds the model's vocabulary of {cfg.vocab_size} tokens")
         method = self.resolve(method)
         rows = len(prompts)
         prompts = self._fill_data_shards(prompts)

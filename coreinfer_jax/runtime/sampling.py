@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,8 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise CoreInferError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise CoreInferError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise CoreInferError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise CoreInferError(f"top_p must be in (0, 1], got {self.top_p}")
 

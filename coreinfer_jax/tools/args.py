@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from coreinfer_jax.calibrate.predictor import default_predictor_dir, hybrid_layers
 from coreinfer_jax.errors import CoreInferError, MethodError
-from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT
+from coreinfer_jax.models.checkpoint import DEFAULT_CHECKPOINT, DTYPES
 from coreinfer_jax.sparse.budget import Budget, BudgetError
 from coreinfer_jax.sparse.hybrid import SELECT_BY, Hybrid
 from coreinfer_jax.models.config import ModelConfig
@@ -38,7 +38,7 @@ def add_model_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
     multi-process options."""
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"converted checkpoint directory (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: the checkpoint's)")
     if not mesh:
         return
