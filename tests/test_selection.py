@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,18 @@ def test_no_positive_activation_still_returns_n_keep() -> None:
     acts = -np.abs(distinct_activations(np.random.default_rng(3), (1, 4, 20))) - 0.1
     got = run(acts, np.ones((1, 4), bool), 0.5, 0.2)[0]
     assert sorted(got.tolist()) == list(range(10))  # limit 0: every count is 0, filled by index
+
+
+@pytest.mark.parametrize("acts_shape,valid_shape,keep,token_keep,words", [
+    ((2, 5, 16), (2, 5), 0.0, 0.2, "keep must be in (0, 1], got 0.0"),  # was an empty selection
+    ((2, 5, 16), (2, 5), 2.0, 0.2, "keep must be in (0, 1], got 2.0"),  # was top_k's error
+    ((2, 5, 16), (2, 5), 0.5, 1.5, "token_keep must be in (0, 1], got 1.5"),
+    ((2, 5, 16), (2, 4), 0.5, 0.2, "activations [B, T, F] and valid [B, T], got shapes (2, 5, 16) and (2, 4)"),
+    ((5, 16), (5,), 0.5, 0.2, "got shapes (5, 16) and (5,)"),
+])
+def test_bad_arguments_are_named(acts_shape, valid_shape, keep, token_keep, words) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        select_core_neurons(jnp.ones(acts_shape), jnp.ones(valid_shape, bool), keep, token_keep)
 
 
 def test_limit_is_data_dependent_without_recompiling() -> None:

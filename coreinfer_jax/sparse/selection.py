@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from coreinfer_jax.errors import MethodError
+
 
 def n_keep_for(width: int, keep: float) -> int:
     """Neurons kept per layer: `int(F * keep)`, the reference's rounding."""
@@ -37,6 +39,12 @@ def select_core_neurons(activations: jnp.ndarray, valid: jnp.ndarray, keep: floa
     Ties in counts (and neurons beyond those with a non-zero count) are taken in index
     order, so the result always has `n_keep` entries.
     """
+    if activations.ndim != 3 or valid.shape != activations.shape[:2]:
+        raise MethodError(f"select_core_neurons takes activations [B, T, F] and valid [B, T], got shapes "
+                          f"{tuple(activations.shape)} and {tuple(valid.shape)}")
+    for name, value in (("keep", keep), ("token_keep", token_keep)):
+        if not 0.0 < value <= 1.0:
+            raise MethodError(f"{name} must be in (0, 1], got {value}")
     counts = stability_counts(activations, valid, token_keep)  # [B, F]
     _, idx = lax.top_k(counts, n_keep_for(activations.shape[-1], keep))  # [B, n_keep]
     return idx.astype(jnp.int32)
