@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from coreinfer_jax import Dense, Generator, load_checkpoint
+from coreinfer_jax.errors import InputError
 from coreinfer_jax.models.nnx import CausalLM, next_token_loss, train_step
 from coreinfer_jax.models.params import flat_shapes, path_str
 from coreinfer_jax.runtime import engine
@@ -65,6 +66,12 @@ def test_logits_match_transformers_and_engine_prefill(case) -> None:
     first, _, _ = engine.prefill(params, tokens, lengths, cfg=cfg, method=Dense(), cache_len=tokens.shape[1])
     last = ours[np.arange(len(PROMPTS)), np.asarray(lengths) - 1]  # [B, V]
     np.testing.assert_allclose(last, np.asarray(first), atol=1e-5, rtol=0)
+
+
+def test_one_row_without_its_batch_axis_is_named(case) -> None:
+    path, _, _ = case
+    with pytest.raises(InputError, match=r"tokens must be \[B, T\] \(a batch of rows\), got shape \(3,\)"):
+        CausalLM.from_checkpoint(path)(jnp.asarray([1, 2, 3]))
 
 
 def test_state_is_the_param_tree_and_split_merge_keeps_logits(case) -> None:

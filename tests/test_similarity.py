@@ -294,6 +294,8 @@ def test_impossible_cluster_counts_are_refused_before_any_signature(calibrated, 
         calibrate(gen, SENTENCES[:3], progress=False)
     with pytest.raises(CoreInferError, match="got True"):
         calibrate(gen, SENTENCES, clusters=True, progress=False)
+    with pytest.raises(CoreInferError, match="sentences must be a sequence of strings, not one string"):
+        calibrate(gen, SENTENCES[0], clusters=1, progress=False)  # was: its characters, "prompt is empty"
 
 
 def test_cli_calibrate_then_generate(tiny_checkpoint, tmp_path: Path, capsys) -> None:

@@ -154,6 +154,8 @@ def calibrate(gen: Generator, sentences: Sequence[str], *, layer: int | None = N
         raise CoreInferError(f"calibration layer {layer} is outside the model's {cfg.num_layers} layers")
     if batch_size < 1:
         raise CoreInferError(f"batch size must be >= 1, got {batch_size}")
+    if isinstance(sentences, str):  # list() of it would be its characters
+        raise CoreInferError("sentences must be a sequence of strings, not one string")
     sentences = list(sentences)
     check_clusters(clusters, len(sentences))  # before minutes of signatures, not after
     ids = gen.encode(sentences)

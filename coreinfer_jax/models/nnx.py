@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coreinfer_jax.errors import InputError
 from coreinfer_jax.models.checkpoint import load_checkpoint
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache, logits
@@ -60,6 +61,8 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """Logits `[B, T, V]` (float32) of `tokens` `[B, T]` at positions 0..T-1, causally."""
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must be [B, T] (a batch of rows), got shape {tuple(tokens.shape)}")
         params = self.params()
         B, T = tokens.shape
         cache = init_cache(self.cfg, B, T, params["embed"].dtype)  # [B, Hkv, hd, T] per layer, never read
