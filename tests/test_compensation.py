@@ -110,7 +110,7 @@ def test_cli_and_sweep_name_compensated_rows(tiny_checkpoint) -> None:
     out = json.loads(result.stdout)
     assert result.returncode == 0 and out["compensate"] is True and len(out["core_neurons"]) == 2
     refused = run_main(main, "generate", "--checkpoint", ckpt, "--prompt", "hello", "--compensate")
-    assert refused.returncode == 2 and "--compensate applies to the stability and hybrid methods" in refused.stderr
+    assert refused.returncode == 2 and "--compensate applies only to the sparse methods" in refused.stderr
     assert hybrid_arg("0.25+0.25:compensate:down") == {"keep": 0.25, "dynamic": 0.25, "compensate": True,
                                                        "down_weighted": True}
     labels = [m.label for m in sweep_methods(["normalized_magnitude"], [0.4], layers=(0, 2), compensate=True)]

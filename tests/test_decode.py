@@ -124,7 +124,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_checkpoint, bad) -> N
     assert gen.cfg.vocab_size == 320
     with pytest.raises(InputError, match=rf"prompt token id {bad} is outside the vocabulary \(ids 0..319\)"):
         gen.generate_ids([[1, 2, 3], [4, bad, 6]], max_new_tokens=4)
-    with pytest.raises(InputError, match=rf"prompt token id {bad} is outside the vocabulary"):
+    with pytest.raises(InputError, match=rf"context token id {bad} is outside the vocabulary"):
         gen.score_ids([[bad, 2]], [[3]])
     with pytest.raises(InputError, match=rf"continuation token id {bad} is outside the vocabulary"):
         gen.score_ids([[1, 2]], [[3, bad]])
@@ -146,6 +146,15 @@ def test_arguments_of_the_wrong_type_are_named(tiny_checkpoint) -> None:
         Sampling(temperature=1.0, top_k=2.5)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
         Generator.load(tiny_checkpoint("llama"), dtype="int8")  # a cast that would wreck the weights
+    # One row where a batch of rows goes: a TypeError from len(1) or a comparison of str and int before.
+    with pytest.raises(InputError, match=r"each prompt must be a row of token ids, got 1; several rows, e\.g\."):
+        gen.generate_ids([1, 2, 3], max_new_tokens=2)
+    with pytest.raises(InputError, match="prompts must be rows of token ids, e.g. \\[\\[1, 2, 3\\]\\], got 'hello'"):
+        gen.generate_ids("hello", max_new_tokens=2)
+    with pytest.raises(InputError, match="each context must be a row of token ids, got 1"):
+        gen.score_ids([1, 2, 3], [4, 5, 6])
+    with pytest.raises(InputError, match="prompt token ids must be integers, got float64 values such as 1.5"):
+        gen.generate_ids([[1.5, 2.0]], max_new_tokens=2)  # was truncated to [1, 2] and decoded
     assert len(gen.generate_ids([[1, 2, 3]], max_new_tokens=np.int64(2), seed=np.int32(1),
                                   stop_at_eos=False).tokens[0]) == 2
 

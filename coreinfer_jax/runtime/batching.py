@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from coreinfer_jax.errors import InputError
 
@@ -70,9 +71,17 @@ def stop_ids(ids: Sequence[int], vocab_size: int) -> jnp.ndarray:
 
 
 def check_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
-    """Raise InputError if a token id is outside `0..vocab_size-1` (the embedding lookup would
-    read NaN past the end and wrap below 0, silently)."""
+    """Raise InputError unless `rows` holds rows of integer token ids, each in `0..vocab_size-1`
+    (the embedding lookup would read NaN past the end and wrap below 0, silently)."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
+        raise InputError(f"{what}s must be rows of token ids, e.g. [[1, 2, 3]], got {rows!r:.60}")
     for row in rows:
+        ids = None if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") else np.asarray(row)
+        if ids is None or ids.ndim != 1:
+            raise InputError(f"each {what} must be a row of token ids, got {row!r:.60}; several rows, e.g. "
+                             f"[[1, 2, 3]], make a batch")
+        if ids.size and ids.dtype.kind not in "iu":
+            raise InputError(f"{what} token ids must be integers, got {ids.dtype} values such as {ids.flat[0].item()!r}")
         if len(row) and not 0 <= min(row) <= max(row) < vocab_size:
             bad = next(t for t in row if not 0 <= t < vocab_size)
             raise InputError(f"{what} token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})")

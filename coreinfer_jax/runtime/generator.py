@@ -201,6 +201,7 @@ class Generator:
             raise InputError(f"seed must be an integer, got {seed!r}")
         if sampling.top_k > cfg.vocab_size:
             raise InputError(f"top_k={sampling.top_k} exceeds the model's vocabulary of {cfg.vocab_size} tokens")
+        check_ids(prompts, cfg.vocab_size, "prompt")
         method = self.resolve(method)
         rows = len(prompts)
         prompts = self._fill_data_shards(prompts)
@@ -258,11 +259,12 @@ class Generator:
         it was the greedy choice `[C]`.
         """
         method = self.resolve(method)
+        check_ids(contexts, self.cfg.vocab_size, "context")
+        check_ids(continuations, self.cfg.vocab_size, "continuation")
         if len(contexts) != len(continuations):
             raise InputError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         if any(len(c) == 0 for c in continuations):
             raise InputError("continuation is empty")
-        check_ids(continuations, self.cfg.vocab_size, "continuation")
         longest = max(len(c) for c in continuations)
         rows = len(contexts)
         contexts, continuations = self._fill_data_shards(contexts), self._fill_data_shards(continuations)
@@ -321,9 +323,8 @@ class Generator:
         context = self.cfg.max_position_embeddings
         if not _is_integer(max_new_tokens) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if not len(prompts) or any(len(p) == 0 for p in prompts):
             raise InputError("prompt is empty")
-        check_ids(prompts, self.cfg.vocab_size, "prompt")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > context:
             raise InputError(
