@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import jax
 
+from coreinfer_jax.evaluation.data import write_text_atomically
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.offload import PINNED, device_bytes
 from coreinfer_jax.sparse.hybrid import Hybrid
@@ -478,8 +479,8 @@ def run_suite(plan: Plan, out: Path) -> dict[str, Any]:
     if torch_cuda():
         report["torch"] = sys.modules["torch"].__version__
     out.mkdir(parents=True, exist_ok=True)
-    (out / "device_suite.json").write_text(json.dumps(report, indent=2))
-    (out / "device_suite.md").write_text(markdown(report) + "\n")
+    write_text_atomically(out / "device_suite.json", json.dumps(report, indent=2))
+    write_text_atomically(out / "device_suite.md", markdown(report) + "\n")
     return report
 
 
