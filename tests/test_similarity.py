@@ -287,8 +287,8 @@ def test_method_errors(calibrated, tmp_path: Path) -> None:
 def test_impossible_cluster_counts_are_refused_before_any_signature(calibrated, monkeypatch) -> None:
     gen, _ = calibrated
     monkeypatch.setattr(similarity_calibration, "_signature_pass", None)  # called: a TypeError, not the message
-    with pytest.raises(CoreInferError, match=r"clusters must be 'auto' or an integer in 1..3 \(the number of sentences\), "
-                                             "got 4"):
+    with pytest.raises(CoreInferError,
+                       match=r"clusters must be 'auto' or an integer in 1..3 \(the number of sentences\), got 4"):
         calibrate(gen, SENTENCES[:3], clusters=4, progress=False)
     with pytest.raises(CoreInferError, match="--clusters auto needs at least 4 sentences, got 3"):
         calibrate(gen, SENTENCES[:3], progress=False)

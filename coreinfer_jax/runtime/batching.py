@@ -81,7 +81,8 @@ def check_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None
             raise InputError(f"each {what} must be a row of token ids, got {row!r:.60}; several rows, e.g. "
                              f"[[1, 2, 3]], make a batch")
         if ids.size and ids.dtype.kind not in "iu":
-            raise InputError(f"{what} token ids must be integers, got {ids.dtype} values such as {ids.flat[0].item()!r}")
+            raise InputError(f"{what} token ids must be integers, got {ids.dtype} values such as "
+                             f"{ids.flat[0].item()!r}")
         if len(row) and not 0 <= min(row) <= max(row) < vocab_size:
             bad = next(t for t in row if not 0 <= t < vocab_size)
             raise InputError(f"{what} token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})")
