@@ -83,6 +83,6 @@ def check_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None
         if ids.size and ids.dtype.kind not in "iu":
             raise InputError(f"{what} token ids must be integers, got {ids.dtype} values such as "
                              f"{ids.flat[0].item()!r}")
-        if len(row) and not 0 <= min(row) <= max(row) < vocab_size:
-            bad = next(t for t in row if not 0 <= t < vocab_size)
+        if ids.size and not 0 <= ids.min() <= ids.max() < vocab_size:
+            bad = next(int(t) for t in ids if not 0 <= t < vocab_size)
             raise InputError(f"{what} token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})")

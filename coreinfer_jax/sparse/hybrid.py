@@ -42,10 +42,10 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.compensation import with_bias
 from coreinfer_jax.sparse.gather import NEURON_ROWS, gather_core_layers, gathered_rows
-from coreinfer_jax.sparse.method import check_fraction, resolve_layers
+from coreinfer_jax.sparse.method import resolve_layers
 from coreinfer_jax.sparse.predictor import MAKE, Predictor, PredictorError
 from coreinfer_jax.sparse.rules import check_rule
-from coreinfer_jax.sparse.selection import sharded_count
+from coreinfer_jax.sparse.selection import check_fraction, sharded_count
 from coreinfer_jax.sparse.sketch import Sketch, outside_layers, sketch_bytes
 from coreinfer_jax.sparse.stability import Stability, down_norms
 from coreinfer_jax.sparse.token_step import RESTS, TokenNeurons, core_masks

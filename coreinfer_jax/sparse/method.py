@@ -74,11 +74,6 @@ def resolve_layers(layers: tuple[int, int] | None, keep: float, cfg: ModelConfig
     return first, end
 
 
-def check_fraction(name: str, value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise MethodError(f"{name} must be in (0, 1], got {value}")
-
-
 class Method:
     """The protocol (see the module docstring), with the answers of a method that keeps everything."""
 

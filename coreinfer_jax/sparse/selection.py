@@ -21,6 +21,11 @@ from jax import lax
 from coreinfer_jax.errors import MethodError
 
 
+def check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise MethodError(f"{name} must be in (0, 1], got {value}")
+
+
 def n_keep_for(width: int, keep: float) -> int:
     """Neurons kept per layer: `int(F * keep)`, the reference's rounding."""
     return int(width * keep)
@@ -42,9 +47,8 @@ def select_core_neurons(activations: jnp.ndarray, valid: jnp.ndarray, keep: floa
     if activations.ndim != 3 or valid.shape != activations.shape[:2]:
         raise MethodError(f"select_core_neurons takes activations [B, T, F] and valid [B, T], got shapes "
                           f"{tuple(activations.shape)} and {tuple(valid.shape)}")
-    for name, value in (("keep", keep), ("token_keep", token_keep)):
-        if not 0.0 < value <= 1.0:
-            raise MethodError(f"{name} must be in (0, 1], got {value}")
+    check_fraction("keep", keep)
+    check_fraction("token_keep", token_keep)
     counts = stability_counts(activations, valid, token_keep)  # [B, F]
     _, idx = lax.top_k(counts, n_keep_for(activations.shape[-1], keep))  # [B, n_keep]
     return idx.astype(jnp.int32)

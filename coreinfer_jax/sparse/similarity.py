@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError
-from coreinfer_jax.sparse.method import CoreNeurons, check_fraction, resolve_layers
+from coreinfer_jax.sparse.method import CoreNeurons, resolve_layers
 from coreinfer_jax.sparse.rules import top_neurons
-from coreinfer_jax.sparse.selection import assign_clusters, sentence_signature, sharded_count
+from coreinfer_jax.sparse.selection import assign_clusters, check_fraction, sentence_signature, sharded_count
 
 
 @dataclasses.dataclass(frozen=True)

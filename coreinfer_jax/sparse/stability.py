@@ -11,9 +11,9 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params
 from coreinfer_jax.sparse import compensation
-from coreinfer_jax.sparse.method import CoreNeurons, check_fraction, resolve_layers
+from coreinfer_jax.sparse.method import CoreNeurons, resolve_layers
 from coreinfer_jax.sparse.rules import SCORES, check_rule, top_neurons
-from coreinfer_jax.sparse.selection import n_keep_for
+from coreinfer_jax.sparse.selection import check_fraction, n_keep_for
 
 
 @dataclasses.dataclass(frozen=True)
