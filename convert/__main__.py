@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from convert.core import DTYPES, convert_checkpoint, default_out, is_converted
-from convert.errors import ConversionError
 from convert.sources import BUNDLED, BUNDLED_MODELS
-from coreinfer_jax.errors import interrupted_line, sigterm_interrupts
-from coreinfer_jax.models.checkpoint import CheckpointError
-from coreinfer_jax.models.config import ConfigError
+from coreinfer_jax.errors import CoreInferError, interrupted_line, sigterm_interrupts
+from coreinfer_jax.outputs import output_dir
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -27,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Hugging Face checkpoint directory, hub id ORG/NAME, .gguf file, or a bundled model: "
                         f"{', '.join(BUNDLED_MODELS)} (default {BUNDLED})")
     p.add_argument("--revision", default=None, help="hub ids: the branch, tag or commit to convert (default main)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=output_dir, default=None,
                    help=f"output directory (default for bundled models: {default_out(BUNDLED).parent}/NAME)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -45,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{source} is already converted in {out} (use --force to convert again)")
                     return 0
             out = convert_checkpoint(source, args.out, args.dtype, args.force, args.revision)
-    except (ConversionError, ConfigError, CheckpointError, OSError) as e:
+    except (CoreInferError, OSError) as e:  # the converter's, the checkpoint's and the paths' errors
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

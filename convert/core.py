@@ -19,6 +19,7 @@ from coreinfer_jax.models.checkpoint import (DEFAULT_CHECKPOINT, DTYPES, check_c
                                              write_checkpoint)
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
+from coreinfer_jax.outputs import check_output
 
 # Special tokens that end a generation besides the config's end token. Transformers stops at
 # every id of a checkpoint's generation_config.json, llama.cpp at special tokens with these
@@ -121,6 +122,7 @@ def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: 
         raise ConversionError(f"--out {out} is the source itself")
     if out.exists() and not force:
         raise ConversionError(f"output directory {out} already exists; use --force to replace it")
+    check_output(out, "dir")  # before the conversion, not when it is written
     remove_stale_partials(out)
     hf_config = src.hf_config()
     cfg = ModelConfig.from_hf(hf_config)

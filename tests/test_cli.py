@@ -73,7 +73,7 @@ def test_profile_writes_a_trace(ckpt: Path, tmp_path: Path) -> None:
     (["--prompt", "hi", "--method", "stability", "--layers", "0:99"], "outside the model"),
     (["--prompt", "hi", "--method", "stability", "--layers", "three"], "START:END"),
     (["--prompt", "hi", "--method", "magic"], "invalid choice: 'magic'"),
-    (["--prompt", "hi", "--profile", __file__], "is a file; the trace is written into a directory"),
+    (["--prompt", "hi", "--profile", __file__], "is a file; a directory is written there"),
 ])
 def test_bad_input_is_one_clear_line(ckpt: Path, args: list[str], words: str) -> None:
     r = cli("generate", "--checkpoint", str(ckpt), *args)

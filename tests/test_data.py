@@ -37,50 +37,6 @@ def test_eval_without_data_fails_at_once_in_one_line(tmp_path: Path, monkeypatch
     assert words in r.stderr and "data fetch" in r.stderr
 
 
-def test_records_into_a_missing_directory_fail_before_the_evaluation(tmp_path: Path) -> None:
-    text = tmp_path / "wiki.txt"
-    text.write_text("some text\n")
-    # A checkpoint that does not exist: the records' directory is checked before any model is loaded.
-    r = run_main(main, "eval", "--task", "wikitext", "--data", text, "--checkpoint", tmp_path / "no-model",
-                 "--records", tmp_path / "no-dir" / "records.jsonl")
-    assert r.returncode == 2
-    assert r.stderr == f"error: --records {tmp_path / 'no-dir' / 'records.jsonl'}: {tmp_path / 'no-dir'} is not an " \
-                       "existing directory\n"
-
-
-def test_a_sweep_out_that_is_a_file_fails_before_the_model_loads(tmp_path: Path) -> None:
-    text, out = tmp_path / "wiki.txt", tmp_path / "results.json"
-    text.write_text("some text\n")
-    out.write_text("{}")
-    r = run_main(main, "sweep", "--tasks", "wikitext", "--data", f"wikitext={text}", "--out", out,
-                 "--checkpoint", tmp_path / "no-model")
-    assert r.returncode == 2
-    assert r.stderr == f"error: --out {out} is a file; the sweep writes a directory of files there\n"
-
-
-def test_a_budget_into_a_missing_directory_fails_before_the_measurement(tmp_path: Path) -> None:
-    text, out = tmp_path / "wiki.txt", tmp_path / "no-dir" / "budget.json"
-    text.write_text("some text\n")
-    r = run_main(main, "budget", "--data", text, "--out", out, "--checkpoint", tmp_path / "no-model")
-    assert r.returncode == 2
-    assert r.stderr == f"error: --out {out}: {out.parent} is not an existing directory\n"
-
-
-def test_an_interrupted_write_leaves_the_previous_file(tmp_path: Path) -> None:
-    path = tmp_path / "sweep.json"
-    path.write_text("previous")
-
-    def interrupted(tmp: Path) -> None:
-        tmp.write_text("half of the ne")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        data.write_atomically(path, interrupted)
-    assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
-    data.write_text_atomically(path, "new")
-    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
-
-
 def test_sweep_names_the_task_without_data(tmp_path: Path) -> None:
     wiki = tmp_path / "w.txt"
     wiki.write_text("text")

@@ -125,7 +125,7 @@ def test_loaders_read_the_official_layouts(tmp_path: Path) -> None:
 def test_eval_cli_json_rows_match_their_records(tiny_checkpoint, tmp_path: Path, capsys) -> None:
     ckpt = str(tiny_checkpoint("llama"))
     data = write_truthfulqa(tmp_path / "tqa.csv")
-    records = tmp_path / "records.jsonl"
+    records = tmp_path / "new" / "records.jsonl"  # its directory is created
     assert main(["eval", "--task", "truthfulqa", "--data", str(data), "--checkpoint", ckpt, "--keep", "0.5", "1.0",
                  "--layers", "1:2", "--batch-size", "2", "--zero-shot", "--records", str(records), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -27,9 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.evaluation.data import load_wikitext, write_atomically
+from coreinfer_jax.evaluation.data import load_wikitext
 from coreinfer_jax.evaluation.evaluate import wikitext_windows
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.outputs import output_file, write_atomically
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.runtime.batching import cache_length, prompt_bucket
 from coreinfer_jax.runtime.generator import Generator
@@ -110,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
                    help="skip this many windows (default 20: those `sweep` evaluates on)")
     b.add_argument("--context-tokens", type=int, default=256)
     b.add_argument("--scored-tokens", type=int, default=128)
-    b.add_argument("--out", type=Path, required=True, help="budget JSON to write")
+    b.add_argument("--out", type=output_file, required=True, help="budget JSON to write")
     b.set_defaults(func=main)
     return b
 
@@ -118,8 +119,6 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
 def main(args: argparse.Namespace) -> int:
     if args.windows < 1 or args.first_window < 0:
         raise CoreInferError("--windows must be >= 1 and --first-window >= 0")
-    if not args.out.parent.is_dir():  # not after the measurement
-        raise CoreInferError(f"--out {args.out}: {args.out.parent} is not an existing directory")
     gen = Generator.load(args.checkpoint, args.dtype)
     windows = wikitext_windows(gen, load_wikitext(args.data), args.context_tokens, args.scored_tokens,
                                args.first_window + args.windows)[args.first_window:]

@@ -43,6 +43,7 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn, finished, forward, init_cache
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.outputs import check_output, output_dir
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.artifact import model_identity
 from coreinfer_jax.sparse.hybrid import Hybrid
@@ -188,7 +189,7 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
     """The `predictor` subcommand; `layers_arg` parses `--layers` (the command line's parser)."""
     p = sub.add_parser("predictor", help="fit the hybrid method's low-rank neuron predictor (whitened SVD)")
     p.add_argument("--data", type=Path, required=True, help="calibration text (e.g. WikiText-2 raw)")
-    p.add_argument("--out", type=Path, default=None, help="predictor directory (default: CHECKPOINT/predictor)")
+    p.add_argument("--out", type=output_dir, default=None, help="predictor directory (default: CHECKPOINT/predictor)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--layers", type=layers_arg, default=None,
                    help="layers START:END (default: those --method hybrid makes sparse for this model)")
@@ -206,7 +207,7 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
 
 
 def main(args: argparse.Namespace) -> int:
-    out = args.out or default_predictor_dir(args.checkpoint)
+    out = args.out or check_output(default_predictor_dir(args.checkpoint), "dir")
     if out.exists() and not args.force:
         raise PredictorError(f"{out} already exists; remove it or choose another --out (or --force)")
     if args.tokens < 1 or args.skip_tokens < 0 or args.refine_steps < 0 or args.refine_tokens < 1:

@@ -45,6 +45,7 @@ from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.params import Params
+from coreinfer_jax.outputs import output_dir
 from coreinfer_jax.runtime.batching import prompt_bucket
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.artifact import model_identity
@@ -237,7 +238,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                          "per-cluster core neurons")
     p.add_argument("--data", type=Path, required=True,
                    help="TruthfulQA CSV (Question, Best Answer) or a text file with one sentence per line")
-    p.add_argument("--out", type=Path, required=True, help="calibration directory to write")
+    p.add_argument("--out", type=output_dir, required=True, help="calibration directory to write")
     p.add_argument("--layer", type=int, default=None,
                    help="signature layer (default: the reference's 25 of 32, scaled to depth)")
     p.add_argument("--clusters", type=clusters_arg, default="auto",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.outputs import check_output, output_dir, write_text_atomically
 
 # What `--data` takes per task, in words for messages and help.
 FORMATS = {
@@ -171,7 +172,7 @@ def fetch(out: Path, tasks: Iterable[str]) -> list[Path]:
         import datasets
     except ImportError:
         raise DataError("data fetch needs the `datasets` package (the `eval` extra)") from None
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "dir").mkdir(parents=True, exist_ok=True)
     written = []
     for task in tasks:
         name, config, split = HUB_NAMES[task]
@@ -185,27 +186,12 @@ def fetch(out: Path, tasks: Iterable[str]) -> list[Path]:
     return written
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` to a hidden file next to `path`, then renamed over it: an interrupted or
-    failed write leaves `path` as it was (absent, or the previous version), never half written."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="evaluation data: fetch the files that --data takes from the Hugging Face hub")
     actions = d.add_subparsers(dest="action", required=True)
     f = actions.add_parser("fetch", help="download TruthfulQA, SQuAD v2 and WikiText-2 into --out, in the "
                                          "formats --data takes (needs a reachable hub)")
-    f.add_argument("--out", type=Path, required=True, help="directory to write the files into")
+    f.add_argument("--out", type=output_dir, required=True, help="directory to write the files into")
     f.add_argument("--tasks", nargs="+", choices=list(HUB_NAMES), default=list(HUB_NAMES))
     f.set_defaults(func=fetch_main)
     return d

@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation import humaneval as he
-from coreinfer_jax.evaluation.data import (SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext,
-                                          write_text_atomically)
+from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
 from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
 from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
+from coreinfer_jax.outputs import output_file, write_text_atomically
 from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method
@@ -335,7 +335,7 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable, add_me
     e.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run the model's code with the problem's tests in a sandbox (a separate "
                         "unprivileged, resource-limited process; not a container: docs/code_generation.md)")
-    e.add_argument("--records", type=Path, default=None, help="also write every example's answer and scores (JSONL)")
+    e.add_argument("--records", type=output_file, default=None, help="also write every example's answer and scores (JSONL)")
     e.add_argument("--no-dense", action="store_true", help="skip the dense row (measured by default)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     e.set_defaults(func=main)
@@ -346,8 +346,6 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens, args.prompt_format, args.allow_code_execution)
     if args.task == "humaneval":  # before loading the model
         he.check_code_execution(args.allow_code_execution)
-    if args.records is not None and not args.records.parent.is_dir():  # not after the whole evaluation
-        raise CoreInferError(f"--records {args.records}: {args.records.parent} is not an existing directory")
     sparse = methods_from_args(args, args.keep)
     methods: list[Method] = sparse if args.no_dense and sparse else [Dense(), *sparse]
     gen = Generator.load(args.checkpoint, args.dtype, mesh=args.mesh)

@@ -26,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.evaluation.data import write_atomically, write_text_atomically
 from coreinfer_jax.evaluation.humaneval import PROMPT_FORMATS, check_code_execution
 from coreinfer_jax.evaluation.evaluate import HEADLINE, PER_EXAMPLE, TASKS, Settings, evaluate, fmt_metric, paired
+from coreinfer_jax.outputs import output_dir, write_atomically, write_text_atomically
 from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.calibrate.predictor import default_predictor_dir
@@ -254,7 +254,7 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="completion", help="humaneval's prompt format")
     s.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run the model's code in the sandbox (docs/code_generation.md)")
-    s.add_argument("--out", type=Path, required=True, help="directory for sweep.json, sweep.md, pareto.png")
+    s.add_argument("--out", type=output_dir, required=True, help="directory for sweep.json, sweep.md, pareto.png")
     s.set_defaults(func=main)
 
 
@@ -263,8 +263,6 @@ def main(args: argparse.Namespace) -> int:
                         args.scored_tokens, args.prompt_format, args.allow_code_execution)
     if "humaneval" in args.tasks:  # before loading the model
         check_code_execution(args.allow_code_execution)
-    if args.out.exists() and not args.out.is_dir():
-        raise CoreInferError(f"--out {args.out} is a file; the sweep writes a directory of files there")
     budget = Budget.load(args.budget) if args.budget else None
     predictor = None
     if args.predictor is not None or any(h.get("select_by") == "predictor" for h in args.hybrid):

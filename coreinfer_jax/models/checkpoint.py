@@ -30,6 +30,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params, abstract_params, count_params
 from coreinfer_jax.models.sharding import param_shardings
+from coreinfer_jax.outputs import check_output
 
 # The dtypes a checkpoint is stored in and computed in.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,7 +50,7 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenize
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, "dir").parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared directory
     try:

@@ -23,6 +23,7 @@ import numpy as np
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.checkpoint import move_into_place
 from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.outputs import check_output
 
 MANIFEST, ARRAYS = "manifest.json", "arrays.npz"
 # What an artifact must agree on with the model that uses it.
@@ -63,7 +64,7 @@ def write(out: str | Path, fields: dict[str, Any], arrays: dict[str, np.ndarray]
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise error(f"{out} already exists; remove it or choose another --out (or --force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, "dir").parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     tmp.chmod(0o755)
     try:

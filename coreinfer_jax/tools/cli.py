@@ -13,6 +13,7 @@ from coreinfer_jax.errors import CoreInferError, InputError, interrupted_line, s
 from coreinfer_jax.evaluation import data, evaluate, sweep
 from coreinfer_jax.evaluation.data import missing_data
 from coreinfer_jax.evaluation.tasks import TEMPLATES, format_prompt
+from coreinfer_jax.outputs import output_dir
 from coreinfer_jax.runtime.compile_cache import cache_hits, use_compile_cache
 from coreinfer_jax.runtime.distributed import initialize, is_main_process
 from coreinfer_jax.runtime.generator import GenerationResult, Generator
@@ -23,7 +24,7 @@ from coreinfer_jax.tools.batch_bench import batch_main
 from coreinfer_jax.tools.bench import bench_main
 from coreinfer_jax.tools.compile_time import compile_main
 from coreinfer_jax.tools.device_suite import suite_main
-from coreinfer_jax.tools.profiling import maybe_profile, profile_dir
+from coreinfer_jax.tools.profiling import maybe_profile
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from coreinfer_jax.tools.shapes import HF_CONFIGS
 
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.add_argument("--profile", type=profile_dir, default=None, help="write a jax.profiler trace here")
+    g.add_argument("--profile", type=output_dir, default=None, help="write a jax.profiler trace here")
     g.add_argument("--offload", action="store_true",
                    help="memory-limited mode: FFN weights stay in host memory, only core neurons go to the device")
     g.set_defaults(func=generate_main)
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch-attention", choices=["eager", "sdpa"], default="eager",
                    help="Transformers' attention implementation for the baseline row")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--profile", type=profile_dir, default=None, help="write a jax.profiler trace of the whole run")
+    b.add_argument("--profile", type=output_dir, default=None, help="write a jax.profiler trace of the whole run")
     b.add_argument("--shapes", default=None, metavar="NAME",
                    help=f"a real model's shapes instead of a checkpoint ({', '.join(HF_CONFIGS)}); "
                         "needs --random-weights")
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--suite", choices=["device"], default=None,
                    help="device: the tests that can use an accelerator, the SmolLM2- and 8B-shape bench and "
                         "memory-limited mode against Transformers (one JSON + markdown table in --out)")
-    b.add_argument("--out", type=Path, default=Path("device_suite"), help="--suite's output directory")
+    b.add_argument("--out", type=output_dir, default=Path("device_suite"), help="--suite's output directory")
     b.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
                    help="instead of the batch-1 table: throughput at these batch sizes, dense vs per-row vs "
                         "batch-shared core neurons (--keep: one value, default 0.4)")

@@ -4,7 +4,6 @@ matrix products, and the share of the decode's time in which the GPU runs no ker
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import json
@@ -22,15 +21,6 @@ import jax
 MATMUL_KERNEL = re.compile(r"gemm|gemv|cublas|cutlass|matmul|dot|nvjet|xmma", re.IGNORECASE)
 # The XLA module of the decode loop (`engine.decode`): the share is of decoding, not pre-fill.
 DECODE_MODULE = "jit_decode"
-
-
-def profile_dir(text: str) -> Path:
-    """`--profile DIR` as an argparse type: a path that is a file is refused when the command
-    line is read, not after the run it was to trace."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; the trace is written into a directory")
-    return path
 
 
 @contextlib.contextmanager

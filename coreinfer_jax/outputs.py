@@ -1,0 +1,66 @@
+"""Where the commands write: a path checked before the work, and files written atomically.
+
+Every output path follows one convention: missing parent directories are created, and a
+path that cannot be written (its nearest existing ancestor is a file or read-only, or it is
+a file where a directory goes, or the reverse) is refused before the work whose results it
+was to hold. The argparse types refuse it when the command line is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Callable, Literal
+
+from coreinfer_jax.errors import CoreInferError
+
+Kind = Literal["file", "dir"]
+
+
+def check_output(path: str | Path, kind: Kind) -> Path:
+    """`path` as a `Path` when a `kind` can be written there (after creating missing parents);
+    a `CoreInferError` naming the obstacle otherwise."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise CoreInferError(f"{path} is a directory; a file is written there")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise CoreInferError(f"{path} is a file; a directory is written there")
+    # The writers put a temporary sibling next to `path`, so it is the parent that must be writable.
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise CoreInferError(f"cannot write {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CoreInferError(f"cannot write {path}: {ancestor} is not writable")
+    return path
+
+
+def _argument_type(kind: Kind) -> Callable[[str], Path]:
+    def parse(text: str) -> Path:
+        try:
+            return check_output(text, kind)
+        except CoreInferError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = f"output_{kind}"  # argparse names the type in its messages
+    return parse
+
+
+output_file = _argument_type("file")
+output_dir = _argument_type("dir")
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a hidden file next to `path`, then renamed over it: an interrupted or
+    failed write leaves `path` as it was (absent, or the previous version), never half written."""
+    check_output(path, "file").parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -1,0 +1,120 @@
+"""Output paths follow one convention: missing parents are created; a path that cannot be
+written is refused in one line when the command line is read, before any work; files are
+written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import run_main
+from convert.__main__ import main as convert_main
+from convert.core import convert_checkpoint
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.outputs import check_output, write_atomically, write_text_atomically
+from coreinfer_jax.sparse import artifact
+from coreinfer_jax.tools.cli import main
+
+
+def test_check_output_names_each_obstacle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file, a_dir = tmp_path / "a-file", tmp_path / "a-dir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    with pytest.raises(CoreInferError, match=f"^{a_dir} is a directory; a file is written there$"):
+        check_output(a_dir, "file")
+    with pytest.raises(CoreInferError, match=f"^{a_file} is a file; a directory is written there$"):
+        check_output(a_file, "dir")
+    for kind in ("file", "dir"):  # the nearest existing ancestor, two levels up, is a file
+        with pytest.raises(CoreInferError, match=f"^cannot write {a_file}/b/c: {a_file} is a file, not a directory$"):
+            check_output(a_file / "b" / "c", kind)
+    # Permissions: as root every directory is writable, so the answer is stood in for.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != a_dir)
+    with pytest.raises(CoreInferError, match=f"^cannot write {a_dir}/new/out.json: {a_dir} is not writable$"):
+        check_output(a_dir / "new" / "out.json", "file")
+    monkeypatch.undo()
+    # What can be written: a new path under missing directories, an existing file, an existing directory.
+    assert check_output(a_dir / "new" / "deeper" / "out.json", "file") == a_dir / "new" / "deeper" / "out.json"
+    assert check_output(a_file, "file") == a_file and check_output(a_dir, "dir") == a_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]  # a check creates nothing
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.json"
+    path.write_text("previous")
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_text("half of the ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, interrupted)
+    assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+    write_text_atomically(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
+def test_a_file_is_written_into_missing_directories(tmp_path: Path) -> None:
+    write_text_atomically(tmp_path / "a" / "b" / "records.jsonl", "{}\n")
+    assert (tmp_path / "a" / "b" / "records.jsonl").read_text() == "{}\n"
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["records.jsonl"]
+
+
+def test_an_artifact_under_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CoreInferError, match="a-file is a file, not a directory"):
+        artifact.write(tmp_path / "a-file" / "calibration", {}, {}, CoreInferError)
+
+
+# Every command's output argument, under a path whose parent is a file. The checkpoint and the
+# data do not exist: the output is refused when the command line is read, before either is opened.
+COMMANDS: list[tuple[Callable[[list[str]], int], str, list[str]]] = [
+    (convert_main, "--out", ["smollm2-135m"]),
+    (main, "--out", ["calibrate", "--data", "none.csv"]),
+    (main, "--out", ["predictor", "--data", "none.txt"]),
+    (main, "--out", ["budget", "--data", "none.txt"]),
+    (main, "--out", ["sweep", "--tasks", "wikitext"]),
+    (main, "--records", ["eval", "--task", "wikitext"]),
+    (main, "--out", ["data", "fetch"]),
+    (main, "--profile", ["generate", "--prompt", "hi"]),
+    (main, "--profile", ["bench"]),
+    (main, "--out", ["bench", "--suite", "device"]),
+]
+
+
+@pytest.mark.parametrize("command,flag,args", COMMANDS, ids=[" ".join(c[2][:2]) + " " + c[1] for c in COMMANDS])
+def test_every_output_under_a_file_is_refused_when_the_command_line_is_read(
+        tmp_path: Path, command: Callable[[list[str]], int], flag: str, args: list[str]) -> None:
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "out"
+    model = ["--checkpoint", str(tmp_path / "no-model")] if command is main and args[0] != "data" else []
+    r = run_main(command, *args, *model, flag, out)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines()[-1].endswith(f": error: argument {flag}: cannot write {out}: "
+                                              f"{tmp_path / 'a-file'} is a file, not a directory")
+
+
+def test_a_file_where_a_directory_goes_and_the_reverse_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text("{}")
+    r = run_main(main, "sweep", "--tasks", "wikitext", "--out", tmp_path / "results.json")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1].endswith(f"argument --out: {tmp_path / 'results.json'} is a file; "
+                                              "a directory is written there")
+    r = run_main(main, "eval", "--task", "wikitext", "--records", tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1].endswith(f"argument --records: {tmp_path} is a directory; a file is written there")
+
+
+def test_convert_refuses_an_output_under_a_file_before_converting(tiny_hf_dir, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import convert.core
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("tensors were converted")
+
+    monkeypatch.setattr(convert.core, "convert_tensors", no_conversion)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CoreInferError, match="a-file is a file, not a directory"):
+        convert_checkpoint(tiny_hf_dir("llama"), tmp_path / "a-file" / "model")
