@@ -429,7 +429,7 @@ def run_job(job: Job, plan: Plan, bound_s: float, out: Path) -> list[dict[str, A
         if killed == "job":
             reason = f"over the job's {bound_s:.0f} s (in its {WHAT[kind]})"
             break
-        why = (f"skipped: over {_phase_bound(plan, phase):.0f} s ({WHAT[kind]})" if killed
+        why = (f"skipped: over {_phase_bound(plan, phase):g} s ({WHAT[kind]})" if killed
                else f"failed: {_last_error(log)} (log {log.name})")
         if kind in ("warm", "profile"):  # the row's own trouble: restart without it
             key = ("profile" if kind == "profile" else job.kind, row)
