@@ -335,7 +335,8 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable, add_me
     e.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run the model's code with the problem's tests in a sandbox (a separate "
                         "unprivileged, resource-limited process; not a container: docs/code_generation.md)")
-    e.add_argument("--records", type=output_file, default=None, help="also write every example's answer and scores (JSONL)")
+    e.add_argument("--records", type=output_file, default=None,
+                   help="also write every example's answer and scores (JSONL)")
     e.add_argument("--no-dense", action="store_true", help="skip the dense row (measured by default)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     e.set_defaults(func=main)
