@@ -15,11 +15,11 @@ from convert import keymap
 from convert.errors import ConversionError
 from convert.hub import is_hub_id
 from convert.sources import BUNDLED_MODELS, Source, open_source
-from coreinfer_jax.models.checkpoint import (DEFAULT_CHECKPOINT, DTYPES, check_checkpoint_dir, load_metadata,
-                                             write_checkpoint)
+from coreinfer_jax.models.checkpoint import (CHECKPOINT_MARKS, DEFAULT_CHECKPOINT, DTYPES, check_checkpoint_dir,
+                                             load_metadata, write_checkpoint)
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
-from coreinfer_jax.outputs import check_output
+from coreinfer_jax.outputs import check_output, check_replaceable
 
 # Special tokens that end a generation besides the config's end token. Transformers stops at
 # every id of a checkpoint's generation_config.json, llama.cpp at special tokens with these
@@ -120,9 +120,9 @@ def convert_source(src: Source, out: str | Path, dtype: str = "float32", force: 
     out = Path(out).absolute()
     if str(out) == src.label:
         raise ConversionError(f"--out {out} is the source itself")
-    if out.exists() and not force:
-        raise ConversionError(f"output directory {out} already exists; use --force to replace it")
-    check_output(out, "dir")  # before the conversion, not when it is written
+    # Before the conversion, not when it is written.
+    check_replaceable(out, force, "checkpoint", CHECKPOINT_MARKS, ConversionError)
+    check_output(out, "dir")
     remove_stale_partials(out)
     hf_config = src.hf_config()
     cfg = ModelConfig.from_hf(hf_config)

@@ -3,7 +3,9 @@
 Every output path follows one convention: missing parent directories are created, and a
 path that cannot be written (its nearest existing ancestor is a file or read-only, or it is
 a file where a directory goes, or the reverse) is refused before the work whose results it
-was to hold. The argparse types refuse it when the command line is read.
+was to hold. The argparse types refuse it when the command line is read. An output directory
+that exists is replaced only with `--force`, and only when it holds what such an output holds
+(its marker files) or nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ def check_output(path: str | Path, kind: Kind) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise CoreInferError(f"cannot write {path}: {ancestor} is not writable")
     return path
+
+
+def check_replaceable(path: Path, overwrite: bool, what: str, marks: tuple[str, ...],
+                      error: type[CoreInferError] = CoreInferError) -> None:
+    """An existing directory `path` is replaced (deleted, once its successor is complete) only
+    with `overwrite` (`--force`), and only when it holds an earlier `what` (each of `marks`) or
+    nothing: `--force` never deletes a directory of other files, such as a parent of models
+    named as `--out`."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise error(f"{path} already exists; remove it or choose another --out (or --force)")
+    if path.is_dir() and any(path.iterdir()) and not all((path / m).exists() for m in marks):
+        raise error(f"{path} holds files but no {what} (no {', '.join(marks)}); --force replaces only a {what} "
+                    "or an empty directory: choose another --out")
 
 
 def _argument_type(kind: Kind) -> Callable[[str], Path]:

@@ -183,8 +183,7 @@ def test_bfloat16_is_stored_as_bfloat16(tmp_path: Path, tiny_hf_dir: Callable[[s
 
 
 def test_force_replaces_an_existing_checkpoint(tmp_path: Path, tiny_hf_dir: Callable[[str], Path]) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
+    out = convert_checkpoint(tiny_hf_dir("llama"), tmp_path / "out")
     (out / "stale").write_text("old")
     convert_checkpoint(tiny_hf_dir("opt"), out, force=True)
     assert not (out / "stale").exists()

@@ -14,7 +14,7 @@ from conftest import run_main
 from convert.__main__ import main as convert_main
 from convert.core import convert_checkpoint
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.outputs import check_output, write_atomically, write_text_atomically
+from coreinfer_jax.outputs import check_output, check_replaceable, write_atomically, write_text_atomically
 from coreinfer_jax.sparse import artifact
 from coreinfer_jax.tools.cli import main
 
@@ -65,7 +65,7 @@ def test_a_file_is_written_into_missing_directories(tmp_path: Path) -> None:
 def test_an_artifact_under_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(CoreInferError, match="a-file is a file, not a directory"):
-        artifact.write(tmp_path / "a-file" / "calibration", {}, {}, CoreInferError)
+        artifact.write(tmp_path / "a-file" / "calibration", {"format": "coreinfer-jax-calibration"}, {}, CoreInferError)
 
 
 # Every command's output argument, under a path whose parent is a file. The checkpoint and the
@@ -118,3 +118,39 @@ def test_convert_refuses_an_output_under_a_file_before_converting(tiny_hf_dir, t
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(CoreInferError, match="a-file is a file, not a directory"):
         convert_checkpoint(tiny_hf_dir("llama"), tmp_path / "a-file" / "model")
+
+
+def test_force_replaces_only_an_earlier_output_or_an_empty_directory(tmp_path: Path) -> None:
+    marks = ("manifest.json", "arrays.npz")
+    check_replaceable(tmp_path / "new", False, "calibration", marks)  # nothing there: nothing to replace
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CoreInferError, match=r"empty already exists; remove it or choose another --out \(or --force\)"):
+        check_replaceable(tmp_path / "empty", False, "calibration", marks)
+    check_replaceable(tmp_path / "empty", True, "calibration", marks)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in (*marks, "notes.txt"):
+        (earlier / name).write_text("x")
+    check_replaceable(earlier, True, "calibration", marks)
+    (earlier / "arrays.npz").unlink()  # one mark missing: not a calibration
+    with pytest.raises(CoreInferError, match="earlier holds files but no calibration "
+                                             r"\(no manifest.json, arrays.npz\); --force replaces only"):
+        check_replaceable(earlier, True, "calibration", marks)
+
+
+def test_force_never_deletes_a_directory_of_other_files(tiny_hf_dir, tmp_path: Path) -> None:
+    """`--out` naming a folder of models (a user's mistake) with `--force`: refused before the
+    conversion, and the folder is left as it was; a calibration's writer refuses it too."""
+    models = tmp_path / "models"
+    (models / "other-model").mkdir(parents=True)
+    (models / "other-model" / "weights.safetensors").write_text("precious")
+    r = run_main(convert_main, tiny_hf_dir("llama"), "--out", models, "--force")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"{models} holds files but no checkpoint (no metadata.json, params)" in r.stderr
+    with pytest.raises(CoreInferError, match="holds files but no calibration"):
+        artifact.write(models, {"format": "coreinfer-jax-calibration"}, {}, CoreInferError, overwrite=True)
+    assert [p.relative_to(models).as_posix() for p in sorted(models.rglob("*"))] == [
+        "other-model", "other-model/weights.safetensors"]
+    # An earlier checkpoint is what --force replaces.
+    assert run_main(convert_main, tiny_hf_dir("llama"), "--out", tmp_path / "ckpt").returncode == 0
+    assert run_main(convert_main, tiny_hf_dir("llama"), "--out", tmp_path / "ckpt", "--force").returncode == 0

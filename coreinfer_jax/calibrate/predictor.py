@@ -43,9 +43,9 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn, finished, forward, init_cache
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.outputs import check_output, output_dir
+from coreinfer_jax.outputs import check_output, check_replaceable, output_dir
 from coreinfer_jax.runtime.generator import Generator
-from coreinfer_jax.sparse.artifact import model_identity
+from coreinfer_jax.sparse.artifact import ARTIFACT_MARKS, model_identity
 from coreinfer_jax.sparse.hybrid import Hybrid
 from coreinfer_jax.sparse.predictor import Predictor, PredictorError, projections
 
@@ -208,8 +208,7 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
 
 def main(args: argparse.Namespace) -> int:
     out = args.out or check_output(default_predictor_dir(args.checkpoint), "dir")
-    if out.exists() and not args.force:
-        raise PredictorError(f"{out} already exists; remove it or choose another --out (or --force)")
+    check_replaceable(out, args.force, "predictor", ARTIFACT_MARKS, PredictorError)
     if args.tokens < 1 or args.skip_tokens < 0 or args.refine_steps < 0 or args.refine_tokens < 1:
         raise CoreInferError("--tokens and --refine-tokens must be >= 1, --skip-tokens and --refine-steps >= 0")
     if not args.data.is_file():

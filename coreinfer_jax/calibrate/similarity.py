@@ -45,10 +45,10 @@ from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.outputs import output_dir
+from coreinfer_jax.outputs import check_replaceable, output_dir
 from coreinfer_jax.runtime.batching import prompt_bucket
 from coreinfer_jax.runtime.generator import Generator
-from coreinfer_jax.sparse.artifact import model_identity
+from coreinfer_jax.sparse.artifact import ARTIFACT_MARKS, model_identity
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, default_calibration_layer, signature_size
 from coreinfer_jax.sparse.selection import SIMILARITY_TOKEN_FRACTION, n_keep_for, rank_bound, sentence_signature, token_core_counts
 
@@ -254,8 +254,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.out.exists() and not args.force:
-        raise CalibrationError(f"{args.out} already exists; remove it or choose another --out (or --force)")
+    check_replaceable(args.out, args.force, "calibration", ARTIFACT_MARKS, CalibrationError)
     if args.limit is not None and args.limit < 1:
         raise CoreInferError(f"--limit must be >= 1, got {args.limit}")
     sentences = read_sentences(args.data)[: args.limit]

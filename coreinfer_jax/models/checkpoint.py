@@ -30,8 +30,10 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params, abstract_params, count_params
 from coreinfer_jax.models.sharding import param_shardings
-from coreinfer_jax.outputs import check_output
+from coreinfer_jax.outputs import check_output, check_replaceable
 
+# What only this project's checkpoints hold (a Hugging Face directory has a config.json too).
+CHECKPOINT_MARKS = ("metadata.json", "params")
 # The dtypes a checkpoint is stored in and computed in.
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CHECKPOINT = Path(os.environ.get("COREINFER_HOME", Path.home() / ".cache" / "coreinfer_jax")) / "smollm2-135m"
@@ -48,8 +50,7 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenize
     With `overwrite`, an existing `out` is replaced only once the new checkpoint is complete.
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists; remove it or choose another --out")
+    check_replaceable(out, overwrite, "checkpoint", CHECKPOINT_MARKS, CheckpointError)
     check_output(out, "dir").parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared directory

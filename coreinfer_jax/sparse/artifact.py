@@ -23,9 +23,10 @@ import numpy as np
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.checkpoint import move_into_place
 from coreinfer_jax.models.config import ModelConfig
-from coreinfer_jax.outputs import check_output
+from coreinfer_jax.outputs import check_output, check_replaceable
 
 MANIFEST, ARRAYS = "manifest.json", "arrays.npz"
+ARTIFACT_MARKS = (MANIFEST, ARRAYS)  # what `--force` may replace
 # What an artifact must agree on with the model that uses it.
 IDENTITY_FIELDS = ("architecture", "family", "num_layers", "hidden_size", "intermediate_size", "vocab_size")
 
@@ -62,8 +63,7 @@ def write(out: str | Path, fields: dict[str, Any], arrays: dict[str, np.ndarray]
     """Write `fields` (plus their digest with `arrays`) and `arrays` atomically; an existing `out`
     is replaced only with `overwrite`, and only once the new one is complete."""
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise error(f"{out} already exists; remove it or choose another --out (or --force)")
+    check_replaceable(out, overwrite, fields["format"].removeprefix("coreinfer-jax-"), ARTIFACT_MARKS, error)
     check_output(out, "dir").parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     tmp.chmod(0o755)
