@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_dir, default=None,
                    help=f"output directory (default for bundled models: {default_out(BUNDLED).parent}/NAME)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier checkpoint at --out")
     return p
 
 

@@ -201,7 +201,7 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
     p.add_argument("--refine-steps", type=int, default=0,
                    help="gated FFNs: optax steps fitting the factors to the true hidden activations (e.g. 300)")
     p.add_argument("--refine-tokens", type=int, default=8192, help="calibration tokens the refinement fits on")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier predictor at --out")
     p.set_defaults(func=main)
     return p
 

@@ -248,7 +248,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N sentences")
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier calibration at --out")
     p.set_defaults(func=main)
     return p
 
