@@ -10,7 +10,7 @@ from typing import Sequence
 from convert.core import DTYPES, convert_checkpoint, default_out, is_converted
 from convert.sources import BUNDLED, BUNDLED_MODELS
 from coreinfer_jax.errors import CoreInferError, interrupted_line, sigterm_interrupts
-from coreinfer_jax.outputs import output_dir
+from coreinfer_jax.paths import output_dir
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

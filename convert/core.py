@@ -19,7 +19,7 @@ from coreinfer_jax.models.checkpoint import (CHECKPOINT_MARKS, DEFAULT_CHECKPOIN
                                              load_metadata, write_checkpoint)
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import flat_shapes, unflatten
-from coreinfer_jax.outputs import check_output, check_replaceable
+from coreinfer_jax.paths import check_output, check_replaceable
 
 # Special tokens that end a generation besides the config's end token. Transformers stops at
 # every id of a checkpoint's generation_config.json, llama.cpp at special tokens with these

@@ -112,7 +112,7 @@ def test_loaders_read_the_official_layouts(tmp_path: Path) -> None:
     assert tqa[1].incorrect == ("London", "Berlin")
     sq = load_squad(write_squad(tmp_path / "squad.json"))
     assert [s.id for s in sq] == ["a", "b", "c"] and sq[1].answers == () and sq[0].answers == ("on the mat",)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="does not exist"):
         load_squad(tmp_path / "missing.json")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="not a TruthfulQA CSV"):
@@ -210,7 +210,7 @@ def test_eval_with_nothing_to_score_or_a_row_twice_is_one_clear_line(tiny_checkp
     (["--method", "nope"], "invalid choice"),
     (["--limit", "0"], "limit must be >= 1"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
-    (["--data", "/no/such/file.csv"], "evaluation data file not found"),
+    (["--data", "/no/such/file.csv"], "evaluation data file /no/such/file.csv does not exist"),
 ])
 def test_eval_bad_input_is_one_clear_line(args, message, tiny_checkpoint, tmp_path: Path, capsys) -> None:
     argv = ["eval", "--task", "truthfulqa", "--zero-shot", "--checkpoint", str(tiny_checkpoint("llama"))]

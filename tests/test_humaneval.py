@@ -102,7 +102,7 @@ def test_the_first_20_canonical_solutions_pass_and_wrong_ones_fail() -> None:
 
 
 def test_bad_files_are_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CoreInferError, match="not found"):
+    with pytest.raises(CoreInferError, match="does not exist"):
         load_humaneval(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"task_id": "x", "prompt": "p"}) + "\n")
     with pytest.raises(CoreInferError, match=r"bad.jsonl:1: not a HumanEval problem, no entry_point, test"):

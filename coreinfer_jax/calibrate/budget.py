@@ -30,7 +30,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.data import load_wikitext
 from coreinfer_jax.evaluation.evaluate import wikitext_windows
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.outputs import output_file, write_atomically
+from coreinfer_jax.paths import output_file, write_atomically
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.runtime.batching import cache_length, prompt_bucket
 from coreinfer_jax.runtime.generator import Generator

@@ -43,7 +43,7 @@ from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import activation_fn, ffn, finished, forward, init_cache
 from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.outputs import check_output, check_replaceable, output_dir
+from coreinfer_jax.paths import check_input, check_output, check_replaceable, output_dir
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.artifact import ARTIFACT_MARKS, model_identity
 from coreinfer_jax.sparse.hybrid import Hybrid
@@ -211,9 +211,7 @@ def main(args: argparse.Namespace) -> int:
     check_replaceable(out, args.force, "predictor", ARTIFACT_MARKS, PredictorError)
     if args.tokens < 1 or args.skip_tokens < 0 or args.refine_steps < 0 or args.refine_tokens < 1:
         raise CoreInferError("--tokens and --refine-tokens must be >= 1, --skip-tokens and --refine-steps >= 0")
-    if not args.data.is_file():
-        raise FileNotFoundError(f"calibration data {args.data} does not exist")
-    raw = args.data.read_bytes()
+    raw = check_input(args.data, "file", "calibration data").read_bytes()
     gen = Generator.load(args.checkpoint, args.dtype)
     ids = gen.tokenizer(raw.decode("utf-8"))["input_ids"]
     if len(ids) <= args.skip_tokens:

@@ -45,7 +45,7 @@ from coreinfer_jax.models.checkpoint import load_metadata
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.models.params import Params
-from coreinfer_jax.outputs import check_replaceable, output_dir
+from coreinfer_jax.paths import check_input, check_replaceable, output_dir
 from coreinfer_jax.runtime.batching import prompt_bucket
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.artifact import ARTIFACT_MARKS, model_identity
@@ -201,9 +201,7 @@ def truthfulqa_sentence(question: str, answer: str) -> str:
 def read_sentences(path: str | Path) -> list[str]:
     """Calibration sentences: a `.csv` with TruthfulQA's `Question` and `Best Answer` columns,
     or any other file as text, one sentence per non-empty line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration data {path} does not exist")
+    path = check_input(path, "file", "calibration data")
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.outputs import check_output, output_dir, write_text_atomically
+from coreinfer_jax.paths import check_input, check_output, output_dir, write_text_atomically
 
 # What `--data` takes per task, in words for messages and help.
 FORMATS = {
@@ -76,9 +76,7 @@ def _with_no_comment(correct: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _existing(path: Path) -> Path:
-    if not path.is_file():
-        raise DataError(f"evaluation data file not found: {path}")
-    return path
+    return check_input(path, "file", "evaluation data file", DataError)
 
 
 def load_truthfulqa(path: Path | None) -> list[TruthfulQAItem]:

@@ -40,7 +40,7 @@ from coreinfer_jax.evaluation import humaneval as he
 from coreinfer_jax.evaluation.data import SquadItem, TruthfulQAItem, load_squad, load_truthfulqa, load_wikitext
 from coreinfer_jax.evaluation.metrics import exact_match, f1_score, perplexity, truthfulqa_scores
 from coreinfer_jax.evaluation.tasks import format_prompt, squad_prompt
-from coreinfer_jax.outputs import output_file, write_text_atomically
+from coreinfer_jax.paths import output_file, write_text_atomically
 from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.sparse.method import Dense, Method

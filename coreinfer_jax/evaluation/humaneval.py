@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.sandbox import Limits, isolation, run_program
+from coreinfer_jax.paths import check_input
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.stop_strings import cut
 from coreinfer_jax.sparse.method import Method
@@ -49,8 +50,7 @@ def load_humaneval(path: Path | None) -> list[Problem]:
     """Problems from HumanEval's JSONL (gzipped or not), in the original field names."""
     if path is None:
         raise CoreInferError("humaneval needs --data FILE (HumanEval's JSONL, e.g. HumanEval.jsonl.gz)")
-    if not path.is_file():
-        raise CoreInferError(f"evaluation data file not found: {path}")
+    check_input(path, "file", "evaluation data file")
     opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
     problems = []
     try:

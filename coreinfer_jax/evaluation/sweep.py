@@ -28,7 +28,7 @@ from tqdm import tqdm
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.humaneval import PROMPT_FORMATS, check_code_execution
 from coreinfer_jax.evaluation.evaluate import HEADLINE, PER_EXAMPLE, TASKS, Settings, evaluate, fmt_metric, paired
-from coreinfer_jax.outputs import output_dir, write_atomically, write_text_atomically
+from coreinfer_jax.paths import output_dir, write_atomically, write_text_atomically
 from coreinfer_jax.runtime.distributed import is_main_process
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.calibrate.predictor import default_predictor_dir

@@ -30,7 +30,7 @@ from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import Params, abstract_params, count_params
 from coreinfer_jax.models.sharding import param_shardings
-from coreinfer_jax.outputs import check_output, check_replaceable
+from coreinfer_jax.paths import check_input, check_output, check_replaceable
 
 # What only this project's checkpoints hold (a Hugging Face directory has a config.json too).
 CHECKPOINT_MARKS = ("metadata.json", "params")
@@ -118,11 +118,7 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"checkpoint directory {path} does not exist; create it with `python -m convert`"
-        )
+    path = check_input(path, "dir", "checkpoint directory", CheckpointError, "; create it with `python -m convert`")
     for name in ("config.json", "metadata.json", "params", "tokenizer"):
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a converted checkpoint: {name} is missing")

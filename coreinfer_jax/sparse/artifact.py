@@ -23,7 +23,7 @@ import numpy as np
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.models.checkpoint import move_into_place
 from coreinfer_jax.models.config import ModelConfig
-from coreinfer_jax.outputs import check_output, check_replaceable
+from coreinfer_jax.paths import check_input, check_output, check_replaceable
 
 MANIFEST, ARRAYS = "manifest.json", "arrays.npz"
 ARTIFACT_MARKS = (MANIFEST, ARRAYS)  # what `--force` may replace
@@ -85,9 +85,7 @@ def read(path: str | Path, fmt: str, version: int, expected: Any, error: type[Co
     `expected(manifest)` gives `{name: (dtype, shape)}` of the arrays the manifest promises;
     `what` names the artifact in messages and `make` the command that makes one.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise error(f"{what} directory {path} does not exist; make one with `{make}`")
+    path = check_input(path, "dir", f"{what} directory", error, f"; make one with `{make}`")
     if not (path / MANIFEST).is_file() or not (path / ARRAYS).is_file():
         raise error(f"{path} is not a {what}: {MANIFEST} or {ARRAYS} is missing")
     try:

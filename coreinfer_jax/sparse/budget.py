@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.paths import check_input
 from coreinfer_jax.sparse.rules import check_rule
 from coreinfer_jax.sparse.selection import n_keep_for
 from coreinfer_jax.sparse.stability import Stability
@@ -65,8 +66,9 @@ class Budget:
 
     @classmethod
     def load(cls, path: str | Path) -> Budget:
+        path = check_input(path, "file", "budget file", BudgetError, "; make one with `python -m coreinfer_jax budget`")
         try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            d = json.loads(path.read_text(encoding="utf-8"))
             budget = cls(rule=check_rule(d["rule"]), layers=tuple(d["layers"]), width=int(d["width"]),
                          token_keep=float(d["token_keep"]),
                          sensitivity={float(k): tuple(float(x) for x in v) for k, v in d["sensitivity"].items()},

@@ -13,7 +13,7 @@ from coreinfer_jax.errors import CoreInferError, InputError, interrupted_line, s
 from coreinfer_jax.evaluation import data, evaluate, sweep
 from coreinfer_jax.evaluation.data import missing_data
 from coreinfer_jax.evaluation.tasks import TEMPLATES, format_prompt
-from coreinfer_jax.outputs import output_dir
+from coreinfer_jax.paths import check_input, output_dir
 from coreinfer_jax.runtime.compile_cache import cache_hits, use_compile_cache
 from coreinfer_jax.runtime.distributed import initialize, is_main_process
 from coreinfer_jax.runtime.generator import GenerationResult, Generator
@@ -35,9 +35,7 @@ USER_ERRORS = (CoreInferError, FileNotFoundError)
 def read_prompt(args: argparse.Namespace) -> str:
     """`--prompt TEXT`, or `--prompt-file FILE`'s text (trailing whitespace dropped)."""
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
-        return args.prompt_file.read_text(encoding="utf-8").rstrip()
+        return check_input(args.prompt_file, "file", "prompt file").read_text(encoding="utf-8").rstrip()
     try:
         names_a_file = len(args.prompt) < 4096 and "\n" not in args.prompt and Path(args.prompt).is_file()
     except OSError:  # not a possible path (e.g. a name too long): certainly text

@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import jax
 
-from coreinfer_jax.outputs import write_text_atomically
+from coreinfer_jax.paths import write_text_atomically
 from coreinfer_jax.runtime.generator import Generator
 from coreinfer_jax.runtime.offload import PINNED, device_bytes
 from coreinfer_jax.sparse.hybrid import Hybrid

@@ -14,7 +14,7 @@ from conftest import run_main
 from convert.__main__ import main as convert_main
 from convert.core import convert_checkpoint
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.outputs import check_output, check_replaceable, write_atomically, write_text_atomically
+from coreinfer_jax.paths import check_input, check_output, check_replaceable, write_atomically, write_text_atomically
 from coreinfer_jax.sparse import artifact
 from coreinfer_jax.tools.cli import main
 
@@ -154,3 +154,34 @@ def test_force_never_deletes_a_directory_of_other_files(tiny_hf_dir, tmp_path: P
     # An earlier checkpoint is what --force replaces.
     assert run_main(convert_main, tiny_hf_dir("llama"), "--out", tmp_path / "ckpt").returncode == 0
     assert run_main(convert_main, tiny_hf_dir("llama"), "--out", tmp_path / "ckpt", "--force").returncode == 0
+
+
+def test_check_input_names_what_is_missing_or_of_the_wrong_kind(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CoreInferError, match=f"^prompt file {tmp_path}/nope does not exist$"):
+        check_input(tmp_path / "nope", "file", "prompt file")
+    with pytest.raises(CoreInferError, match=f"^budget file {tmp_path} is a directory, not a file$"):
+        check_input(tmp_path, "file", "budget file", hint="; make one")
+    with pytest.raises(CoreInferError, match=f"^checkpoint directory {tmp_path}/a-file is a file, not a directory$"):
+        check_input(tmp_path / "a-file", "dir", "checkpoint directory")
+    assert check_input(tmp_path / "a-file", "file", "x") == tmp_path / "a-file"
+
+
+@pytest.mark.parametrize("args,line", [
+    (["generate", "--prompt-file", "{dir}", "--checkpoint", "{ckpt}"], "prompt file {dir} is a directory, not a file"),
+    (["generate", "--prompt", "hi", "--checkpoint", "{file}"], "checkpoint directory {file} is a file, not a directory"),
+    (["generate", "--prompt", "hi", "--checkpoint", "{ckpt}", "--method", "stability", "--budget", "{dir}"],
+     "budget file {dir} is a directory, not a file"),
+    (["eval", "--task", "wikitext", "--data", "{dir}", "--checkpoint", "{ckpt}"],
+     "evaluation data file {dir} is a directory, not a file"),
+    (["calibrate", "--data", "{dir}", "--out", "{dir}/cal", "--checkpoint", "{ckpt}"],
+     "calibration data {dir} is a directory, not a file"),
+    (["predictor", "--data", "{dir}", "--out", "{dir}/pred", "--checkpoint", "{ckpt}"],
+     "calibration data {dir} is a directory, not a file"),
+])
+def test_an_input_of_the_wrong_kind_is_named_in_one_line(tiny_checkpoint, tmp_path: Path, args: list[str],
+                                                         line: str) -> None:
+    (tmp_path / "a-file").write_text("x")
+    names = {"dir": tmp_path, "file": tmp_path / "a-file", "ckpt": tiny_checkpoint("llama")}
+    r = run_main(main, *[a.format(**names) for a in args])
+    assert (r.returncode, r.stderr) == (2, f"error: {line.format(**names)}\n")

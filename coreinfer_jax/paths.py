@@ -1,6 +1,7 @@
-"""Where the commands write: a path checked before the work, and files written atomically.
+"""Paths the commands read and write: each checked before the work, and files written atomically.
 
-Every output path follows one convention: missing parent directories are created, and a
+An input that is missing, or a directory where a file goes (or the reverse), is named with
+what it was to be. Every output path follows one convention: missing parent directories are created, and a
 path that cannot be written (its nearest existing ancestor is a file or read-only, or it is
 a file where a directory goes, or the reverse) is refused before the work whose results it
 was to hold. The argparse types refuse it when the command line is read. An output directory
@@ -18,6 +19,20 @@ from typing import Callable, Literal
 from coreinfer_jax.errors import CoreInferError
 
 Kind = Literal["file", "dir"]
+
+
+def check_input(path: str | Path, kind: Kind, what: str, error: type[CoreInferError] = CoreInferError,
+                hint: str = "") -> Path:
+    """`path` as a `Path` when it is an existing `kind`; `error` naming `what` (e.g. "prompt
+    file") and the problem otherwise, with `hint` (how to make one) where it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist{hint}")
+    if kind == "file" and not path.is_file():
+        raise error(f"{what} {path} is a directory, not a file")
+    if kind == "dir" and not path.is_dir():
+        raise error(f"{what} {path} is a file, not a directory")
+    return path
 
 
 def check_output(path: str | Path, kind: Kind) -> Path:
