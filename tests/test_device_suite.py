@@ -7,27 +7,59 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import jax
 import pytest
 
 from coreinfer_jax.tools import device_suite
-from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.device_suite import FULL, GRACE_S, MEASURED, NO_GPU_TRACE, TINY, Job, run_job, run_suite
 from coreinfer_jax.tools.shapes import model_config, random_params
 
 SHAPES = ("llama-3-8b", "smollm2-135m")
 JAX_ROWS = ("jax-dense", "jax-stability-keep0.4", "jax-stability-keep0.4-shared",
             "jax-hybrid-0.24+0.24-int4+rest-normalized_magnitude")
-PARTS = ("tests", "bench", "profile", "offload")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> tuple[dict, str, str]:
-    out = tmp_path_factory.mktemp("suite")
-    assert main(["bench", "--suite", "device", "--tiny", "--out", str(out)]) == 0
+def device_run(tmp_path_factory) -> Path:
+    """`.device/run --tiny`: the GPU run's one command, every step at tiny shapes on the CPU."""
+    out = tmp_path_factory.mktemp("device_run")
+    env = dict(os.environ, OUT=str(out), DEVICE_RUN_S="600")
+    done = subprocess.run(["bash", str(ROOT / ".device" / "run"), "--tiny"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite(device_run: Path) -> tuple[dict, str, str]:
+    out = device_run / "suite"
     return json.loads((out / "device_suite.json").read_text()), (out / "device_suite.md").read_text(), str(out)
+
+
+def test_the_device_run_runs_every_step_and_keeps_what_it_made(device_run: Path) -> None:
+    lines = (device_run / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["env", "suite", "product_bench", "command_buffer"]
+    assert all(": exit 0 in " in line for line in lines), lines
+    assert "JAX" in (device_run / "env.txt").read_text()
+    assert {p.name for p in (device_run / "suite").iterdir()} == {"device_suite.json", "device_suite.md", "logs",
+                                                                  "traces"}
+    assert "| gate\\|up | one [2F, D]" in (device_run / "product_bench.txt").read_text()
+    bench = (device_run / "command_buffer.txt").read_text()
+    assert "| jax-dense |" in bench and "| jax-stability-keep0.4 |" in bench
+
+
+def test_a_step_that_would_not_fit_is_skipped_with_a_line(tmp_path: Path) -> None:
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE_RUN_S="0")
+    done = subprocess.run(["bash", str(ROOT / ".device" / "run")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "summary.txt").read_text().splitlines() == [
+        "env: skipped: 0 s left of the run, 30 s wanted", "suite: skipped: 0 s left of the run, 400 s wanted",
+        "product_bench: skipped: 0 s left of the run, 60 s wanted",
+        "command_buffer: skipped: 0 s left of the run, 100 s wanted"]
 
 
 def expected_rows() -> dict[tuple[str, str], str]:
