@@ -1,12 +1,12 @@
 """Paths the commands read and write: each checked before the work, and files written atomically.
 
 An input that is missing, or a directory where a file goes (or the reverse), is named with
-what it was to be. Every output path follows one convention: missing parent directories are created, and a
-path that cannot be written (its nearest existing ancestor is a file or read-only, or it is
-a file where a directory goes, or the reverse) is refused before the work whose results it
-was to hold. The argparse types refuse it when the command line is read. An output directory
-that exists is replaced only with `--force`, and only when it holds what such an output holds
-(its marker files) or nothing.
+what it was to be. Every output path follows one convention: missing parent directories are
+created, and a path that cannot be written (its nearest existing ancestor is a file or
+read-only, or it is a file where a directory goes, or the reverse) is refused before the work
+whose results it was to hold. The argparse types refuse it when the command line is read. An
+output directory that exists is replaced only with `--force`, and only when it holds what
+such an output holds (its marker files) or nothing.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def check_input(path: str | Path, kind: Kind, what: str, error: type[CoreInferEr
 
 
 def check_output(path: str | Path, kind: Kind) -> Path:
-    """`path` as a `Path` when a `kind` can be written there (after creating missing parents);
-    a `CoreInferError` naming the obstacle otherwise."""
+    """`path` as a `Path` when a `kind` can be written there once its missing parents are
+    created (this creates nothing); a `CoreInferError` naming the obstacle otherwise."""
     path = Path(path)
     if kind == "file" and path.is_dir():
         raise CoreInferError(f"{path} is a directory; a file is written there")
