@@ -1,6 +1,7 @@
-"""Output paths follow one convention: missing parents are created; a path that cannot be
-written is refused in one line when the command line is read, before any work; files are
-written atomically."""
+"""Paths the commands read and write: an input of the wrong kind is named; output paths follow
+one convention (missing parents are created, a path that cannot be written is refused in one
+line when the command line is read, before any work); files are written atomically; `--force`
+replaces only an earlier output of the same kind."""
 
 from __future__ import annotations
 
