@@ -74,7 +74,6 @@ def _argument_type(kind: Kind) -> Callable[[str], Path]:
         except CoreInferError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = f"output_{kind}"  # argparse names the type in its messages
     return parse
 
 

@@ -170,7 +170,8 @@ def test_check_input_names_what_is_missing_or_of_the_wrong_kind(tmp_path: Path) 
 
 @pytest.mark.parametrize("args,line", [
     (["generate", "--prompt-file", "{dir}", "--checkpoint", "{ckpt}"], "prompt file {dir} is a directory, not a file"),
-    (["generate", "--prompt", "hi", "--checkpoint", "{file}"], "checkpoint directory {file} is a file, not a directory"),
+    (["generate", "--prompt", "hi", "--checkpoint", "{file}"],
+     "checkpoint directory {file} is a file, not a directory"),
     (["generate", "--prompt", "hi", "--checkpoint", "{ckpt}", "--method", "stability", "--budget", "{dir}"],
      "budget file {dir} is a directory, not a file"),
     (["eval", "--task", "wikitext", "--data", "{dir}", "--checkpoint", "{ckpt}"],

@@ -23,6 +23,8 @@ from coreinfer_jax.sparse.rules import check_rule
 from coreinfer_jax.sparse.selection import n_keep_for
 from coreinfer_jax.sparse.stability import Stability
 
+MAKE = "python -m coreinfer_jax budget"  # the command that makes a budget file
+
 
 class BudgetError(CoreInferError):
     """A budget file that cannot serve the requested method."""
@@ -66,7 +68,7 @@ class Budget:
 
     @classmethod
     def load(cls, path: str | Path) -> Budget:
-        path = check_input(path, "file", "budget file", BudgetError, "; make one with `python -m coreinfer_jax budget`")
+        path = check_input(path, "file", "budget file", BudgetError, f"; make one with `{MAKE}`")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             budget = cls(rule=check_rule(d["rule"]), layers=tuple(d["layers"]), width=int(d["width"]),
@@ -74,7 +76,7 @@ class Budget:
                          sensitivity={float(k): tuple(float(x) for x in v) for k, v in d["sensitivity"].items()},
                          dense_nll_per_token=float(d["dense_nll_per_token"]), windows=int(d["windows"]))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise BudgetError(f"{path} is not a budget file made by `python -m coreinfer_jax budget`: {e}") from None
+            raise BudgetError(f"{path} is not a budget file made by `{MAKE}`: {e}") from None
         n = budget.layers[1] - budget.layers[0]
         if any(len(v) != n for v in budget.sensitivity.values()):
             raise BudgetError(f"{path}: every sensitivity list must have {n} entries (layers {budget.layers})")
