@@ -8,7 +8,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
+import tarfile
 from pathlib import Path
 
 import jax
@@ -36,8 +38,8 @@ def device_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def suite(device_run: Path) -> tuple[dict, str, str]:
-    out = device_run / "suite"
-    return json.loads((out / "device_suite.json").read_text()), (out / "device_suite.md").read_text(), str(out)
+    return (json.loads((device_run / "device_suite.json").read_text()), (device_run / "device_suite.md").read_text(),
+            str(device_run))
 
 
 def test_the_device_run_runs_every_step_and_keeps_what_it_made(device_run: Path) -> None:
@@ -45,11 +47,27 @@ def test_the_device_run_runs_every_step_and_keeps_what_it_made(device_run: Path)
     assert [line.split(":")[0] for line in lines] == ["env", "suite", "product_bench", "command_buffer"]
     assert all(": exit 0 in " in line for line in lines), lines
     assert "JAX" in (device_run / "env.txt").read_text()
-    assert {p.name for p in (device_run / "suite").iterdir()} == {"device_suite.json", "device_suite.md", "logs",
-                                                                  "traces"}
+    assert {p.name for p in device_run.iterdir()} == {
+        "summary.txt", "env.txt", "suite.txt", "device_suite.json", "device_suite.md", "traces.tar",
+        "product_bench.txt", "command_buffer.txt"}
+    assert "=== bench-llama-3-8b-0.log" in (device_run / "suite.txt").read_text()  # the workers' logs
+    with tarfile.open(device_run / "traces.tar") as traces:
+        rows = {Path(name).parts[1] for name in traces.getnames() if name.endswith(".trace.json.gz")}
+    assert rows == {f"{shape}-{row}" for shape in SHAPES for row in JAX_ROWS}
     assert "| gate\\|up | one [2F, D]" in (device_run / "product_bench.txt").read_text()
     bench = (device_run / "command_buffer.txt").read_text()
     assert "| jax-dense |" in bench and "| jax-stability-keep0.4 |" in bench
+
+
+def test_the_device_run_leaves_only_what_the_device_tool_brings_back(device_run: Path) -> None:
+    # The device tool's limits (its README): at most 8 files from $OUT, 16 MiB each and 64 MiB in
+    # all, none deeper than two folders, every name in letters, digits, '.', '_' and '-'.
+    files = [p.relative_to(device_run) for p in device_run.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    sizes = [(device_run / f).stat().st_size for f in files]
+    assert max(sizes) <= 16 * 2**20 and sum(sizes) <= 64 * 2**20
+    assert all(len(f.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in f.parts)
+               for f in files), files
 
 
 def test_a_step_that_would_not_fit_is_skipped_with_a_line(tmp_path: Path) -> None:
@@ -142,6 +160,18 @@ def test_the_tests_part_is_killed_at_its_bound(monkeypatch) -> None:
     rows = device_suite.run_tests(dataclasses.replace(TINY, collect_only=False), 3)
     assert [r["status"] for r in rows] == ["skipped: over 3 s (0 passed, 0 failed before the bound)"]
     assert 3 <= rows[0]["seconds"] < 10
+
+
+def test_a_killed_tests_part_counts_what_passed_before_its_bound(tmp_path, monkeypatch) -> None:
+    # A test that passes, then one that hangs: the row counts what pytest printed before the
+    # kill, even where Python's output is buffered (pytest flushes each line itself).
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                           "def test_hang():\n    time.sleep(120)\n")
+    monkeypatch.setattr(device_suite, "DEVICE_TESTS", (f"{tmp_path}/test_hang.py::test_quick",
+                                                       f"{tmp_path}/test_hang.py::test_hang"))
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    rows = device_suite.run_tests(dataclasses.replace(TINY, collect_only=False), 6)
+    assert [r["status"] for r in rows] == ["skipped: over 6 s (1 passed, 0 failed before the bound)"]
 
 
 def test_a_compile_over_its_bound_is_killed_and_its_row_skipped(tmp_path) -> None:
