@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from coreinfer_jax import select_core_neurons
+from coreinfer_jax.sparse.selection import stability_counts
 from method_reference import reference_select
 
 
@@ -114,3 +115,20 @@ def test_limit_is_data_dependent_without_recompiling() -> None:
         got = np.asarray(f(jnp.asarray(acts), jnp.ones((1, 16), bool), keep=0.4, token_keep=0.2))[0]
         check_same_selection(got, acts[0], 0.4, 0.2)
     assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("token_keep,T,F,positives,float32_limit", [
+    (0.35, 1, 200, 180, 63),  # the reference's Python floats: 62
+    (0.65, 1, 200, 180, 116),  # 117
+    (0.29, 3, 100, 300, 29),  # 29 too, one more than int(0.29 * F): the static top-k must hold it
+])
+def test_token_limit_rounds_as_the_references_python_floats(token_keep, T, F, positives, float32_limit) -> None:
+    # Distinct values, exactly `positives` of them above 0: each token's top `limit` is one set.
+    flat = np.random.default_rng(5).permutation(T * F).astype(np.float32) - (T * F - positives) + 0.5
+    acts = flat.reshape(T, F)
+    limit = int(token_keep * positives / T)
+    assert np.floor(np.float32(token_keep) * np.float32(positives) / np.float32(T)) == float32_limit
+    counts = np.asarray(jax.jit(stability_counts, static_argnums=2)(jnp.asarray(acts[None]), jnp.ones((1, T), bool),
+                                                                    token_keep))[0]
+    assert counts.sum() == T * limit
+    np.testing.assert_array_equal(counts, reference_select(acts, 1.0, token_keep)[1])

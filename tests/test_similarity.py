@@ -137,6 +137,17 @@ def test_calibration_recovers_planted_clusters_and_follows_the_method() -> None:
             np.testing.assert_array_equal(cal.neurons[c, layer, : len(method_list)], method_list)
 
 
+def test_a_short_sentences_signature_holds_only_neurons_core_in_some_token() -> None:
+    # One token with 5 positive activations: round(0.4 * 5) = 2 token-wise core neurons, so a
+    # signature of size 8 has those 2 and no neuron that no token chose.
+    a = -np.arange(1, F + 1, dtype=np.float32)
+    a[[40, 7, 23, 60, 11]] = [5.0, 4.0, 3.0, 2.0, 1.0]
+    got = np.asarray(jax.jit(sentence_signature, static_argnames="size")(a[None, None], np.ones((1, 1), bool),
+                                                                         size=SIZE))[0]
+    assert np.flatnonzero(got).tolist() == [7, 40]
+    np.testing.assert_array_equal(got, reference_signature(a[None], SIZE))
+
+
 def test_elbow_takes_the_largest_second_difference_and_at_least_four() -> None:
     assert elbow([100.0, 50.0, 40.0, 35.0, 32.0]) == 2
     assert elbow([100.0, 90.0, 80.0, 20.0, 18.0, 17.0]) == 4

@@ -64,11 +64,16 @@ def stability_counts(activations: jnp.ndarray, valid: jnp.ndarray, token_keep: f
     valid = valid.astype(bool)
     n_tokens = valid.sum(-1)  # [B]
     positives = jnp.sum((a > 0) & valid[..., None], axis=(1, 2))  # [B]
-    # Same order of operations as the reference, (token_keep * P) / T, then floor.
-    limit = jnp.floor(token_keep * positives.astype(jnp.float32)
-                      / jnp.maximum(n_tokens, 1).astype(jnp.float32)).astype(jnp.int32)  # [B]
-    # P / T <= F, so limit <= token_keep * F: a static top-k of that size (one more for
-    # float32 rounding) holds every token's first `limit` neurons; top_k orders ties by
+    # As the reference computes it, in Python floats: (token_keep * P) / T, then floor. In
+    # float32 it differs by one for some counts: token_keep 0.35 with P = 180 over one token
+    # gives 63, not 62; at the default 0.2 once P passes 2^24 (over 1170 tokens at Llama-3-8B's
+    # 14336 neurons). So these B scalars are float64, whatever the rest of the program.
+    with jax.enable_x64(True):
+        limit = jnp.floor(token_keep * positives.astype(jnp.float64)
+                          / jnp.maximum(n_tokens, 1).astype(jnp.float64)).astype(jnp.int32)  # [B]
+    # P / T <= F, so limit <= token_keep * F: a static top-k of that size (one more, as the
+    # reference's rounding of token_keep * P can reach the next integer, e.g. 0.29 * 300 / 3 =
+    # 29 > int(0.29 * 100)) holds every token's first `limit` neurons; top_k orders ties by
     # index, like a stable sort, and is much faster than a full sort on CPU.
     k_max = min(F, int(token_keep * F) + 1)
     limits = jnp.where(valid, limit[:, None], 0)  # [B, T]
