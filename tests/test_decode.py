@@ -20,7 +20,7 @@ from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.errors import InputError, MethodError
 from coreinfer_jax.models.forward import cache_shape
 from coreinfer_jax.runtime import batching, engine
-from coreinfer_jax.runtime.batching import cache_windows, stop_ids
+from coreinfer_jax.runtime.batching import cache_windows, prompt_bucket, stop_ids
 from coreinfer_jax.runtime.sampling import Sampling
 
 GROW = engine.grow_cache  # the jitted program, before `small_windows` wraps it
@@ -39,6 +39,13 @@ def small_windows(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(engine, "grow_cache", recording)
     return grown
+
+
+def test_prompt_buckets_are_powers_of_two_from_16_within_the_context() -> None:
+    assert [prompt_bucket(n, 128) for n in (1, 16, 17, 100, 128)] == [16, 16, 32, 128, 128]
+    # A context that is not a power of two caps the bucket: no cache slot past the model's positions.
+    assert prompt_bucket(1500, 2000) == 2000
+    assert prompt_bucket(1000, 2000) == 1024
 
 
 def test_cache_windows_double_from_the_first_that_fits() -> None:
