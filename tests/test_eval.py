@@ -15,7 +15,9 @@ import torch
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.evaluation.data import DataError, load_squad, load_truthfulqa
-from coreinfer_jax.evaluation.evaluate import EvalResult, Settings, evaluate, markdown, relative_to_dense, wikitext, within_loss
+from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation.evaluate import (EvalResult, Settings, evaluate, markdown, relative_to_dense, wikitext,
+                                               wikitext_windows, within_loss)
 from coreinfer_jax.evaluation.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
 from eval_files import write_squad, write_truthfulqa
 
@@ -153,6 +155,18 @@ def test_eval_squad_scores_answerable_questions_only(tiny_checkpoint, tmp_path: 
     assert result.n == 2 and result.metrics["skipped_unanswerable"] == 1
     assert [r["id"] for r in records] == ["a", "c"]
     assert result.metrics["f1"] == pytest.approx(np.mean([r["f1"] for r in records]))
+
+
+def test_wikitext_windows_are_consecutive_and_do_not_overlap() -> None:
+    class Counting:  # a tokenizer whose ids are the tokens' positions: 12 tokens
+        def tokenizer(self, text, add_special_tokens):
+            return {"input_ids": list(range(len(text.split())))}
+
+    text = " ".join("w" * 12)
+    assert wikitext_windows(Counting(), text, context=3, scored=2) == [([0, 1, 2], [3, 4]), ([5, 6, 7], [8, 9])]
+    assert wikitext_windows(Counting(), text, context=3, scored=2, limit=1) == [([0, 1, 2], [3, 4])]
+    with pytest.raises(CoreInferError, match="text has 12 tokens, fewer than one window of 13"):
+        wikitext_windows(Counting(), text, context=10, scored=3)
 
 
 def test_eval_wikitext_windows_and_markdown(tiny_checkpoint, tmp_path: Path, capsys) -> None:
