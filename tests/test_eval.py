@@ -124,6 +124,17 @@ def test_loaders_read_the_official_layouts(tmp_path: Path) -> None:
         load_squad(tmp_path / "bad.json")
 
 
+def test_truthfulqa_answers_drop_the_empty_parts_of_their_lists(tmp_path: Path) -> None:
+    # 31 of the 600 rows of the real TruthfulQA.csv in ../shared/data have an empty part
+    # (a doubled or trailing "; "): no empty string may become a reference answer.
+    path = tmp_path / "tqa.csv"
+    path.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+                    "Adversarial,Misc,What is the capital of France?,Paris,Paris; ; The capital is Paris;,London;,x\n")
+    (item,) = load_truthfulqa(path)
+    assert item.correct == ("Paris", "The capital is Paris", "I have no comment.")
+    assert item.incorrect == ("London",)
+
+
 def test_eval_cli_json_rows_match_their_records(tiny_checkpoint, tmp_path: Path, capsys) -> None:
     ckpt = str(tiny_checkpoint("llama"))
     data = write_truthfulqa(tmp_path / "tqa.csv")
