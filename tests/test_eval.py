@@ -169,7 +169,7 @@ def test_eval_squad_scores_answerable_questions_only(tiny_checkpoint, tmp_path: 
 
 
 def test_wikitext_windows_are_consecutive_and_do_not_overlap() -> None:
-    class Counting:  # a tokenizer whose ids are the tokens' positions: 12 tokens
+    class Counting:  # stands in for a Generator: its tokenizer gives each word its position as id
         def tokenizer(self, text, add_special_tokens):
             return {"input_ids": list(range(len(text.split())))}
 
