@@ -5,7 +5,6 @@ the formats the loaders read, and offline says which files to pass instead."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,8 @@ def test_eval_without_data_fails_at_once_in_one_line(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
-    start = time.perf_counter()
     # A checkpoint that does not exist: the data is checked before any model is loaded.
     r = run_main(main, "eval", "--task", task, "--checkpoint", tmp_path / "no-model")
-    assert time.perf_counter() - start < 2.0
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"error: {task} needs your copy of its data: give --data FILE, ")
     assert words in r.stderr and "data fetch" in r.stderr

@@ -82,7 +82,8 @@ def test_a_step_that_would_not_fit_is_skipped_with_a_line(tmp_path: Path) -> Non
 
 def test_without_git_the_device_run_names_the_commit_it_was_given(tmp_path: Path) -> None:
     # The device's copy of the tree may have no .git; GIT_DIR pointing nowhere stands for that.
-    env = dict(os.environ, OUT=str(tmp_path), DEVICE_RUN_S="30", GIT_DIR=str(tmp_path / "none"), COMMIT="abc1234")
+    # 45 s: the env step (30 s wanted) runs even if the clock ticks first; the next (60 s) does not.
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE_RUN_S="45", GIT_DIR=str(tmp_path / "none"), COMMIT="abc1234")
     done = subprocess.run(["bash", str(ROOT / ".device" / "run")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "commit abc1234" in (tmp_path / "env.txt").read_text().splitlines()
