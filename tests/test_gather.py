@@ -20,6 +20,8 @@ def test_padded_rows_by_hand() -> None:
     assert padded_rows(5734, 14336) == 5760  # Llama-3-8B keep 0.4: the pad the H200 run found
     assert padded_rows(614, 1536) == 640  # SmolLM2 keep 0.4
     assert padded_rows(1500, 1536) == 1536  # never past the layer's width
+    assert padded_rows(1050, 1100) == 1100  # nor where the width is not a multiple of 128
+    assert (padded_rows(100, 1024), padded_rows(100, 1023)) == (128, 100)  # tiled from 1024 on
     assert padded_rows(640, 1536) == 640
     assert padded_rows(0, 4096) == 0  # the hybrid's per-token-only mode
     assert padded_rows(51, 128) == 51  # test-sized widths stay unpadded

@@ -22,9 +22,10 @@ from coreinfer_jax.tools import cli
 from coreinfer_jax.calibrate import similarity as similarity_calibration
 from coreinfer_jax.calibrate.similarity import calibrate, fit
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, signature_size
+from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, default_calibration_layer, signature_size
 from coreinfer_jax.calibrate.kmeans import choose_clusters, elbow
 from coreinfer_jax import Similarity, make_method
+from coreinfer_jax.sparse.similarity import cluster_core_neurons
 from coreinfer_jax.models.forward import forward, init_cache
 from coreinfer_jax.runtime.sampling import Sampling
 from coreinfer_jax.sparse.selection import rank_bound, sentence_signature, token_core_counts
@@ -158,6 +159,48 @@ def test_elbow_takes_the_largest_second_difference_and_at_least_four() -> None:
         choose_clusters(two_groups, 11)
 
 
+def test_signature_size_and_layer_scale_the_references_by_hand() -> None:
+    # The reference's 3000 of OPT-6.7B's 16384 neurons at layer 25 of 32, rounded to nearest.
+    assert [signature_size(f) for f in (16384, 14336, 1536, 64)] == [3000, 2625, 281, 12]  # 64: 11.72
+    # 25 * 30 / 32 = 23.44, 25 * 24 / 32 = 18.75; with 2 layers round(1.56) = 2 is past the last layer.
+    assert [default_calibration_layer(n) for n in (32, 30, 24, 2)] == [25, 23, 19, 1]
+
+
+def reference_cluster_neurons(lists: np.ndarray, clusters: list[int], F: int, n_keep: int, shards: int,
+                              shared: bool) -> np.ndarray:
+    """`Similarity`'s docstring for one layer's `lists` `[k, L]`: a neuron scores L - (its
+    place in the row's cluster's list), unlisted 0; shared, summed over the rows with a cluster.
+    Each of `shards` blocks of neurons keeps its own best `n_keep / shards`, ties in index order."""
+    L = lists.shape[1]
+    scores = np.zeros((len(clusters), F), np.int64)
+    for b, c in enumerate(clusters):
+        if c >= 0:
+            scores[b, lists[c]] = L - np.arange(L)
+    if shared:
+        scores = np.broadcast_to(scores.sum(0), scores.shape)
+    block = F // shards
+    out = [np.concatenate([s * block + np.argsort(-row[s * block:(s + 1) * block], kind="stable")[: n_keep // shards]
+                           for s in range(shards)]) for row in scores]
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("shards,share", [(2, "row"), (1, "batch"), (2, "batch")])
+def test_shard_local_and_shared_lists_keep_the_best_listed_neurons(shards: int, share: str) -> None:
+    rng = np.random.default_rng(3)
+    k, layers, F, L = 3, 2, 16, 8
+    neurons = np.stack([rng.permutation(F)[:L] for _ in range(k * layers)]).reshape(k, layers, L).astype(np.int32)
+    cal = Calibration(model=SYNTHETIC_MODEL, layer=1, keep=0.5, signature_size=4, data_sha256="", seed=0,
+                      inertias={k: 1.0}, centroids=np.zeros((k, F), np.float32), neurons=neurons,
+                      labels=np.arange(k, dtype=np.int32), signatures=np.zeros((k, F), bool))
+    method = Similarity(cal, keep=0.5, layers=(0, 2), shards=shards, share=share)
+    clusters = [2, 0, -1] if share == "batch" else [2, 0, 1]  # -1: a row that only fills a mesh's data axis
+    got = np.asarray(cluster_core_neurons(jnp.asarray(neurons), jnp.asarray(clusters, jnp.int32), method=method))
+    assert got.shape == (3, layers, 8)
+    for j in range(layers):
+        want = reference_cluster_neurons(neurons[:, j], clusters, F, 8, shards, shared=share == "batch")
+        np.testing.assert_array_equal(got[:, j], want, err_msg=f"layer {j}")  # shared: every row the same set
+
+
 # --- a real (tiny) model -------------------------------------------------------------------
 
 
@@ -189,6 +232,39 @@ def host_clusters(gen: Generator, cal: Calibration, prompts: list[list[int]]) ->
         signature = reference_signature(a[:n], cal.signature_size).astype(np.float64)
         clusters.append(int(np.argmin(((signature[None] - cal.centroids.astype(np.float64)) ** 2).sum(1))))
     return clusters
+
+
+def test_the_model_passes_count_real_tokens_as_the_method_page_does(tiny_checkpoint) -> None:
+    """The two passes `calibrate` runs on a model, against the method page restated over its
+    activations: positives are `> 0` (a pruned neuron's exact 0 is not one) and padding tokens
+    count nowhere."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    cfg, F = gen.cfg, gen.cfg.intermediate_size
+    # Ten neurons with zero gate rows: silu(0) * up is exactly 0 in every token.
+    layers = [dict(layer, ffn=dict(layer["ffn"], w_gate=layer["ffn"]["w_gate"].at[:10].set(0.0)))
+              for layer in gen.params["layers"]]
+    params = dict(gen.params, layers=layers)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (3, 16)).astype(np.int32)  # past each length: padding
+    lengths = np.array([16, 11, 6], np.int32)
+    size, limits = signature_size(F), np.array([[5, 9], [3, 7], [12, 4]], np.int32)  # [B, L]
+
+    _, _, acts = forward(params, cfg, jnp.asarray(tokens), jnp.zeros((3,), jnp.int32),
+                         init_cache(cfg, 3, 16, jnp.float32), select=lambda i, a: a, prefix=False)
+    acts = [np.asarray(a) for a in acts]  # per layer [B, T, F]; causal: padding never changes real tokens
+    assert all((a[:, :, :10] == 0).all() for a in acts)
+    positives, signature = similarity_calibration._signature_pass(
+        params, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg, layer=1, size=size)
+    counts = similarity_calibration._count_pass(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                                jnp.asarray(limits), cfg=cfg)
+    for b, n in enumerate(lengths):
+        assert np.asarray(positives)[b].tolist() == [int((a[b, :n] > 0).sum()) for a in acts]
+        np.testing.assert_array_equal(np.asarray(signature)[b], reference_signature(acts[1][b, :n], size))
+        for layer, a in enumerate(acts):
+            want = np.zeros(F, np.int64)
+            for token in a[b, :n]:
+                want[np.argsort(-token, kind="stable")[: limits[b, layer]]] += 1
+            np.testing.assert_array_equal(np.asarray(counts)[b, layer], want, err_msg=f"row {b} layer {layer}")
 
 
 def one_per_cluster(gen: Generator, cal: Calibration) -> list[list[int]]:
