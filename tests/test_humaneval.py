@@ -1,5 +1,6 @@
 """HumanEval: stop sequences against a plain restatement, scoring of known-good and known-bad
-solutions, the refusal to run code without --allow-code-execution, and keep 1.0 = dense."""
+solutions, the refusal to run code without --allow-code-execution, keep 1.0 = dense, and one BOS
+in each prompt format."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import gzip
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from tokenizers import processors
 
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.errors import CoreInferError
@@ -16,7 +19,7 @@ from coreinfer_jax.evaluation.evaluate import Settings, evaluate
 from coreinfer_jax.evaluation.humaneval import Problem, humaneval, load_humaneval, program, prompt_text, truncate
 from coreinfer_jax.evaluation.sandbox import run_program
 from coreinfer_jax.tools.cli import main
-from conftest import run_main
+from conftest import build_tiny_tokenizer, run_main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval_part.jsonl.gz"
 
@@ -170,3 +173,28 @@ def test_the_chat_format_continues_the_prompt_in_an_open_code_fence(tiny_checkpo
         assert prompt_text(gen, p, "chat").endswith("```python\n" + p.prompt)
     with pytest.raises(CoreInferError, match="unknown prompt format"):
         prompt_text(gen, p, "fim")
+
+
+class RecordingGenerator:
+    """Stands in for a Generator: records the prompt ids it is asked to continue, completes nothing."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.prompts = tokenizer, []
+
+    def generate_ids(self, ids: list[list[int]], *args, **kwargs) -> SimpleNamespace:
+        self.prompts += ids
+        return SimpleNamespace(tokens=[[] for _ in ids])
+
+
+def test_each_prompt_format_starts_with_one_bos(tmp_path: Path) -> None:
+    # A tokenizer that adds a BOS, as Gemma's and Llama's do, and a chat template that writes
+    # one itself: the chat prompt must not get a second.
+    tok = build_tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    problems = load_humaneval(write_problems(tmp_path / "p.jsonl.gz"))[:1]
+    for prompt_format in ("completion", "chat"):
+        gen = RecordingGenerator(tok)
+        humaneval(gen, problems, Dense(), prompt_format=prompt_format, allow_code_execution=True)
+        (ids,) = gen.prompts
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id, prompt_format
+        assert tok.decode(ids[1:]) == prompt_text(gen, problems[0], prompt_format).removeprefix("<s>"), prompt_format

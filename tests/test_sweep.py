@@ -118,6 +118,16 @@ def test_allocate_is_proportional_within_bounds() -> None:
         allocate([1.0, 1.0], 20, 5, 8)
 
 
+def test_a_budget_keeps_each_layer_within_half_and_twice_the_uniform_count() -> None:
+    def counts(sensitivity: tuple[float, ...]) -> tuple[int, ...]:
+        return Budget(rule="paper", layers=(0, 4), width=1000, token_keep=0.2, sensitivity={0.4: sensitivity},
+                      dense_nll_per_token=1.0, windows=1).layer_neurons(0.4)
+
+    # Keep 0.4 of 1000: 400 per layer uniformly, 1600 in all, each layer within 200..800.
+    assert counts((10.0, 0.0, 0.0, 0.0)) == (800, 267, 267, 266)  # capped at twice; the rest share 800
+    assert counts((10.0, 10.0, 10.0, 0.0)) == (467, 467, 466, 200)  # floored at half; 1400 / 3 = 466.7
+
+
 def test_measured_budget_round_trips_and_serves_its_keeps(gen, tmp_path: Path) -> None:
     windows = wikitext_windows(gen, WIKI, 24, 8, 2)
     budget = measure(gen, windows, "magnitude", [0.5], layers=(0, 2))
