@@ -16,6 +16,7 @@ from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.evaluation.data import DataError, load_squad, load_truthfulqa
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation.tasks import format_prompt
 from coreinfer_jax.evaluation.evaluate import (EvalResult, Settings, evaluate, markdown, relative_to_dense, wikitext,
                                                wikitext_windows, within_loss)
 from coreinfer_jax.evaluation.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
@@ -256,3 +257,14 @@ def test_rows_name_shard_local_and_batch_shared_selection() -> None:
     table = markdown(rows)
     assert "| stability normalized_magnitude 4 shards | 0.4 |" in table
     assert "| stability shared | 0.4 |" in table
+
+
+def test_task_templates_by_hand() -> None:
+    # The similarity method's prompt, as its calibration sentences begin ("Question:q Answer:a").
+    assert format_prompt("question", "Why is the sky blue?") == "Question:Why is the sky blue?Answer:"
+    qa = format_prompt("qa", "Why is the sky blue?")
+    assert qa.startswith("Q: What is human life expectancy in the United States?\n")  # the six-shot primer
+    assert qa.endswith("The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Why is the sky blue?\nA:")
+    assert format_prompt("none", "text") == "text"
+    with pytest.raises(CoreInferError, match="unknown task 'poem'"):
+        format_prompt("poem", "text")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from coreinfer_jax.calibrate.predictor import ffn_inputs, fit_predictor, refine
 from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.method import Method
-from coreinfer_jax.sparse.predictor import PredictorError
+from coreinfer_jax.sparse.predictor import PredictorError, predicted_scores
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from method_reference import reference_select
@@ -99,6 +100,23 @@ def test_dynamic_zero_equals_stability(name, fitted) -> None:
                                                       predictor=predictor), stop_at_eos=False)
     assert got.tokens == want.tokens
     np.testing.assert_array_equal(got.core_neurons, want.core_neurons)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_predicted_scores_restate_the_low_rank_ffn(gated: bool) -> None:
+    """A gated neuron's score is |act(gate) * up| of the factored projections (a large negative
+    activation matters as much as a large positive one); OPT's is fc1's pre-activation."""
+    rng = np.random.default_rng(0)
+    D, F, r = 8, 16, 3
+    names = ("gate", "up") if gated else ("up",)
+    factors = {f"{k}_{p}": rng.normal(size=(D, r) if k == "a" else (r, F)).astype(np.float32) for p in names for k in "ab"}
+    biases = {f"b_{p}": rng.normal(size=F).astype(np.float32) for p in names}
+    x = rng.normal(size=(2, D)).astype(np.float32)
+    pre = {p: x.astype(np.float64) @ factors[f"a_{p}"] @ factors[f"b_{p}"] + biases[f"b_{p}"] for p in names}  # [2, F]
+    want = np.abs(pre["gate"] / (1 + np.exp(-pre["gate"])) * pre["up"]) if gated else pre["up"]
+    got = predicted_scores(jax.tree.map(jnp.asarray, factors), jax.tree.map(jnp.asarray, biases), jnp.asarray(x),
+                           jax.nn.silu)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama", "opt", "gemma3"])

@@ -20,7 +20,7 @@ from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.gather import gather_core_layers
 from coreinfer_jax.tools import cli
 from coreinfer_jax.calibrate import similarity as similarity_calibration
-from coreinfer_jax.calibrate.similarity import calibrate, fit
+from coreinfer_jax.calibrate.similarity import calibrate, fit, truthfulqa_sentence
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, default_calibration_layer, signature_size
 from coreinfer_jax.calibrate.kmeans import choose_clusters, elbow
@@ -164,6 +164,8 @@ def test_signature_size_and_layer_scale_the_references_by_hand() -> None:
     assert [signature_size(f) for f in (16384, 14336, 1536, 64)] == [3000, 2625, 281, 12]  # 64: 11.72
     # 25 * 30 / 32 = 23.44, 25 * 24 / 32 = 18.75; with 2 layers round(1.56) = 2 is past the last layer.
     assert [default_calibration_layer(n) for n in (32, 30, 24, 2)] == [25, 23, 19, 1]
+    # The reference's calibration sentence, built from TruthfulQA without spaces.
+    assert truthfulqa_sentence("Why?", "Light.") == "Question:Why?Answer:Light."
 
 
 def reference_cluster_neurons(lists: np.ndarray, clusters: list[int], F: int, n_keep: int, shards: int,
