@@ -109,7 +109,8 @@ def test_predicted_scores_restate_the_low_rank_ffn(gated: bool) -> None:
     rng = np.random.default_rng(0)
     D, F, r = 8, 16, 3
     names = ("gate", "up") if gated else ("up",)
-    factors = {f"{k}_{p}": rng.normal(size=(D, r) if k == "a" else (r, F)).astype(np.float32) for p in names for k in "ab"}
+    factors = {f"{k}_{p}": rng.normal(size=(D, r) if k == "a" else (r, F)).astype(np.float32)
+               for p in names for k in "ab"}
     biases = {f"b_{p}": rng.normal(size=F).astype(np.float32) for p in names}
     x = rng.normal(size=(2, D)).astype(np.float32)
     pre = {p: x.astype(np.float64) @ factors[f"a_{p}"] @ factors[f"b_{p}"] + biases[f"b_{p}"] for p in names}  # [2, F]
