@@ -17,8 +17,8 @@ from coreinfer_jax.tools.cli import main
 from coreinfer_jax.evaluation.data import DataError, load_squad, load_truthfulqa
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.tasks import format_prompt
-from coreinfer_jax.evaluation.evaluate import (EvalResult, Settings, evaluate, markdown, relative_to_dense, wikitext,
-                                               wikitext_windows, within_loss)
+from coreinfer_jax.evaluation.evaluate import (EvalResult, Settings, evaluate, markdown, paired, relative_to_dense,
+                                               wikitext, wikitext_windows, within_loss)
 from coreinfer_jax.evaluation.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
 from eval_files import write_squad, write_truthfulqa
 
@@ -268,3 +268,10 @@ def test_task_templates_by_hand() -> None:
     assert format_prompt("none", "text") == "text"
     with pytest.raises(CoreInferError, match="unknown task 'poem'"):
         format_prompt("poem", "text")
+
+
+def test_paired_differences_by_hand() -> None:
+    # d = [0, 1, 2, 3]: mean 1.5, sample variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3, se = sqrt(5/3) / 2.
+    mean, se = paired([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])
+    assert (mean, se) == (1.5, pytest.approx(math.sqrt(5 / 3) / 2))
+    assert paired([0.5], [0.25]) == (0.25, None)  # one example has no spread

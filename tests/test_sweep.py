@@ -198,6 +198,8 @@ def test_pareto_front() -> None:
     points = [(1.0, 0.3), (2.0, 0.5), (2.0, 0.4), (3.0, 0.45), (4.0, 0.6)]
     assert pareto_front(points, higher_is_better=True) == [0, 1, 4]
     assert pareto_front([(1.0, 30.0), (2.0, 20.0), (3.0, 25.0)], higher_is_better=False) == [0, 1]
+    # Equal points do not beat each other (one must be strictly better): both stay on the front.
+    assert pareto_front([(1.0, 0.5), (1.0, 0.5), (2.0, 0.9)], higher_is_better=True) == [0, 1, 2]
 
 
 def sweep_rows(f1s: dict[str, list[float]]) -> list[dict]:
