@@ -33,12 +33,18 @@ from coreinfer_jax.sparse.selection import rank_bound, sentence_signature, token
 # --- NumPy restatement of the method page ("Similarity-guided selection") -------------------
 
 
+def token_counts(acts: np.ndarray, limits: list[int]) -> np.ndarray:
+    """`[F]`: in how many tokens of `acts` `[T, F]` each neuron is among that token's `limits[t]`
+    largest activations (ties in index order)."""
+    counts = np.zeros(acts.shape[1], np.int64)
+    for a, limit in zip(acts, limits, strict=True):
+        counts[np.argsort(-a, kind="stable")[:limit]] += 1
+    return counts
+
+
 def reference_signature(acts: np.ndarray, size: int) -> np.ndarray:
     """Step 1 for one sentence's real tokens `acts` `[T, F]`: multi-hot `bool [F]`."""
-    counts = np.zeros(acts.shape[1], np.int64)
-    for a in acts:
-        limit = round(0.4 * int((a > 0).sum()))
-        counts[np.argsort(-a, kind="stable")[:limit]] += 1
+    counts = token_counts(acts, [round(0.4 * int((a > 0).sum())) for a in acts])
     top = np.argsort(-counts, kind="stable")[:size]
     signature = np.zeros(acts.shape[1], bool)
     signature[top[counts[top] > 0]] = True
@@ -49,10 +55,7 @@ def reference_lists(cluster_acts: list[np.ndarray], keep: float) -> tuple[np.nda
     """Step 3 for one cluster and layer, over all tokens `[T_i, F]` of the cluster's sentences:
     (the method's list, top `int(len(unique) * keep)` by count; all neurons ranked by count)."""
     acts = np.concatenate(cluster_acts)  # [T, F]
-    limit = int(0.4 * (acts > 0).sum() / len(acts))
-    counts = np.zeros(acts.shape[1], np.int64)
-    for a in acts:
-        counts[np.argsort(-a, kind="stable")[:limit]] += 1
+    counts = token_counts(acts, [int(0.4 * (acts > 0).sum() / len(acts))] * len(acts))
     ranked = np.argsort(-counts, kind="stable")
     return ranked[: int(len(np.flatnonzero(counts)) * keep)], ranked
 
@@ -263,10 +266,8 @@ def test_the_model_passes_count_real_tokens_as_the_method_page_does(tiny_checkpo
         assert np.asarray(positives)[b].tolist() == [int((a[b, :n] > 0).sum()) for a in acts]
         np.testing.assert_array_equal(np.asarray(signature)[b], reference_signature(acts[1][b, :n], size))
         for layer, a in enumerate(acts):
-            want = np.zeros(F, np.int64)
-            for token in a[b, :n]:
-                want[np.argsort(-token, kind="stable")[: limits[b, layer]]] += 1
-            np.testing.assert_array_equal(np.asarray(counts)[b, layer], want, err_msg=f"row {b} layer {layer}")
+            np.testing.assert_array_equal(np.asarray(counts)[b, layer], token_counts(a[b, :n], [limits[b, layer]] * n),
+                                          err_msg=f"row {b} layer {layer}")
 
 
 def one_per_cluster(gen: Generator, cal: Calibration) -> list[list[int]]:
