@@ -36,7 +36,7 @@ def test_batch_table_has_dense_per_row_and_shared_at_each_batch(tiny_checkpoint,
         assert r["decode_tokens_per_s"] > 0 and r["bytes_per_step"] > 0
     dense_1, row_1, shared_1, dense_3, row_3, shared_3 = (r["bytes_per_step"] for r in report["rows"])
     assert row_1 == shared_1 < dense_1 and shared_3 < dense_3 < row_3
-    # The table names the bandwidth its bounds come from (the 1 GiB probe's median).
+    # The table names the bandwidth its bounds come from (the probe's median).
     assert report["bandwidth_gb_s"] > 0
     assert f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s" in batch_markdown(report).splitlines()[0]
 

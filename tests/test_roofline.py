@@ -94,6 +94,25 @@ def largest_cpu_cache() -> int:
     return max(int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in sizes)
 
 
+def test_the_probe_is_sized_by_the_largest_cpu_cache_listed(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = {"cpu0/cache/index0/size": "48K", "cpu0/cache/index2/size": "2048K",
+             "cpu0/cache/index3/size": "307200K", "cpu1/cache/index3/size": "1M", "cpu1/cache/index9/size": "4096"}
+    for name, size in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(size + "\n")
+    assert roofline.largest_cpu_cache(tmp_path) == 300 * 2**20
+    assert roofline.largest_cpu_cache(tmp_path / "cpu1") == 0  # no cpu*/ under it
+    assert roofline.largest_cpu_cache(tmp_path / "none") == 0
+    monkeypatch.setattr(roofline, "CPU_CACHES", tmp_path)
+    assert roofline.probe_bytes("cpu") == 2400 * 2**20  # 8 x 300 MiB
+    assert roofline.probe_bytes("gpu") == roofline.probe_bytes("cuda") == 2**30  # a CPU's caches are not its
+    (tmp_path / "cpu0/cache/index3/size").write_text("32768K")
+    assert roofline.probe_bytes("cpu") == 2**30  # 8 x 32 MiB is under the floor
+    probe = roofline.BandwidthProbe(4 * 1024 * 3 + 1)  # rounded up to whole rows of 1024 float32
+    assert probe.w.shape == (4, 1024) and probe.nbytes == 16384
+
+
 def h200_l2() -> int:
     text = (Path(roofline.__file__).parent / "gpu_targets" / "h200.txtpb").read_text()
     return int(re.search(r"l2_cache_size:\s*(\d+)", text).group(1))
@@ -101,9 +120,9 @@ def h200_l2() -> int:
 
 def test_probe_buffer_exceeds_eight_times_the_caches_it_reads_past() -> None:
     assert h200_l2() == 62914560  # the 60 MB the H200 run's README names
-    probe = roofline.bandwidth_probe()  # the default, as bench and the device suite build it
-    assert probe.nbytes == probe.w.nbytes == roofline.PROBE_BYTES
-    assert probe.nbytes >= 8 * h200_l2()
+    probe = roofline.bandwidth_probe()  # the default, as bench builds it
+    assert probe.nbytes == probe.w.nbytes >= roofline.PROBE_BYTES
+    assert roofline.probe_bytes("gpu") >= 8 * h200_l2()
     assert probe.nbytes >= 8 * largest_cpu_cache()
     bandwidth = probe()
     assert math.isfinite(bandwidth) and bandwidth > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -69,15 +70,36 @@ def padding_bytes(params: Params, method: Method) -> int:
     return row * (sum(method.read_rows(F)) - sum(method.layer_neurons(F)))
 
 
-# 1 GiB: 17x an H200's 60 MB L2 and 32x this project's CPU machines' 32 MB L3, so every sample
-# reads memory, not a cache (the 2026-12-04 H200 run's 512 MiB probe, timed one call at a time,
-# read 0.7 TB/s, a third of what dense decoding itself reached).
+# A probe reads a buffer of at least 8x the largest cache between it and memory, so that at most
+# an eighth of a read could be served from cache; never under 1 GiB, 17x an H200's 60 MB L2 (the
+# 2026-12-04 H200 run's 512 MiB probe, timed one call at a time, read 0.7 TB/s, a third of what
+# dense decoding itself reached). A CPU's last-level cache can be far larger than a GPU's L2: one
+# kind of this project's 2-core machines lists 300 MiB of L3, which takes a 2.3 GiB probe (there
+# 1, 2.5 and 4 GiB all read 23-25 GB/s, so little of that L3 is the machine's own, but the rule
+# holds wherever the probe runs).
 PROBE_BYTES = 1 << 30
+CACHE_MULTIPLE = 8
+CPU_CACHES = Path("/sys/devices/system/cpu")
 PROBE_COLUMNS = 1024
 # A sample repeats the reads until it lasts about this long: one read of 1 GiB takes 0.2 ms on
 # an H200, where a single timed call would mostly measure dispatch and synchronisation.
 PROBE_SAMPLE_S = 0.02
 PROBE_MAX_CALLS = 64
+
+
+def largest_cpu_cache(root: Path | None = None) -> int:
+    """Bytes of the largest CPU cache Linux lists under `root` (default `CPU_CACHES`; each
+    `cpu*/cache/index*/size` reads like "32768K"); 0 where it lists none."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = [f.read_text().strip() for f in (root or CPU_CACHES).glob("cpu*/cache/index*/size")]
+    return max((int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in sizes), default=0)
+
+
+def probe_bytes(platform: str | None = None) -> int:
+    """The default probe's buffer for `platform` (default: JAX's default backend's):
+    `CACHE_MULTIPLE` x the CPU's largest cache on a CPU, and never under `PROBE_BYTES`."""
+    cache = largest_cpu_cache() if (platform or jax.default_backend()) == "cpu" else 0
+    return max(PROBE_BYTES, CACHE_MULTIPLE * cache)
 
 
 @jax.jit(static_argnames=("rows",))
@@ -101,11 +123,12 @@ class BandwidthProbe:
     read 10-25% slower than the dot). The second is a row sum of `W`, the plain streaming
     read a GPU's reduction kernels reach near peak with, in case the compiler's matrix-vector
     kernel for this shape does not. `nbytes` is the buffer one read covers; it must exceed
-    the caches by far (`PROBE_BYTES`).
+    the caches by far (default `probe_bytes()`).
     """
 
-    def __init__(self, nbytes: int = PROBE_BYTES):
-        self.w = _probe_matrix(rows=nbytes // 4 // PROBE_COLUMNS)  # [N, PROBE_COLUMNS]
+    def __init__(self, nbytes: int | None = None):
+        nbytes = probe_bytes() if nbytes is None else nbytes
+        self.w = _probe_matrix(rows=math.ceil(nbytes / (4 * PROBE_COLUMNS)))  # [N, PROBE_COLUMNS]
         self.nbytes = self.w.nbytes
         x = jnp.ones((PROBE_COLUMNS,), jnp.float32)
         self.reads = (jax.jit(lambda w: w @ x), jax.jit(lambda w: jnp.sum(w, axis=1)))
