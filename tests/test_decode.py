@@ -180,6 +180,22 @@ def test_greedy_decode_draws_no_random_bits(tiny_checkpoint) -> None:
     assert "threefry" in lowered(gen, Sampling(temperature=1.0))  # the pattern can match
 
 
+def test_each_row_stops_at_its_own_limit(tiny_checkpoint) -> None:
+    """`max_new_tokens` per row: a row allowed 0 or 1 keeps only pre-fill's token while the
+    others go on, and a row allowed 3 gets 3; the first tokens are the ones each row gets alone."""
+    gen = Generator.load(tiny_checkpoint("llama"))
+    tokens, lengths, _ = gen._pack(PROMPTS, 8)
+    first_logits, cache, _, weights = gen._prefill(tokens, lengths, 32, Dense())
+    out = engine.decode(weights, first_logits, cache, lengths, jnp.asarray([1, 0, 3], jnp.int32), stop_ids([], 320),
+                        jax.random.key(0), cfg=gen.cfg, sampling=Sampling(), max_steps=6)
+    got = np.asarray(out["tokens"])  # [3, 6], -1 past a row's end
+    alone = [gen.generate_ids([p], max_new_tokens=6, stop_at_eos=False).tokens[0] for p in PROMPTS]
+    assert got[0].tolist() == [alone[0][0]] + [-1] * 5
+    assert got[1].tolist() == [alone[1][0]] + [-1] * 5
+    assert got[2].tolist() == list(alone[2][:3]) + [-1] * 3
+    assert int(out["steps"]) == 2 and not bool(out["more"])
+
+
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0)], ids=["greedy", "sampled"])
 def test_resumed_loop_updates_the_kv_cache_in_place(tiny_checkpoint, sampling) -> None:
     # As `decode` (test_parity): a copy of a cache buffer inside the loop costs a read and a
