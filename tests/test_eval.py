@@ -16,9 +16,9 @@ from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.evaluation.data import DataError, load_squad, load_truthfulqa
 from coreinfer_jax.errors import CoreInferError
-from coreinfer_jax.evaluation.tasks import format_prompt
 from coreinfer_jax.evaluation.evaluate import (EvalResult, Settings, evaluate, markdown, paired, relative_to_dense,
                                                wikitext, wikitext_windows, within_loss)
+from coreinfer_jax.evaluation.tasks import format_prompt
 from coreinfer_jax.evaluation.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
 from eval_files import write_squad, write_truthfulqa
 

@@ -8,7 +8,6 @@ back, learned positions and no final norm (post-LN).
 
 from __future__ import annotations
 
-import glob
 import math
 import re
 from pathlib import Path
@@ -85,15 +84,6 @@ def test_kv_slots_are_the_cache_lengths_decode_runs_on() -> None:
         decode_kv_slots(7, 1, 128)
 
 
-def largest_cpu_cache() -> int:
-    """This machine's largest CPU cache in bytes, from sysfs ("32768K")."""
-    sizes = [Path(p).read_text().strip() for p in glob.glob("/sys/devices/system/cpu/cpu*/cache/index*/size")]
-    if not sizes:
-        pytest.skip("no /sys/devices/system/cpu/*/cache on this machine")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return max(int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s) for s in sizes)
-
-
 def test_the_probe_is_sized_by_the_largest_cpu_cache_listed(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = {"cpu0/cache/index0/size": "48K", "cpu0/cache/index2/size": "2048K",
@@ -123,7 +113,7 @@ def test_probe_buffer_exceeds_eight_times_the_caches_it_reads_past() -> None:
     probe = roofline.bandwidth_probe()  # the default, as bench builds it
     assert probe.nbytes == probe.w.nbytes >= roofline.PROBE_BYTES
     assert roofline.probe_bytes("gpu") >= 8 * h200_l2()
-    assert probe.nbytes >= 8 * largest_cpu_cache()
+    assert probe.nbytes >= 8 * roofline.largest_cpu_cache()  # its reading of sysfs is checked by hand above
     bandwidth = probe()
     assert math.isfinite(bandwidth) and bandwidth > 0
     assert probe.calls >= 1
