@@ -27,12 +27,27 @@ def test_squad_normalisation_exact_match_and_f1() -> None:
     assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
     assert normalize_answer("an apple, a pear and the plum") == "apple pear and plum"
     assert exact_match("the Eiffel Tower.", ["Eiffel Tower", "Paris"]) == 1.0
+    assert exact_match("Paris", ["Eiffel Tower", "paris"]) == 1.0  # any gold answer
     assert exact_match("Eiffel", ["Eiffel Tower"]) == 0.0
     # pred tokens {big, red, dog}, gold {red, dog}: P = 2/3, R = 1, F1 = 0.8
     assert f1_score("the big red dog", ["red dog"]) == pytest.approx(0.8)
     assert f1_score("the big red dog", ["cat", "a red dog"]) == pytest.approx(0.8)  # max over golds
     assert f1_score("nothing here", ["red dog"]) == 0.0
     assert f1_score("the", ["a"]) == 1.0  # both normalise to empty: the official script's rule
+
+
+def test_bleu_tokenizes_punctuation_as_truthfulqa_does() -> None:
+    # International tokenizer: "it ' s red" vs "it ' s blue". Matches 3/4 unigrams, 2/3 bigrams,
+    # 1/2 trigrams, 0/1 4-grams (exponential smoothing: 1 / (2 * 1)); equal lengths, no brevity
+    # penalty. Sacrebleu's default tokenizer keeps "it's" whole and has no trigram at all (about 0).
+    assert bleu("it's red", "it's blue") == pytest.approx((75 * (200 / 3) * 50 * 50) ** 0.25)
+
+
+def test_rouge_l_reads_sentences_split_at_a_spaced_period() -> None:
+    # One sentence each way round: the longest common subsequence is 2 of 4 tokens. Summary-level
+    # (rougeLsum, TruthfulQA's "rougeL"), each reference sentence is found whole: 4 of 4.
+    assert rouge_l("dogs bark . cats sleep", "cats sleep . dogs bark") == pytest.approx(1.0)
+    assert rouge_l("dogs bark, cats sleep", "cats sleep, dogs bark") == pytest.approx(0.5)
 
 
 def test_bleu_and_rouge_wiring() -> None:
@@ -45,7 +60,9 @@ def test_bleu_and_rouge_wiring() -> None:
     assert right["rougeL_max"] == pytest.approx(1.0) and right["rougeL_acc"] == 1.0 and right["rougeL_diff"] > 0
     assert right["bleu_max"] == pytest.approx(100.0) and right["bleu_acc"] == 1.0
     wrong = truthfulqa_scores("You die.", ["Nothing happens"], ["You die", "You get sick"])
-    assert wrong["rougeL_acc"] == 0.0 and wrong["rougeL_diff"] < 0 and wrong["bleu_acc"] == 0.0
+    assert wrong["rougeL_acc"] == 0.0 and wrong["bleu_acc"] == 0.0
+    # max true 0 (no word shared) minus max false 1 ("you die" whole; "you get sick" would give 0.4)
+    assert wrong["rougeL_diff"] == pytest.approx(-1.0)
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_checkpoint) -> None:

@@ -3,9 +3,10 @@
 - SQuAD: the official v2 script's answer normalisation, exact match and token F1, max over
   the gold answers.
 - TruthfulQA generation: BLEU (sacrebleu) and ROUGE-L (rouge-score) of the answer against
-  every correct and every incorrect reference, as the TruthfulQA repository scores them:
-  `max` over the correct ones, `acc` (closer to some correct answer than to every incorrect
-  one) and `diff` (max correct minus max incorrect).
+  every correct and every incorrect reference, as the TruthfulQA repository scores them
+  (through T5's metric functions, as lm-eval's `truthfulqa_gen` also does): `max` over the
+  correct ones, `acc` (closer to some correct answer than to every incorrect one) and `diff`
+  (max correct minus max incorrect).
 - Perplexity from summed negative log-likelihoods.
 """
 
@@ -48,22 +49,32 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
 
 
 def bleu(prediction: str, reference: str) -> float:
-    """Sentence BLEU (0..100) with exponential smoothing, TruthfulQA's setting."""
+    """Sentence BLEU (0..100) as TruthfulQA computes it: exponential smoothing and sacrebleu's
+    international tokenizer, which splits every punctuation mark ("won't" is three tokens;
+    the default "13a" keeps it whole and scored 16% of TruthfulQA's reference pairs differently)."""
     import sacrebleu
 
-    return sacrebleu.corpus_bleu([prediction], [[reference]], smooth_method="exp").score
+    return sacrebleu.corpus_bleu([prediction], [[reference]], smooth_method="exp", smooth_value=0.0,
+                                 tokenize="intl", use_effective_order=False).score
 
 
 @functools.cache
 def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"])
+    return rouge_scorer.RougeScorer(["rougeLsum"])
+
+
+def _sentences(text: str) -> str:
+    # T5's summary preparation: " . " ends a sentence, and rougeLsum reads one per line.
+    return text.replace(" . ", " .\n")
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (0..1), no stemming (TruthfulQA's and lm-eval's setting)."""
-    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
+    """ROUGE-L F-measure (0..1), no stemming: TruthfulQA's "rougeL" is rouge-score's rougeLsum
+    (summary-level LCS over sentences) on texts split at " . ", as scored here; on one sentence
+    it is plain ROUGE-L. TruthfulQA reports it x100."""
+    return _rouge_scorer().score(_sentences(reference), _sentences(prediction))["rougeLsum"].fmeasure
 
 
 def truthfulqa_scores(answer: str, correct: Sequence[str], incorrect: Sequence[str]) -> dict[str, float]:
