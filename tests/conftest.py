@@ -182,7 +182,7 @@ TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "llama_tied": (LlamaConfig, dict(_LLAMA, num_key_value_heads=4, tie_word_embeddings=True)),
     "llama3_rope": (LlamaConfig, dict(_LLAMA, tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32))),
+        original_max_position_embeddings=64))),  # wavelengths 6.3 kept (< 16), 32 interpolated, 167+ divided (> 64)
     # head_dim 32 != hidden/heads, and a window shorter than the test sequences.
     "mistral": (MistralConfig, dict(_LLAMA, head_dim=32, sliding_window=16, tie_word_embeddings=False)),
     "qwen2": (Qwen2Config, dict(_LLAMA, tie_word_embeddings=False)),

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
-from transformers import Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from coreinfer_jax.models.config import ConfigError, ModelConfig
 from coreinfer_jax.models.rope import inverse_frequencies
@@ -84,3 +86,18 @@ def test_layer_types_must_fit_the_model() -> None:
         ModelConfig.from_hf(dict(hf, layer_types=["chunked_attention"] * 6))
     with pytest.raises(ConfigError, match="need a sliding_window"):
         ModelConfig.from_hf(dict(hf, sliding_window=None))
+
+
+def test_llama3_rope_frequencies_are_transformers_in_all_three_bands() -> None:
+    # Llama-3.1-8B's RoPE: head_dim 128, so 64 frequencies, of which some are kept, some divided by
+    # the factor, and some interpolated between (a model whose wavelengths miss that band tests less).
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                     num_hidden_layers=2, vocab_size=1000, max_position_embeddings=131072, rope_parameters=rope)
+    theirs = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0].numpy()
+    ours = inverse_frequencies(ModelConfig.from_hf(dict(hf.to_dict(), architectures=["LlamaForCausalLM"])))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    plain = 500000.0 ** (-np.arange(0, 128, 2) / 128)
+    kept, divided = np.isclose(ours, plain, rtol=1e-6), np.isclose(ours, plain / 8, rtol=1e-6)
+    assert kept.sum() > 0 and divided.sum() > 0 and (~kept & ~divided).sum() > 0

@@ -40,6 +40,14 @@ def test_temperature_one_follows_the_distribution() -> None:
     np.testing.assert_allclose(freq, [0.05, 0.5, 0.3, 0.15], atol=0.03)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_sharpens_or_flattens_the_distribution(temperature: float) -> None:
+    # Logits divided by T: probabilities proportional to p ** (1 / T).
+    p = np.array([0.05, 0.5, 0.3, 0.15]) ** (1 / temperature)
+    freq = np.bincount(draws(Sampling(temperature=temperature)), minlength=4) / 4000
+    np.testing.assert_allclose(freq, p / p.sum(), atol=0.03)
+
+
 def test_top_k_and_top_p_cut_the_tail() -> None:
     assert set(draws(Sampling(temperature=1.0, top_k=2))) == {1, 2}
     # Nucleus 0.7: tokens 1 (0.5) and 2 (0.3) reach it; 3 and 0 are cut.

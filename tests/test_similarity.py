@@ -23,6 +23,7 @@ from coreinfer_jax.calibrate import similarity as similarity_calibration
 from coreinfer_jax.calibrate.similarity import calibrate, fit, truthfulqa_sentence
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.sparse.calibration import Calibration, CalibrationError, default_calibration_layer, signature_size
+from coreinfer_jax.calibrate import kmeans as kmeans_module
 from coreinfer_jax.calibrate.kmeans import choose_clusters, elbow
 from coreinfer_jax import Similarity, make_method
 from coreinfer_jax.sparse.similarity import cluster_core_neurons
@@ -160,6 +161,23 @@ def test_elbow_takes_the_largest_second_difference_and_at_least_four() -> None:
     assert len(fitted.centroids) == 4 and sorted(inertias) == list(range(1, 11))
     with pytest.raises(ValueError, match="integer"):
         choose_clusters(two_groups, 11)
+
+
+def test_kmeans_seeds_by_squared_distance_restarts_empty_clusters_far_and_keeps_the_best_run(monkeypatch) -> None:
+    # k-means++: with 20 points at 0 and one at 100, the second centre is drawn with probability
+    # proportional to d^2, so it is whichever side the first centre is not on, every time.
+    x = np.array([[0.0]] * 20 + [[100.0]])
+    for seed in range(10):
+        assert sorted(kmeans_module._plus_plus(x, 2, np.random.default_rng(seed))[:, 0]) == [0.0, 100.0]
+    # Lloyd from centres 1 and 100: every point is nearest 1, so cluster 1 is empty and restarts at
+    # the point farthest from its own centre (20), giving {0, 1, 2} and {20}.
+    fit = kmeans_module._lloyd(np.array([[0.0], [1.0], [2.0], [20.0]]), np.array([[1.0], [100.0]]), 10)
+    assert fit.labels.tolist() == [0, 0, 0, 1] and fit.centroids[:, 0].tolist() == [1.0, 20.0] and fit.inertia == 2.0
+    # Of the restarts, the lowest inertia wins.
+    inertias = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(kmeans_module, "_lloyd",
+                        lambda x, c, n: kmeans_module.KMeansFit(np.zeros(len(x), np.int32), c, next(inertias)))
+    assert kmeans_module.kmeans(x, 2, restarts=3).inertia == 1.0
 
 
 def test_signature_size_and_layer_scale_the_references_by_hand() -> None:

@@ -18,7 +18,7 @@ from conftest import SENTENCES
 
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.errors import InputError
-from coreinfer_jax.runtime import batching
+from coreinfer_jax.runtime import batching, stop_strings
 from coreinfer_jax.runtime.stop_strings import stop_table
 
 # HumanEval's, a leading space, and overlapping ones ("aa" inside "aab", "abab" restarting
@@ -128,6 +128,11 @@ def word(tokenizer, tokens: list[int], start: int) -> str:
     """The text of the first token from `start` on that is ASCII letters or digits."""
     texts = [tokenizer.decode([t]) for t in tokens[start:]]
     return next(t for t in texts if t.isascii() and t.strip().isalnum())
+
+
+def test_a_text_is_cut_at_the_earliest_of_its_stop_strings() -> None:
+    assert stop_strings.cut("x = 1\ndef f():\n# end", ["\n#", "\ndef"]) == "x = 1"
+    assert stop_strings.cut("x = 1", ["\n#"]) == "x = 1"
 
 
 @pytest.mark.parametrize("method", [Dense(), Stability(keep=0.5)], ids=["dense", "stability"])
