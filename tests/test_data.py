@@ -89,8 +89,8 @@ def test_data_fetch_writes_what_the_loaders_read(tmp_path: Path, monkeypatch) ->
     tqa = load_truthfulqa(files["truthfulqa"])
     assert [(i.question, i.best_answer) for i in tqa] == [("Can pigs fly?", "No, pigs cannot fly"),
                                                           ('What is "2, 3"?', "Two numbers")]
-    assert tqa[0].correct == ("No, pigs cannot fly", "No", "I have no comment.")
-    assert tqa[1].incorrect == ("A word", "Nothing")
+    assert tqa[0].correct == ("No, pigs cannot fly.", "No.", "I have no comment.")
+    assert tqa[1].incorrect == ("A word.", "Nothing.")
     squad = load_squad(files["squad"])
     assert [(i.id, i.context, i.question, i.answers) for i in squad] == [
         ("a", "The cat sat on the mat.", "Where is the cat?", ("on the mat", "the mat")),

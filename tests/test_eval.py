@@ -128,8 +128,8 @@ def test_offloaded_scoring_equals_on_device(tiny_checkpoint) -> None:
 
 def test_loaders_read_the_official_layouts(tmp_path: Path) -> None:
     tqa = load_truthfulqa(write_truthfulqa(tmp_path / "tqa.csv"))
-    assert len(tqa) == 3 and tqa[1].correct == ("Paris", "The capital is Paris", "I have no comment.")
-    assert tqa[1].incorrect == ("London", "Berlin")
+    assert len(tqa) == 3 and tqa[1].correct == ("Paris.", "The capital is Paris.", "I have no comment.")
+    assert tqa[1].incorrect == ("London.", "Berlin.")
     sq = load_squad(write_squad(tmp_path / "squad.json"))
     assert [s.id for s in sq] == ["a", "b", "c"] and sq[1].answers == () and sq[0].answers == ("on the mat",)
     with pytest.raises(DataError, match="does not exist"):
@@ -144,13 +144,14 @@ def test_loaders_read_the_official_layouts(tmp_path: Path) -> None:
 
 def test_truthfulqa_answers_drop_the_empty_parts_of_their_lists(tmp_path: Path) -> None:
     # 31 of the 600 rows of the real TruthfulQA.csv in ../shared/data have an empty part
-    # (a doubled or trailing "; "): no empty string may become a reference answer.
+    # (a doubled or trailing "; "): no empty string may become a reference answer. Each answer
+    # ends with one period, as TruthfulQA's scorer closes them.
     path = tmp_path / "tqa.csv"
     path.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-                    "Adversarial,Misc,What is the capital of France?,Paris,Paris; ; The capital is Paris;,London;,x\n")
+                    "Adversarial,Misc,What is the capital of France?,Paris,Paris; ; The capital is Paris.;,London;,x\n")
     (item,) = load_truthfulqa(path)
-    assert item.correct == ("Paris", "The capital is Paris", "I have no comment.")
-    assert item.incorrect == ("London",)
+    assert item.correct == ("Paris.", "The capital is Paris.", "I have no comment.")
+    assert item.incorrect == ("London.",)
 
 
 def test_eval_cli_json_rows_match_their_records(tiny_checkpoint, tmp_path: Path, capsys) -> None:

@@ -67,7 +67,10 @@ class SquadItem:
 
 
 def _split_answers(text: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in text.split(";") if a.strip())
+    # As TruthfulQA's scorer reads them (`split_multi_answer`): each answer closed with a period,
+    # a token of its own for BLEU (ROUGE drops punctuation).
+    answers = (a.strip() for a in text.split(";"))
+    return tuple(a if a.endswith(".") else a + "." for a in answers if a)
 
 
 def _with_no_comment(correct: tuple[str, ...]) -> tuple[str, ...]:
@@ -80,7 +83,7 @@ def _existing(path: Path) -> Path:
 
 
 def load_truthfulqa(path: Path | None) -> list[TruthfulQAItem]:
-    """TruthfulQA's `TruthfulQA.csv` (answers separated by `; `)."""
+    """TruthfulQA's `TruthfulQA.csv` (answers separated by `; `; each ends with a period here)."""
     if path is None:
         raise missing_data("truthfulqa")
     with open(_existing(path), newline="", encoding="utf-8") as f:
