@@ -154,6 +154,18 @@ def test_truthfulqa_answers_drop_the_empty_parts_of_their_lists(tmp_path: Path) 
     assert item.incorrect == ("London.",)
 
 
+def test_squad_gold_answers_that_normalise_to_nothing_are_dropped(tmp_path: Path) -> None:
+    # The official v2 script scores only golds with words left after normalisation, and a
+    # question with none of those as unanswerable.
+    qas = [{"id": "a", "question": "q", "answers": [{"text": "The", "answer_start": 0},
+                                                     {"text": "the mat", "answer_start": 0}]},
+           {"id": "b", "question": "q", "answers": [{"text": "a.", "answer_start": 0}]}]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [
+        {"context": "The mat.", "qas": qas}]}]}))
+    assert [item.answers for item in load_squad(path)] == [("the mat",), ()]
+
+
 def test_eval_cli_json_rows_match_their_records(tiny_checkpoint, tmp_path: Path, capsys) -> None:
     ckpt = str(tiny_checkpoint("llama"))
     data = write_truthfulqa(tmp_path / "tqa.csv")

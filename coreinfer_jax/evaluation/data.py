@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.evaluation.metrics import normalize_answer
 from coreinfer_jax.paths import check_input, check_output, output_dir, write_text_atomically
 
 # What `--data` takes per task, in words for messages and help.
@@ -63,7 +64,7 @@ class SquadItem:
     id: str
     context: str
     question: str
-    answers: tuple[str, ...]  # empty: unanswerable
+    answers: tuple[str, ...]  # the gold answers the official script scores against; empty: unanswerable
 
 
 def _split_answers(text: str) -> tuple[str, ...]:
@@ -96,12 +97,15 @@ def load_truthfulqa(path: Path | None) -> list[TruthfulQAItem]:
 
 
 def load_squad(path: Path | None) -> list[SquadItem]:
-    """SQuAD v2 in the official JSON layout."""
+    """SQuAD v2 in the official JSON layout. As the official v2 script does, a gold answer that
+    normalises to nothing (punctuation, articles) is dropped, and a question left without one
+    is unanswerable."""
     if path is None:
         raise missing_data("squad")
     try:
         doc = json.loads(_existing(path).read_text(encoding="utf-8"))
-        return [SquadItem(qa["id"], para["context"], qa["question"], tuple(dict.fromkeys(a["text"] for a in qa["answers"])))
+        return [SquadItem(qa["id"], para["context"], qa["question"],
+                          tuple(dict.fromkeys(a["text"] for a in qa["answers"] if normalize_answer(a["text"]))))
                 for article in doc["data"] for para in article["paragraphs"] for qa in para["qas"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not SQuAD v2 JSON (data[].paragraphs[].qas[]): {e}") from None
