@@ -74,6 +74,24 @@ def test_a_correct_program_passes_and_failures_are_told_apart() -> None:
     assert run_program("import os\nos._exit(0)", FAST).reason == "exit: 0"
 
 
+def test_a_program_that_ends_its_tests_then_exits_with_an_error_fails() -> None:
+    outcome = run_program("import atexit, os\natexit.register(os._exit, 3)\n", FAST)
+    assert not outcome.passed and outcome.reason == "exit: 3"
+
+
+@pytest.mark.parametrize("source,refusal", [
+    ("open({sentinel!r}, 'a').write('more')", "sandbox: opening"),
+    # Readable (the standard library), so only its mode makes it a write; opened, nothing written.
+    ("import os\nopen(os.__file__, 'a').close()", "sandbox: opening"),
+    ("import socket\nsocket.socket()", "sandbox: socket.__new__ is not allowed"),
+], ids=["append outside", "append to the standard library", "socket"])
+def test_the_hook_itself_refuses_appends_outside_and_sockets(source: str, refusal: str, outside: Path) -> None:
+    # The OS layers would stop both too (test_os_layers_alone_contain); this is the hook's own refusal.
+    outcome = run_program(source.format(sentinel=str(outside / "project" / "sentinel.txt")), FAST)
+    assert outcome.reason == "error: PermissionError" and refusal in outcome.output
+    _assert_contained(outcome, outside)
+
+
 def test_output_is_truncated_and_stdin_is_empty() -> None:
     out = run_program("import sys\nprint(repr(sys.stdin.read()))\nprint('x' * 100000)", Limits(output_bytes=100))
     assert out.passed and out.output.startswith("''\nxxx") and len(out.output) == 100

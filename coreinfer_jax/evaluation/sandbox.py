@@ -140,7 +140,8 @@ class Limits:
 class Outcome:
     """How one program ended. `reason`: "passed", "failed: AssertionError" (an assertion of
     the tests), "error: NameError" (any other exception), "timeout", "killed: SIGXCPU" (a
-    signal, e.g. a resource limit), "exit: 3" (it exited without reaching the end)."""
+    signal, e.g. a resource limit), "exit: 3" (it exited without reaching the end, or reached
+    it and then exited with an error code)."""
 
     passed: bool
     reason: str
@@ -225,8 +226,8 @@ def _reason(returncode: int, result: bytes, timed_out: bool) -> tuple[bool, str]
         passed, error = bool(outcome["passed"]), outcome["error"]
     except (ValueError, KeyError, TypeError):
         return False, f"exit: {returncode}"
-    if passed and returncode == 0:
-        return True, "passed"
+    if passed:
+        return returncode == 0, "passed" if returncode == 0 else f"exit: {returncode}"
     return False, f"failed: {error}" if error == "AssertionError" else f"error: {error}"
 
 
