@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -14,11 +15,11 @@ import torch
 
 from coreinfer_jax import Dense, Generator, Stability
 from coreinfer_jax.tools.cli import main
-from coreinfer_jax.evaluation.data import DataError, load_squad, load_truthfulqa
+from coreinfer_jax.evaluation.data import DataError, SquadItem, TruthfulQAItem, load_squad, load_truthfulqa
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.evaluate import (EvalResult, Settings, evaluate, markdown, paired, relative_to_dense,
-                                               wikitext, wikitext_windows, within_loss)
-from coreinfer_jax.evaluation.tasks import format_prompt
+                                               squad, truthfulqa, wikitext, wikitext_windows, within_loss)
+from coreinfer_jax.evaluation.tasks import QA_PRIMER, format_prompt
 from coreinfer_jax.evaluation.metrics import bleu, exact_match, f1_score, normalize_answer, perplexity, rouge_l, truthfulqa_scores
 from eval_files import write_squad, write_truthfulqa
 
@@ -164,6 +165,35 @@ def test_squad_gold_answers_that_normalise_to_nothing_are_dropped(tmp_path: Path
     path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [
         {"context": "The mat.", "qas": qas}]}]}))
     assert [item.answers for item in load_squad(path)] == [("the mat",), ()]
+
+
+class AnsweringGenerator:
+    """Stands in for a Generator: records the prompts it is given and answers each with `answer`."""
+
+    def __init__(self, answer: str) -> None:
+        self.prompts, self.answer, self.one_line = [], answer, []
+
+    def generate(self, prompts: list[str], *args, stop_at_newline: bool = False, **kwargs) -> SimpleNamespace:
+        self.prompts += prompts
+        self.one_line.append(stop_at_newline)
+        return SimpleNamespace(texts=[self.answer for _ in prompts])
+
+
+def test_truthfulqa_asks_with_and_without_the_primer_and_scores_the_stripped_answer() -> None:
+    item = TruthfulQAItem("Can pigs fly?", "No.", ("No.", "I have no comment."), ("Yes.",))
+    gen = AnsweringGenerator(" No. ")
+    for few_shot in (True, False):
+        metrics, (record,) = truthfulqa(gen, [item], Dense(), Settings(few_shot=few_shot))
+        assert record["answer"] == "No." and metrics["rougeL_max"] == pytest.approx(1.0)
+    few, zero = gen.prompts
+    assert zero == "Q: Can pigs fly?\nA:" and few == QA_PRIMER + "\n\n" + zero
+    assert gen.one_line == [True, True]
+
+
+def test_squad_asks_for_a_one_line_answer_and_scores_it_stripped() -> None:
+    gen = AnsweringGenerator(" Brazil ")
+    metrics, (record,) = squad(gen, [SquadItem("a", "The Amazon is in Brazil.", "Where?", ("Brazil",))], Dense())
+    assert record["answer"] == "Brazil" and metrics == {"exact_match": 1.0, "f1": 1.0} and gen.one_line == [True]
 
 
 def test_eval_cli_json_rows_match_their_records(tiny_checkpoint, tmp_path: Path, capsys) -> None:

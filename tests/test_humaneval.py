@@ -176,14 +176,25 @@ def test_the_chat_format_continues_the_prompt_in_an_open_code_fence(tiny_checkpo
 
 
 class RecordingGenerator:
-    """Stands in for a Generator: records the prompt ids it is asked to continue, completes nothing."""
+    """Stands in for a Generator: records the prompt ids it is asked to continue, and completes
+    each with the tokens of `completion`."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.prompts = tokenizer, []
+    def __init__(self, tokenizer, completion: str = "") -> None:
+        self.tokenizer, self.prompts, self.completion = tokenizer, [], completion
 
     def generate_ids(self, ids: list[list[int]], *args, **kwargs) -> SimpleNamespace:
         self.prompts += ids
-        return SimpleNamespace(tokens=[[] for _ in ids])
+        return SimpleNamespace(tokens=[self.tokenizer(self.completion, add_special_tokens=False)["input_ids"]
+                                       for _ in ids])
+
+
+def test_a_completion_runs_cut_at_its_first_stop_sequence(tmp_path: Path) -> None:
+    # Decoding ends once a stop sequence is written, so the decoded text holds it and whatever
+    # else its last token brought: here a line that does not parse.
+    gen = RecordingGenerator(build_tiny_tokenizer(), completion="    return a + b\n\ndef extra(:")
+    problems = load_humaneval(write_problems(tmp_path / "p.jsonl.gz"))[:1]
+    metrics, (record,) = humaneval(gen, problems, Dense(), allow_code_execution=True)
+    assert record["completion"] == "    return a + b\n" and record["passed"] and metrics["pass@1"] == 1.0
 
 
 def test_each_prompt_format_starts_with_one_bos(tmp_path: Path) -> None:
