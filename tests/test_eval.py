@@ -40,7 +40,7 @@ def test_squad_normalisation_exact_match_and_f1() -> None:
 def test_bleu_tokenizes_punctuation_as_truthfulqa_does() -> None:
     # International tokenizer: "it ' s red" vs "it ' s blue". Matches 3/4 unigrams, 2/3 bigrams,
     # 1/2 trigrams, 0/1 4-grams (exponential smoothing: 1 / (2 * 1)); equal lengths, no brevity
-    # penalty. Sacrebleu's default tokenizer keeps "it's" whole and has no trigram at all (about 0).
+    # penalty. Sacrebleu's default tokenizer keeps "it's" whole: no trigram at all, and a score of 0.
     assert bleu("it's red", "it's blue") == pytest.approx((75 * (200 / 3) * 50 * 50) ** 0.25)
 
 
