@@ -171,8 +171,8 @@ def test_kmeans_seeds_by_squared_distance_restarts_empty_clusters_far_and_keeps_
         assert sorted(kmeans_module._plus_plus(x, 2, np.random.default_rng(seed))[:, 0]) == [0.0, 100.0]
     # Lloyd from centres 1 and 100: every point is nearest 1, so cluster 1 is empty and restarts at
     # the point farthest from its own centre (20), giving {0, 1, 2} and {20}.
-    fit = kmeans_module._lloyd(np.array([[0.0], [1.0], [2.0], [20.0]]), np.array([[1.0], [100.0]]), 10)
-    assert fit.labels.tolist() == [0, 0, 0, 1] and fit.centroids[:, 0].tolist() == [1.0, 20.0] and fit.inertia == 2.0
+    run = kmeans_module._lloyd(np.array([[0.0], [1.0], [2.0], [20.0]]), np.array([[1.0], [100.0]]), 10)
+    assert run.labels.tolist() == [0, 0, 0, 1] and run.centroids[:, 0].tolist() == [1.0, 20.0] and run.inertia == 2.0
     # Of the restarts, the lowest inertia wins.
     inertias = iter([3.0, 1.0, 2.0])
     monkeypatch.setattr(kmeans_module, "_lloyd",

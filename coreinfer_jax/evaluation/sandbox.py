@@ -226,8 +226,10 @@ def _reason(returncode: int, result: bytes, timed_out: bool) -> tuple[bool, str]
         passed, error = bool(outcome["passed"]), outcome["error"]
     except (ValueError, KeyError, TypeError):
         return False, f"exit: {returncode}"
-    if passed:
-        return returncode == 0, "passed" if returncode == 0 else f"exit: {returncode}"
+    if passed and returncode == 0:
+        return True, "passed"
+    if passed:  # the tests ran to their end, then the process exited with an error code
+        return False, f"exit: {returncode}"
     return False, f"failed: {error}" if error == "AssertionError" else f"error: {error}"
 
 
