@@ -87,7 +87,8 @@ def is_converted(out: str | Path, source: str, dtype: str) -> bool:
 def convert_checkpoint(source: str | Path, out: str | Path | None = None, dtype: str = "float32",
                        force: bool = False, revision: str | None = None) -> Path:
     """Convert `source` (HF directory, hub id ORG/NAME at `revision`, .gguf file, or a bundled
-    model: "smollm2-135m", "gemma3-270m") into a checkpoint at `out`.
+    model: "smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b") into a
+    checkpoint at `out`.
 
     `out` defaults to `default_out(source)` for bundled models and is required otherwise; an
     existing `out` is replaced only with `force`. Returns the absolute output path.

@@ -319,7 +319,8 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable, add_me
     e.add_argument("--task", choices=TASKS, required=True)
     e.add_argument("--data", type=Path, default=None,
                    help="the task's data file (TruthfulQA CSV, SQuAD v2 JSON, WikiText raw text, HumanEval "
-                        "JSONL[.gz]); without it, the dataset is loaded from the Hugging Face hub (not humaneval)")
+                        "JSONL[.gz]); required: `python -m coreinfer_jax data fetch --out DIR` writes the first "
+                        "three where the Hugging Face hub is reachable")
     e.add_argument("--limit", type=int, default=None,
                    help="first N examples (answerable questions for squad, windows for wikitext)")
     e.add_argument("--batch-size", type=int, default=8)

@@ -243,7 +243,8 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--predictor", type=Path, default=None,
                    help="the low-rank predictor of the :predictor hybrid rows (default: CHECKPOINT/predictor)")
     s.add_argument("--data", type=data_arg, nargs="+", default=[], metavar="TASK=FILE",
-                   help="data file per task (default: the Hugging Face hub)")
+                   help="a data file for each of --tasks (`python -m coreinfer_jax data fetch` writes "
+                        "truthfulqa's, squad's and wikitext's)")
     s.add_argument("--limit", type=int, default=None, help="first N questions of truthfulqa and squad, problems of humaneval")
     s.add_argument("--windows", type=int, default=20, help="wikitext windows")
     s.add_argument("--batch-size", type=int, default=8)
