@@ -10,11 +10,14 @@ import json
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 from conftest import run_main
 from coreinfer_jax import Generator, Hybrid, Stability
 from coreinfer_jax.evaluation.sweep import sweep_methods
+from coreinfer_jax.models.config import ModelConfig
+from coreinfer_jax.sparse.token_step import TokenNeurons
 from coreinfer_jax.tools.args import hybrid_arg
 from coreinfer_jax.sparse.compensation import dropped_bias
 from coreinfer_jax.tools.cli import main
@@ -68,6 +71,37 @@ def test_dropped_bias_by_hand() -> None:
     # row 0 drops neurons 0 and 2: 1 * [1, 0] + 3 * [1, 1]; row 1 drops 1 and 3: 0 + 2 * [2, -1]
     got = dropped_bias(jnp.asarray(means), jnp.asarray(core), jnp.asarray(w_down))
     np.testing.assert_allclose(np.asarray(got), [[4.0, 3.0], [4.0, -2.0]])
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_per_token_rows_add_their_activations_less_their_means_by_hand(name, shards, tiny_checkpoint) -> None:
+    """A compensated decode step's per-token rows add sum_n (h_n - mean_n) * W_down[n] over the
+    token's `dynamic` neurons n (their means leave the bias again), restated in NumPy; for the
+    one-device products (`shards=1`) and the gathered rows of a neuron-sharded method (2)."""
+    cfg = ModelConfig.load(tiny_checkpoint(name) / "config.json")
+    rng = np.random.default_rng(4)
+    B, F, D, n = 2, 32, 8, 5
+    full = {key: rng.normal(size=(F, D)).astype(np.float32) for key in ("w_gate", "w_up", "w_down")}
+    if cfg.family == "opt":
+        full = {"w_up": full["w_up"], "b_up": rng.normal(size=F).astype(np.float32), "w_down": full["w_down"],
+                "b_down": rng.normal(size=D).astype(np.float32)}  # b_down is the core's to add, not these rows'
+    means = rng.normal(size=(B, F)).astype(np.float32)
+    y = rng.normal(size=(B, 1, D)).astype(np.float32)
+    dynamic = np.stack([rng.permutation(F)[:n] for _ in range(B)]).astype(np.int32)  # [B, n]
+    step = TokenNeurons(dynamic=n / F, select_by="sketch", shards=shards)
+    got = step.dynamic_rows({"full": jax.tree.map(jnp.asarray, full), "means": jnp.asarray(means)}, jnp.asarray(y),
+                            jnp.asarray(dynamic), cfg)
+    want = np.zeros((B, D), np.float32)
+    for b in range(B):
+        for j in dynamic[b]:
+            if cfg.family == "opt":
+                h = max(float(y[b, 0] @ full["w_up"][j] + full["b_up"][j]), 0.0)
+            else:
+                gate = float(y[b, 0] @ full["w_gate"][j])
+                h = gate / (1 + np.exp(-gate)) * float(y[b, 0] @ full["w_up"][j])
+            want[b] += (h - means[b, j]) * full["w_down"][j]
+    np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_bytes_add_the_bias_and_the_dynamic_means(tiny_checkpoint) -> None:
