@@ -235,6 +235,11 @@ def test_sweep_writes_json_markdown_and_plot(gen, tiny_checkpoint, tmp_path: Pat
     assert main(["budget", "--checkpoint", ckpt, "--data", str(wiki), "--rule", "normalized_magnitude",
                  "--keep", "0.5", "--layers", "0:2", "--windows", "1", "--first-window", "2",
                  "--context-tokens", "24", "--scored-tokens", "8", "--out", str(tmp_path / "b.json")]) == 0
+    # One window, the third: the first two are skipped (those the sweep evaluates on).
+    third = wikitext_windows(gen, WIKI, 24, 8, 3)[2:]
+    measured = Budget.load(tmp_path / "b.json")
+    assert measured.windows == 1
+    assert measured == measure(gen, third, "normalized_magnitude", [0.5], layers=(0, 2))
     out = tmp_path / "sweep"
     assert main(["sweep", "--checkpoint", ckpt, "--tasks", "wikitext", "truthfulqa",
                  "--rules", "paper", "normalized_magnitude", "--keep", "0.5", "--budget", str(tmp_path / "b.json"),
