@@ -178,6 +178,34 @@ def test_generate_until_sampling_and_newline_stop(dense: CoreInferLM) -> None:
     assert len(set(got)) > 1
 
 
+def test_each_sampled_batch_takes_its_index_as_seed(dense: CoreInferLM) -> None:
+    """Five copies of one request in batches of four: the fifth is sampled in batch 1 (seed 1),
+    so it is not a copy of the first's sample, as repeated samples (pass@k) need."""
+    kwargs = {"until": ["\n"], "max_gen_toks": 7, "do_sample": True, "temperature": 0.8, "top_k": 20}
+    got = dense.generate_until(requests("generate_until", [(GEN_PROMPTS[0], kwargs)] * 5), disable_tqdm=True)
+    ids = dense.tok_encode(GEN_PROMPTS[0])
+    want = [dense.tokenizer.decode(dense.gen.generate_ids([ids] * 4, 7, make_method("dense"),
+                                                          Sampling(temperature=0.8, top_k=20), seed=seed).tokens[0],
+                                   skip_special_tokens=True).split("\n")[0] for seed in (0, 1)]
+    assert want[0] != want[1]
+    assert got[0] == want[0] and got[4] == want[1]
+
+
+def test_a_long_generation_prompt_keeps_room_for_its_tokens(dense: CoreInferLM, tiny_torch_model, caplog) -> None:
+    model, tok = tiny_torch_model("llama"), dense.tokenizer
+    prompt = " ".join(["The cat sat on the mat and looked out of the window."] * 20)
+    kwargs = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    ids = dense.tok_encode(prompt)
+    assert len(ids) > dense.max_length
+    with caplog.at_level(logging.WARNING, logger="coreinfer_jax.evaluation.lm_eval_adapter"):
+        [text] = dense.generate_until(requests("generate_until", [(prompt, kwargs)]), disable_tqdm=True)
+    assert "1 generate_until request(s) left-truncated" in caplog.text
+    kept = ids[-(dense.max_length - 6):]  # the prompt's last tokens, leaving room for the 6 new ones
+    with torch.no_grad():
+        out = model.generate(torch.tensor([kept]), max_new_tokens=6, do_sample=False)
+    assert text == tok.decode(out[0, len(kept):], skip_special_tokens=True).split("\n")[0]
+
+
 @pytest.mark.parametrize("kwargs", [{"do_sample": True, "temperature": 0.0}, {"do_sample": True}])
 def test_sampling_at_temperature_zero_is_an_error_as_with_transformers(dense: CoreInferLM, tiny_torch_model,
                                                                        kwargs: dict) -> None:
@@ -252,6 +280,7 @@ def test_cli(ckpt: Path, dense: CoreInferLM, tmp_path: Path, monkeypatch: pytest
     ("method=magic", "unknown method 'magic'"),
     ("batch_size=two", "batch_size must be a number"),
     ("batch_size=0", "must be >= 1"),
+    ("batch_size=2.5", "batch_size must be an integer"),
     ("dtype=int8", "dtype must be one of"),
     ("method=stability,layers=6", "START:END"),
     ("method=stability,layers=0:9", "outside the model's 2 layers"),
