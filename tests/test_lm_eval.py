@@ -3,6 +3,7 @@ library's own decoding, a real `simple_evaluate` run on local tasks, the CLI rou
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
@@ -13,12 +14,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+from tokenizers import processors
 
 import lm_eval
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
+from conftest import build_tiny_tokenizer
 from coreinfer_jax import Sampling, make_method
 from coreinfer_jax.errors import CoreInferError
 from coreinfer_jax.evaluation.lm_eval_adapter import CoreInferLM
@@ -176,6 +179,36 @@ def test_generate_until_sampling_and_newline_stop(dense: CoreInferLM) -> None:
     want = [dense.tokenizer.decode(t, skip_special_tokens=True).split("\n")[0] for t in out.tokens]
     assert [got[i] for i in order] == want
     assert len(set(got)) > 1
+
+
+def test_generate_until_cuts_each_text_at_its_first_stop_string(dense: CoreInferLM, tiny_torch_model) -> None:
+    """Stop strings the model does write, taken from its own greedy text (Transformers): each
+    text must end just before the first one's first occurrence."""
+    model, tok = tiny_torch_model("llama"), dense.tokenizer
+    args, wants = [], []
+    for prompt in GEN_PROMPTS:
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            new = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        text = tok.decode(new, skip_special_tokens=True)
+        # Two characters from its second half (a random model writes parts of characters too).
+        start = next(i for i in range(len(text) // 2, len(text) - 1) if "\ufffd" not in text[i: i + 2])
+        stop = text[start: start + 2]
+        assert text.index(stop) > 0
+        args.append((prompt, {"until": ["never written", stop], "max_gen_toks": 8, "do_sample": False}))
+        wants.append(text[: text.index(stop)])
+    assert dense.generate_until(requests("generate_until", args), disable_tqdm=True) == wants
+
+
+def test_a_context_starting_with_bos_gets_no_second(dense: CoreInferLM) -> None:
+    # A tokenizer that adds a BOS, as Gemma's and Llama's do (the tiny model's adds none).
+    tok = build_tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    lm = copy.copy(dense)
+    lm.tokenizer = tok
+    plain = tok.encode("Hi there", add_special_tokens=False)
+    assert lm.tok_encode("Hi there") == [1, *plain]
+    assert lm.tok_encode("<s>Hi there") == [1, *plain]
 
 
 def test_each_sampled_batch_takes_its_index_as_seed(dense: CoreInferLM) -> None:
