@@ -12,7 +12,7 @@ import torch
 
 import jax.numpy as jnp
 
-from coreinfer_jax import Dense, Generator, Stability
+from coreinfer_jax import Dense, Generator, Hybrid, Stability
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.calibrate.budget import measure
 from coreinfer_jax.sparse.budget import Budget, BudgetError, allocate
@@ -20,7 +20,7 @@ from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import bytes_per_token, ffn_bytes_per_token
 from coreinfer_jax.sparse.rules import RULES
 from coreinfer_jax.evaluation.evaluate import EvalResult, wikitext_windows
-from coreinfer_jax.evaluation.sweep import markdown, pareto_front, task_rows
+from coreinfer_jax.evaluation.sweep import _noise, markdown, pareto_front, sweep_methods, task_rows
 from eval_files import write_truthfulqa
 from method_reference import reference_select
 
@@ -200,6 +200,29 @@ def test_pareto_front() -> None:
     assert pareto_front([(1.0, 30.0), (2.0, 20.0), (3.0, 25.0)], higher_is_better=False) == [0, 1]
     # Equal points do not beat each other (one must be strictly better): both stay on the front.
     assert pareto_front([(1.0, 0.5), (1.0, 0.5), (2.0, 0.9)], higher_is_better=True) == [0, 1, 2]
+
+
+def test_every_sweep_row_takes_the_sweeps_token_keep_and_layers() -> None:
+    budget = Budget(rule="magnitude", layers=(0, 2), width=128, token_keep=0.2, sensitivity={0.5: (1.0, 3.0)},
+                    dense_nll_per_token=2.0, windows=1)
+    methods = sweep_methods(["paper"], [0.5], token_keep=0.3, layers=(0, 2), budget=budget,
+                            hybrids=[Hybrid(keep=0.25, dynamic=0.25, layers=(1, 2))])
+    assert [m.label for m in methods[:3]] == ["dense", "stability keep 0.5", "stability keep 0.5 magnitude+budget"]
+    assert isinstance(methods[3], Hybrid)
+    assert [(m.token_keep, m.layers) for m in methods[1:]] == [(0.3, (0, 2))] * 3
+    assert methods[2].layer_keep == (32, 96)  # 128 neurons in proportion 1 : 3
+    # Without --layers, a hybrid keeps its own layers (its family's recommended ones when unset).
+    assert sweep_methods(["paper"], [0.5], hybrids=[Hybrid(keep=0.25, dynamic=0.25, layers=(1, 2))])[-1].layers \
+        == (1, 2)
+
+
+def test_a_difference_within_two_standard_errors_is_noise_either_way() -> None:
+    # mean 0.15 is 1.5 SE: noise; 2.5 SE is a verdict, whose direction follows the metric's.
+    assert _noise({"mean": 0.15, "se": 0.1}, higher_is_better=True) == "within noise"
+    assert _noise({"mean": -0.15, "se": 0.1}, higher_is_better=False) == "within noise"
+    assert _noise({"mean": 0.25, "se": 0.1}, higher_is_better=True) == "better"
+    assert _noise({"mean": 0.25, "se": 0.1}, higher_is_better=False) == "worse"  # e.g. NLL per token up
+    assert _noise({"mean": -0.25, "se": 0.1}, higher_is_better=False) == "better"
 
 
 def sweep_rows(f1s: dict[str, list[float]]) -> list[dict]:
