@@ -15,6 +15,7 @@ from conftest import run_main
 from convert.__main__ import main as convert_main
 from convert.core import convert_checkpoint
 from coreinfer_jax.errors import CoreInferError
+from coreinfer_jax.models.checkpoint import move_into_place
 from coreinfer_jax.paths import check_input, check_output, check_replaceable, write_atomically, write_text_atomically
 from coreinfer_jax.sparse import artifact
 from coreinfer_jax.tools.cli import main
@@ -55,6 +56,30 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path: Path) -> None:
     assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
     write_text_atomically(path, "new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
+def test_a_directory_replaces_the_old_one_only_when_it_is_in_place(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out, new = tmp_path / "ckpt", tmp_path / ".ckpt.partial"
+    out.mkdir()
+    (out / "old").write_text("old")
+    new.mkdir()
+    (new / "new").write_text("new")
+    rename = os.rename
+
+    def refused(src: str | Path, dst: str | Path) -> None:  # the new directory cannot be renamed into place
+        if Path(src) == new:
+            raise OSError("rename refused")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises(OSError, match="rename refused"):
+        move_into_place(new, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.partial", "ckpt"]
+    assert [p.name for p in out.iterdir()] == ["old"]  # the old one is back
+    monkeypatch.undo()
+    move_into_place(new, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and [p.name for p in out.iterdir()] == ["new"]
 
 
 def test_a_file_is_written_into_missing_directories(tmp_path: Path) -> None:

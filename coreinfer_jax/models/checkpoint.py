@@ -71,7 +71,8 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, params: Params, tokenize
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is renamed away first and deleted only after."""
+    """Rename the directory `tmp` to `out`; an existing `out` (a directory: callers refuse a file
+    with `paths.check_output`) is renamed away first and deleted only after."""
     if not out.exists():
         os.rename(tmp, out)
         return
@@ -82,10 +83,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
     except BaseException:
         os.rename(old, out)
         raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    shutil.rmtree(old)
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
