@@ -23,7 +23,7 @@ from conftest import TINY_CONFIGS, build_tiny_tokenizer, run_main
 from convert import convert_checkpoint, keymap, torch_model_from_checkpoint
 from convert.__main__ import main as convert_main
 from convert.core import end_tokens
-from coreinfer_jax.models.checkpoint import load_checkpoint, load_metadata, load_params
+from coreinfer_jax.models.checkpoint import CheckpointError, load_checkpoint, load_metadata, load_params
 from coreinfer_jax.models.config import ModelConfig
 from coreinfer_jax.models.params import count_params, flat_shapes, param_shapes, path_str
 
@@ -180,6 +180,20 @@ def test_bfloat16_is_stored_as_bfloat16(tmp_path: Path, tiny_hf_dir: Callable[[s
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jax.numpy.bfloat16)}
     _, reference, _ = load_checkpoint(tiny_checkpoint("qwen2"))
     _assert_same_params(params, jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), reference))
+    # Loading casts too: a float32 checkpoint read as bfloat16 holds the same values, and the reverse.
+    _, cast, _ = load_checkpoint(tiny_checkpoint("qwen2"), "bfloat16")
+    _assert_same_params(cast, params)
+    _, widened, _ = load_checkpoint(out, "float32")
+    _assert_same_params(widened, jax.tree.map(lambda x: x.astype(jax.numpy.float32), params))
+
+
+def test_a_checkpoint_missing_a_part_is_named(tmp_path: Path, tiny_checkpoint: Callable[[str], Path]) -> None:
+    for part in ("config.json", "metadata.json", "params", "tokenizer"):
+        broken = tmp_path / part
+        shutil.copytree(tiny_checkpoint("llama"), broken)
+        (shutil.rmtree if (broken / part).is_dir() else os.remove)(broken / part)
+        with pytest.raises(CheckpointError, match=f"^{broken} is not a converted checkpoint: {part} is missing$"):
+            load_checkpoint(broken)
 
 
 def test_force_replaces_an_existing_checkpoint(tmp_path: Path, tiny_hf_dir: Callable[[str], Path]) -> None:

@@ -20,7 +20,7 @@ from coreinfer_jax.errors import MethodError
 from coreinfer_jax.models.forward import activation_fn
 from coreinfer_jax.runtime import engine
 from coreinfer_jax.sparse.predictor import PredictorError
-from coreinfer_jax.sparse.sketch import Sketch, outside_rows, sketch_estimate
+from coreinfer_jax.sparse.sketch import Sketch, outside_rows, quantize_rows, sketch_estimate
 from coreinfer_jax.tools.cli import main
 from coreinfer_jax.tools.roofline import ffn_bytes_per_token
 from test_sparse import PROMPTS
@@ -65,6 +65,13 @@ def test_sketch_equals_a_numpy_restatement(name, tiny_checkpoint) -> None:
                                           activation_fn(gen.cfg), name == "opt")
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(got_hidden), hidden, rtol=1e-4, atol=1e-5)
+
+
+def test_an_all_zero_row_is_level_zero_with_a_finite_scale() -> None:
+    w = np.array([[0.0, 0.0, 0.0], [0.6, -1.4, 0.2]], np.float32)  # row 1: scale 1.4 / 7 = 0.2, levels 3, -7, 1
+    q, scale = quantize_rows(jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(q), [[8, 8, 8], [11, 1, 9]])  # stored as level + 8
+    assert np.isfinite(np.asarray(scale)).all() and float(scale[1]) == pytest.approx(0.2)
 
 
 def on_the_grid(gen: Generator) -> Generator:
