@@ -163,6 +163,8 @@ def test_other_layouts_convert_to_identical_params(name: str, layout: str, tmp_p
         model.save_pretrained(src, safe_serialization=True, max_shard_size="20KB")
         tiny_tokenizer.save_pretrained(src)
         assert (src / "model.safetensors.index.json").exists() and len(list(src.glob("*.safetensors"))) > 1
+        # A second copy of every weight beside the shards, as Mistral's repositories ship: the index wins.
+        save_file({n: t.clone().contiguous() for n, t in model.state_dict().items()}, src / "consolidated.safetensors")
     else:
         _save_bin(model, tiny_tokenizer, src, shards=1 if layout == "bin" else 3)
     out = convert_checkpoint(src, tmp_path / "out")
@@ -283,6 +285,34 @@ def test_error_truncated_safetensors(tmp_path: Path, tiny_hf_dir: Callable[[str]
     weights.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
     assert_clean_error(run_convert(src, "--out", out), out, str(weights))
+
+
+class _OpensAFile:
+    """Unpickled, it opens (creates) `path`: what a malicious `.bin` could do instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+def test_error_a_bin_that_runs_code_is_refused_unrun(tmp_path: Path, tiny_torch_model: Callable[[str], PreTrainedModel],
+                                                      tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    src, out, ran = tmp_path / "src", tmp_path / "out", tmp_path / "ran"
+    _save_bin(tiny_torch_model("llama"), tiny_tokenizer, src, shards=1)
+    torch.save({"model.embed_tokens.weight": _OpensAFile(ran)}, src / "pytorch_model.bin")
+    assert_clean_error(run_convert(src, "--out", out), out, "cannot read torch checkpoint", "pytorch_model.bin")
+    assert not ran.exists()
+
+
+def test_error_a_bin_holding_more_than_tensors(tmp_path: Path, tiny_torch_model: Callable[[str], PreTrainedModel],
+                                               tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_torch_model("llama")
+    _save_bin(model, tiny_tokenizer, src, shards=1)
+    torch.save({**model.state_dict(), "step": 3}, src / "pytorch_model.bin")  # plain values load with weights_only
+    assert_clean_error(run_convert(src, "--out", out), out, "pytorch_model.bin is not a state dict of tensors")
 
 
 def test_error_wrong_shape(tmp_path: Path, tiny_hf_dir: Callable[[str], Path]) -> None:
