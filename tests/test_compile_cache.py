@@ -70,6 +70,16 @@ def test_off_leaves_jax_without_a_cache(monkeypatch: pytest.MonkeyPatch) -> None
     assert jax.config.values["jax_compilation_cache_dir"] is None
 
 
+def test_the_bound_is_set_only_where_jax_has_none(tmp_path: Path) -> None:
+    jax.config.update("jax_compilation_cache_max_size", -1)  # JAX's default: unbounded
+    use_compile_cache(tmp_path / "bounded")
+    assert jax.config.values["jax_compilation_cache_max_size"] == 2 << 30
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_max_size", 12345)  # the user's own bound stays
+    assert use_compile_cache(tmp_path / "theirs") == tmp_path / "theirs"
+    assert jax.config.values["jax_compilation_cache_max_size"] == 12345
+
+
 def test_a_directory_that_cannot_be_written_is_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("COREINFER_COMPILE_CACHE", str(tmp_path / "a_file" / "xla_cache"))

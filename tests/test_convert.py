@@ -263,6 +263,13 @@ def test_error_missing_source(tmp_path: Path) -> None:
     assert_clean_error(run_convert(tmp_path / "nope", "--out", out), out, "does not exist", "nope")
 
 
+def test_error_a_file_that_is_not_a_gguf(tmp_path: Path) -> None:
+    (tmp_path / "weights.txt").write_text("not weights")
+    out = tmp_path / "out"
+    assert_clean_error(run_convert(tmp_path / "weights.txt", "--out", out), out,
+                       "weights.txt is neither a checkpoint directory nor a .gguf file")
+
+
 def test_error_directory_without_config(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
