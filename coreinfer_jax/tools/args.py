@@ -61,8 +61,9 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
 
     if several_keeps:
         option("--keep", type=float, nargs="+", default=None,
-               help="keep values of the sparse rows (default 0.2 0.4 0.6; hybrid: its recommended static keep); "
-                    "the dense rows are always measured")
+               help="keep values of the sparse rows (default 0.2 0.4 0.6, hybrid: its recommended static keep; "
+                    "bench --batch and --compile-depths: 0.4 for every method); dense rows are measured too "
+                    "(eval: unless --no-dense)")
     else:
         option("--keep", type=float, default=None,
                help="fraction of FFN neurons kept per sparse layer (default 0.4; hybrid: the static core's, "
@@ -70,7 +71,8 @@ def add_method_args(p: argparse.ArgumentParser, default: str = "dense", several_
     option("--token-keep", type=float, default=0.2,
            help="token-wise core fraction, relative to the mean positive count")
     option("--layers", type=layers_arg, default=None,
-           help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled)")
+           help="sparse layers as a half-open range START:END (default: the paper's 6..26 of 32, scaled; "
+                "hybrid: its recommended range for the model family)")
     option("--calibration", type=Path, default=None,
            help="calibration directory of --method similarity (made by the calibrate command)")
     option("--rule", choices=list(RULES), default=None,

@@ -275,7 +275,7 @@ def bench_main(args: argparse.Namespace) -> int:
         raise ShapesError("--tiny applies to --shapes, --suite and --compile-depths")
     if args.shapes is not None and args.method == "hybrid" and args.select_by == "predictor":
         raise ShapesError("--select-by predictor needs a predictor fitted to real weights; random weights have "
-                          "none (the default sketch is built from any weights)")
+                          "none: use --select-by sketch (built from any weights) or oracle")
     methods: list[Method] = [Dense(), *methods_from_args(args, args.keep)]
     with maybe_profile(args.profile):
         if args.shapes is not None:

@@ -216,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch-attention", choices=["eager", "sdpa"], default="eager",
                    help="Transformers' attention implementation for the baseline row")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--profile", type=output_dir, default=None, help="write a jax.profiler trace of the whole run")
+    b.add_argument("--profile", type=output_dir, default=None,
+                   help="write a jax.profiler trace of the whole batch-1 table's run (not with --batch, "
+                        "--compile-depths or --suite)")
     b.add_argument("--shapes", default=None, metavar="NAME",
                    help=f"a real model's shapes instead of a checkpoint ({', '.join(HF_CONFIGS)}); "
-                        "needs --random-weights")
+                        "the batch-1 table needs --random-weights with it, --batch and --compile-depths do not")
     b.add_argument("--random-weights", action="store_true",
                    help="random params of --shapes made on the device, a prompt of random token ids")
     b.add_argument("--tiny", action="store_true",
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=output_dir, default=Path("device_suite"), help="--suite's output directory")
     b.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
                    help="instead of the batch-1 table: throughput at these batch sizes, dense vs per-row vs "
-                        "batch-shared core neurons (--keep: one value, default 0.4)")
+                        "batch-shared core neurons (--keep default 0.4, for hybrid too)")
     b.set_defaults(func=bench_command)
 
     evaluate.add_parser(sub, add_model_args, add_method_args)
