@@ -134,7 +134,8 @@ def test_predictor_then_hybrid(ckpt: Path, wikitext: Path, tmp_path: Path) -> No
     run = cli("generate", "--checkpoint", ckpt, "--method", "hybrid", "--predictor", other, "--prompt", QUESTION)
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "has factors for layers 2:7, not for the sparse layers 1:8" in run.stderr
-    assert "--layers 1:8`" in run.stderr and "or add --layers 2:7 here" in run.stderr
+    assert "--layers 1:8 --out DIR`" in run.stderr and "give --predictor DIR" in run.stderr
+    assert "or add --layers 2:7 here" in run.stderr
     assert generated("--checkpoint", ckpt, "--method", "hybrid", "--predictor", other, "--layers", "2:7",
                      "--prompt", QUESTION)["layers"] == [2, 7]
 

@@ -195,7 +195,8 @@ def add_parser(sub: argparse._SubParsersAction, layers_arg: Callable[[str], tupl
                    help="layers START:END (default: those --method hybrid makes sparse for this model)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to use")
     p.add_argument("--skip-tokens", type=int, default=32768,
-                   help="leave out the text's first tokens (those `eval --task wikitext` scores)")
+                   help="leave out the text's first tokens (the default: the first 85 windows of 256 + 128 tokens "
+                        "that `eval --task wikitext` scores; eval without --limit scores the whole text)")
     p.add_argument("--window", type=int, default=256, help="tokens per forward pass")
     p.add_argument("--eps", type=float, default=DEFAULT_EPS, help="ridge, relative to the mean input power")
     p.add_argument("--refine-steps", type=int, default=0,

@@ -30,7 +30,7 @@ from coreinfer_jax.sparse import artifact
 
 FORMAT = "coreinfer-jax-predictor"
 FORMAT_VERSION = 1
-MAKE = "python -m coreinfer_jax predictor --data FILE --out DIR"
+MAKE = "python -m coreinfer_jax predictor --checkpoint CHECKPOINT --data FILE --out DIR"
 
 
 class PredictorError(CoreInferError):

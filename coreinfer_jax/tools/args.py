@@ -199,8 +199,9 @@ def check_predictor_layers(fitted: Predictor, args: argparse.Namespace) -> None:
     which = "--layers" if args.layers else "--method hybrid's default for this model"
     raise PredictorError(f"the predictor has factors for layers {have}, not for the sparse layers {first}:{end} "
                          f"({which}): fit one for them with `python -m coreinfer_jax predictor --checkpoint "
-                         f"{args.checkpoint} --data FILE --layers {first}:{end}` (without --layers it fits "
-                         f"{':'.join(map(str, hybrid_layers(cfg)))}), or add --layers {have} here")
+                         f"{args.checkpoint} --data FILE --layers {first}:{end} --out DIR` (without --layers it "
+                         f"fits {':'.join(map(str, hybrid_layers(cfg)))}) and give --predictor DIR, or add --layers "
+                         f"{have} here")
 
 
 def method_from_args(args: argparse.Namespace) -> Method:
