@@ -47,8 +47,9 @@ class DataError(CoreInferError):
 def missing_data(task: str, flag: str = "--data FILE") -> DataError:
     """The error for a task run without its file: the flag, the format, and where files come from."""
     fmt = FORMATS.get(task, "the task's data file")
-    return DataError(f"{task} needs your copy of its data: give {flag}, {fmt}; "
-                     f"`python -m coreinfer_jax data fetch --out DIR` writes it where the Hugging Face hub is reachable")
+    fetch = ("`python -m coreinfer_jax data fetch --out DIR` writes it where the Hugging Face hub is reachable"
+             if task in HUB_NAMES else "`python -m coreinfer_jax data fetch` does not write it")
+    return DataError(f"{task} needs your copy of its data: give {flag}, {fmt}; {fetch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,8 @@ def fetch(out: Path, tasks: Iterable[str]) -> list[Path]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    d = sub.add_parser("data", help="evaluation data: fetch the files that --data takes from the Hugging Face hub")
+    d = sub.add_parser("data", help="evaluation data: fetch the files that --data takes (all but HumanEval's) from "
+                                    "the Hugging Face hub")
     actions = d.add_subparsers(dest="action", required=True)
     f = actions.add_parser("fetch", help="download TruthfulQA, SQuAD v2 and WikiText-2 into --out, in the "
                                          "formats --data takes (needs a reachable hub)")

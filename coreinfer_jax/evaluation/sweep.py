@@ -231,7 +231,9 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     s.add_argument("--keep", type=float, nargs="+", default=[0.4, 0.6])
     s.add_argument("--token-keep", type=float, default=0.2)
-    s.add_argument("--layers", type=layers_arg, default=None, help="sparse layers START:END (default: the paper's)")
+    s.add_argument("--layers", type=layers_arg, default=None,
+                   help="sparse layers START:END (default: the paper's; with --budget the budget's; hybrid rows "
+                        "without either: their family's recommended ones)")
     s.add_argument("--budget", type=Path, default=None,
                    help="also run the budget's rule with its per-layer budget (made by the budget command)")
     s.add_argument("--compensate", action="store_true",
@@ -255,7 +257,8 @@ def add_parser(sub: argparse._SubParsersAction, add_model_args: Callable) -> Non
     s.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="completion", help="humaneval's prompt format")
     s.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run the model's code in the sandbox (docs/code_generation.md)")
-    s.add_argument("--out", type=output_dir, required=True, help="directory for sweep.json, sweep.md, pareto.png")
+    s.add_argument("--out", type=output_dir, required=True,
+                   help="directory for sweep.json, sweep.md, pareto.png, records.jsonl")
     s.set_defaults(func=main)
 
 
@@ -276,5 +279,6 @@ def main(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     print(markdown(report))
-    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.md'}, {args.out / 'pareto.png'}")
+    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.md'}, {args.out / 'pareto.png'}, "
+          f"{args.out / 'records.jsonl'}")
     return 0
