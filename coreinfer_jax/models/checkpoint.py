@@ -116,7 +116,9 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str | None = None, on
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
-    path = check_input(path, "dir", "checkpoint directory", CheckpointError, "; create it with `python -m convert`")
+    path = check_input(path, "dir", "checkpoint directory", CheckpointError,
+                       "; create it with `python -m convert` (the bundled default) or "
+                       "`python -m convert SOURCE --out DIR`")
     for name in ("config.json", "metadata.json", "params", "tokenizer"):
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a converted checkpoint: {name} is missing")

@@ -293,8 +293,8 @@ class Generator:
     @staticmethod
     def _check_offload(method: Method) -> None:
         if not method.sparse_layers():
-            raise MethodError("offload mode needs a sparse method (stability): a dense decode would stream "
-                              "every FFN weight for every token")
+            raise MethodError("offload mode needs a sparse method (stability or similarity): a dense decode would "
+                              "stream every FFN weight for every token")
         refusal = method.offload_refusal()
         if refusal is not None:
             raise MethodError(f"offload mode cannot serve the {method.name} method: {refusal}")

@@ -47,8 +47,9 @@ class Budget:
         totalling the uniform keep's `n_layers * int(F * keep)`."""
         if keep not in self.sensitivity:
             measured = ", ".join(f"{k:g}" for k in sorted(self.sensitivity))
-            raise BudgetError(f"the budget was measured at keep {measured}, not {keep:g}; "
-                              f"measure it with `python -m coreinfer_jax budget --keep {keep:g}`")
+            raise BudgetError(f"the budget was measured at keep {measured}, not {keep:g}; measure it with "
+                              f"`python -m coreinfer_jax budget --data FILE --rule {self.rule} --layers "
+                              f"{self.layers[0]}:{self.layers[1]} --keep {keep:g} --out FILE`")
         uniform = n_keep_for(self.width, keep)
         return allocate(self.sensitivity[keep], len(self.sensitivity[keep]) * uniform,
                         low=max(1, math.ceil(uniform / 2)), high=min(self.width, 2 * uniform))
