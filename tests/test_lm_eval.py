@@ -42,6 +42,7 @@ MC_DOCS = [
 ]
 GEN_PROMPTS = ["The quick brown", "Good morning! How", "The library opens at", "Birds build nests in"]
 GEN_KWARGS = {"until": ["."], "max_gen_toks": 6, "do_sample": False}
+LONG_TEXT = " ".join(["The cat sat on the mat and looked out of the window."] * 20)  # longer than the context
 # Both sparse layers of the tiny model; one batch size everywhere so tests share compiles.
 SPARSE_ARGS = {"method": "stability", "keep": 0.5, "layers": "0:2", "batch_size": 4}
 
@@ -111,7 +112,7 @@ def test_is_greedy_on_the_models_own_continuation(dense: CoreInferLM, tiny_torch
 
 def test_long_context_is_left_truncated(dense: CoreInferLM, tiny_torch_model, caplog) -> None:
     model, tok = tiny_torch_model("llama"), dense.tokenizer
-    context = " ".join(["The cat sat on the mat and looked out of the window."] * 20)
+    context = LONG_TEXT
     ctx, cont = hf_split(tok, context, " The end.")
     assert len(ctx) > dense.max_length
     with caplog.at_level(logging.WARNING, logger="coreinfer_jax.evaluation.lm_eval_adapter"):
@@ -226,7 +227,7 @@ def test_each_sampled_batch_takes_its_index_as_seed(dense: CoreInferLM) -> None:
 
 def test_a_long_generation_prompt_keeps_room_for_its_tokens(dense: CoreInferLM, tiny_torch_model, caplog) -> None:
     model, tok = tiny_torch_model("llama"), dense.tokenizer
-    prompt = " ".join(["The cat sat on the mat and looked out of the window."] * 20)
+    prompt = LONG_TEXT
     kwargs = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
     ids = dense.tok_encode(prompt)
     assert len(ids) > dense.max_length
